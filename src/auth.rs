@@ -1,0 +1,242 @@
+//! Session tokens: HS256 JWTs with the algorithm pinned and expiry enforced.
+//!
+//! A leaf module: it knows nothing of HTTP or the database. `Keys` is built once at
+//! start and shared read-only by every core (nothing here is written after start, so
+//! sharing it costs no cross-core traffic).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+/// Issuer written into and required of every token.
+pub const ISSUER: &str = "gavel";
+
+/// Shortest accepted secret: HS256 is only as strong as its key (RFC 7518 §3.2).
+pub const MIN_SECRET_LEN: usize = 32;
+
+/// What an account may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Bidder,
+    Seller,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Bidder => "bidder",
+            Role::Seller => "seller",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    /// The account id, as a string as RFC 7519 wants.
+    sub: String,
+    role: Role,
+    iat: u64,
+    exp: u64,
+    iss: String,
+}
+
+/// The verified caller of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Principal {
+    pub account_id: i64,
+    pub role: Role,
+}
+
+/// Why a token was refused. Callers map every variant to 401.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid")]
+    Invalid,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the token secret must be at least {MIN_SECRET_LEN} bytes")]
+pub struct WeakSecret;
+
+/// Signing and verification keys for one secret.
+pub struct Keys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+impl Keys {
+    pub fn new(secret: &[u8]) -> Result<Self, WeakSecret> {
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(WeakSecret);
+        }
+        // Pinning the algorithm list to HS256 is what defeats `alg: none` and
+        // algorithm-confusion tokens; `exp` is required and checked with no leeway
+        // beyond a few seconds of clock skew.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_issuer(&[ISSUER]);
+        validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
+        Ok(Keys {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            validation,
+        })
+    }
+
+    /// A random secret, for a server started without one.
+    pub fn generate_secret() -> String {
+        use rand::Rng;
+        let bytes: [u8; 32] = rand::thread_rng().r#gen();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Signs a token for `account_id` valid for `ttl`; returns it and its expiry
+    /// (seconds since the epoch).
+    pub fn mint(&self, account_id: i64, role: Role, ttl: Duration) -> (String, u64) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let exp = now + ttl.as_secs().max(1);
+        let claims = Claims {
+            sub: account_id.to_string(),
+            role,
+            iat: now,
+            exp,
+            iss: ISSUER.to_owned(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing of plain claims cannot fail");
+        (token, exp)
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                _ => TokenError::Invalid,
+            })?;
+        let account_id = data
+            .claims
+            .sub
+            .parse::<i64>()
+            .map_err(|_| TokenError::Invalid)?;
+        if account_id <= 0 {
+            return Err(TokenError::Invalid);
+        }
+        Ok(Principal {
+            account_id,
+            role: data.claims.role,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::new(&[7u8; 32]).unwrap()
+    }
+
+    #[test]
+    fn minted_token_verifies_with_its_claims() {
+        let k = keys();
+        let (token, _) = k.mint(42, Role::Bidder, Duration::from_secs(60));
+        assert_eq!(
+            k.verify(&token),
+            Ok(Principal {
+                account_id: 42,
+                role: Role::Bidder
+            })
+        );
+    }
+
+    #[test]
+    fn short_secret_is_refused() {
+        assert!(Keys::new(b"short").is_err());
+    }
+
+    #[test]
+    fn token_signed_with_another_secret_is_invalid() {
+        let other = Keys::new(&[8u8; 32]).unwrap();
+        let (token, _) = other.mint(1, Role::Seller, Duration::from_secs(60));
+        assert_eq!(keys().verify(&token), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn expired_token_is_refused() {
+        let k = keys();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = Claims {
+            sub: "1".into(),
+            role: Role::Bidder,
+            iat: now - 100,
+            exp: now - 60,
+            iss: ISSUER.into(),
+        };
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
+        assert_eq!(k.verify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn unsigned_and_tampered_tokens_are_refused() {
+        let k = keys();
+        let (token, _) = k.mint(1, Role::Bidder, Duration::from_secs(60));
+        // alg=none with the same claims
+        let mut parts: Vec<&str> = token.split('.').collect();
+        let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
+        parts[0] = none_header;
+        assert_eq!(
+            k.verify(&format!("{}.{}.", parts[0], parts[1])),
+            Err(TokenError::Invalid)
+        );
+        // flip the role in the payload but keep the signature
+        let (seller, _) = k.mint(1, Role::Seller, Duration::from_secs(60));
+        let seller_payload = seller.split('.').nth(1).unwrap();
+        let forged = format!(
+            "{}.{}.{}",
+            token.split('.').next().unwrap(),
+            seller_payload,
+            token.split('.').nth(2).unwrap()
+        );
+        assert_eq!(k.verify(&forged), Err(TokenError::Invalid));
+        assert_eq!(k.verify("not a token"), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn wrong_issuer_is_refused() {
+        let k = keys();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims = Claims {
+            sub: "1".into(),
+            role: Role::Bidder,
+            iat: now,
+            exp: now + 60,
+            iss: "someone-else".into(),
+        };
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
+        assert_eq!(k.verify(&token), Err(TokenError::Invalid));
+    }
+}

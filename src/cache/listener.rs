@@ -1,0 +1,146 @@
+//! One core's LISTEN connection: applies notifications to that core's caches, and
+//! after any loss reconnects, reloads and only then serves from the cache again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use tokio::sync::watch;
+
+use super::Caches;
+use crate::db::{self, CACHE_CHANNEL};
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Counters the listener reports to (metrics hang off these).
+pub trait Observer: Send + 'static {
+    fn applied(&self, newer: bool, lag_us: Option<i64>);
+    fn reconnected(&self);
+}
+
+impl Observer for () {
+    fn applied(&self, _: bool, _: Option<i64>) {}
+    fn reconnected(&self) {}
+}
+
+/// The application name of core `core`'s LISTEN connection (tests look for it).
+pub fn application_name(core: usize) -> String {
+    format!("gavel-core-{core}-listen")
+}
+
+/// Runs until `shutdown` turns true. `pool` is the core's pool, used for reloads.
+pub async fn run(
+    core: usize,
+    caches: Arc<Caches>,
+    options: PgConnectOptions,
+    pool: PgPool,
+    observer: impl Observer,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    // A pool of one, owned by this task: the listener's connection never competes
+    // with queries for the core's pool.
+    let listen_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.application_name(&application_name(core)));
+    let mut backoff = Duration::from_millis(20);
+    while !*shutdown.borrow() {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            result = listen_once(&caches, &listen_pool, &pool, &observer) => {
+                caches.set_live(false);
+                match result {
+                    Ok(()) => {
+                        tracing::warn!(core, "cache listener connection lost; serving reads from the database until it is back");
+                        backoff = Duration::from_millis(20);
+                    }
+                    Err(e) => tracing::warn!(core, error = %e, "cache listener cannot connect; retrying"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    caches.set_live(false);
+    listen_pool.close().await;
+}
+
+/// Connects, subscribes, reloads, goes live, and applies notifications until the
+/// connection is lost (`Ok`) or cannot be set up (`Err`).
+async fn listen_once(
+    caches: &Caches,
+    listen_pool: &PgPool,
+    pool: &PgPool,
+    observer: &impl Observer,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(listen_pool).await?;
+    listener.eager_reconnect(false);
+    listener.listen(CACHE_CHANNEL).await?;
+    // Subscribed first, then reloaded: a change committed after the reload's read
+    // arrives as a notification, one before it is in what the reload read, and the
+    // version rule sorts out any overlap.
+    reload(caches, pool).await?;
+    caches.set_live(true);
+    observer.reconnected();
+    loop {
+        match listener.try_recv().await {
+            Ok(Some(notification)) => match caches.apply_payload(notification.payload()) {
+                Ok(applied) => observer.applied(
+                    applied == super::Applied::Newer,
+                    lag_us(notification.payload()),
+                ),
+                Err(e) => tracing::warn!(error = %e, "ignoring cache notification"),
+            },
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::debug!(error = %e, "cache listener error");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Refreshes every cached auction from the database.
+async fn reload(caches: &Caches, pool: &PgPool) -> Result<(), sqlx::Error> {
+    let ids = caches.auction_ids();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let fresh = db::auctions::get_many(pool, &ids)
+        .await
+        .map_err(|e| match e {
+            db::DbError::Unavailable(e) | db::DbError::Other(e) => e,
+        })?;
+    for auction in fresh {
+        caches.apply_auction(auction);
+    }
+    Ok(())
+}
+
+/// Microseconds between the database writing the notification and now.
+fn lag_us(payload: &str) -> Option<i64> {
+    // `at_us` is the second field of every payload; parsing the whole thing again
+    // would double the cost, so read just that number.
+    let start = payload.find("\"at_us\":")? + "\"at_us\":".len();
+    let rest = &payload[start..];
+    let end = rest.find(|c: char| !c.is_ascii_digit() && c != '-')?;
+    let at: i64 = rest[..end].trim().parse().ok()?;
+    Some(chrono::Utc::now().timestamp_micros() - at)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lag_reads_the_timestamp_field() {
+        let now = chrono::Utc::now().timestamp_micros();
+        let payload = format!(r#"{{"kind":"auction","at_us":{},"id":1}}"#, now - 1500);
+        let lag = super::lag_us(&payload).unwrap();
+        assert!((1500..1_000_000).contains(&lag), "{lag}");
+        assert_eq!(super::lag_us("{}"), None);
+    }
+}

@@ -1,0 +1,218 @@
+//! Command-line and environment configuration.
+//!
+//! Every flag also reads a `GAVEL_*` environment variable (and `DATABASE_URL`), so the
+//! same binary is configured by flags on a laptop and by the environment under systemd.
+//! Each default is chosen for one machine running gavel, its PostgreSQL and a load
+//! generator side by side; each doc comment says why.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// gavel: a thread-per-core HTTP API server for real-time bidding on PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "gavel", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP API server (starts a private PostgreSQL when DATABASE_URL is unset).
+    Serve(Box<Serve>),
+    /// Apply the database migrations and exit.
+    Migrate(Migrate),
+    /// Print a signed JWT, for load tests and scripts.
+    Token(Token),
+}
+
+/// Where the database is: an external server, or a private embedded cluster.
+#[derive(Debug, Clone, Args)]
+pub struct Database {
+    /// PostgreSQL URL. Unset means: start a private cluster from the locally installed
+    /// PostgreSQL server binaries, so `gavel serve` needs no set-up.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Data directory of the embedded cluster. Unset means a fresh temporary directory,
+    /// removed at exit: the one-command start leaves nothing behind. Set it to keep data.
+    #[arg(long, env = "GAVEL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Directory holding the PostgreSQL server binaries (initdb, postgres) for the
+    /// embedded cluster. Unset means the newest of /usr/lib/postgresql/*/bin, then PATH.
+    #[arg(long, env = "GAVEL_PG_BIN_DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+}
+
+/// The token signing secret, shared by `serve` and `token` so minted tokens verify.
+#[derive(Debug, Clone, Args)]
+pub struct Secret {
+    /// HS256 secret for session tokens (at least 32 bytes). Unset: `serve` generates a
+    /// random one for the run and says so; `token` refuses, since its tokens would not
+    /// verify anywhere.
+    #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Serve {
+    /// Public address. Loopback by default, so a first start exposes nothing; use
+    /// 0.0.0.0:8080 to serve the network. Port 0 picks a free port (all cores share it).
+    #[arg(long, env = "GAVEL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Number of cores, each a pinned thread with its own runtime, listener and pool.
+    /// Unset: every core this process may run on.
+    #[arg(long, env = "GAVEL_CORES")]
+    pub cores: Option<usize>,
+
+    /// PostgreSQL connections per core. Small on purpose: one carries the bid batch
+    /// in flight, the others carry reads; more mostly adds lock contention in the
+    /// database. Total = cores × this, plus one LISTEN connection per core.
+    #[arg(long, env = "GAVEL_DB_CONNS_PER_CORE", default_value_t = 3)]
+    pub db_conns_per_core: u32,
+
+    /// How long a request may wait for a database connection before it is shed with
+    /// 503 and Retry-After. Short: a bidder is better told to retry than kept waiting.
+    #[arg(long, env = "GAVEL_DB_ACQUIRE_TIMEOUT", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub db_acquire_timeout: Duration,
+
+    /// Time allowed to receive a request's headers; it also bounds how long a
+    /// keep-alive connection may sit idle (hyper starts it when a connection goes
+    /// idle), so a silent client cannot hold a connection slot.
+    #[arg(long, env = "GAVEL_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Upper bound on handling one request, body read included; past it the client
+    /// gets 503. Bids and reads take well under a millisecond when healthy.
+    #[arg(long, env = "GAVEL_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Largest accepted request body, in bytes. Bids are ~50 bytes and orders a few
+    /// hundred; 64 KiB leaves room for large orders and nothing for abuse.
+    #[arg(long, env = "GAVEL_BODY_LIMIT", default_value_t = 64 * 1024)]
+    pub body_limit: usize,
+
+    /// Open connections per core; past it the core stops accepting (connections wait
+    /// in the kernel backlog) until one closes.
+    #[arg(long, env = "GAVEL_MAX_CONNECTIONS_PER_CORE", default_value_t = 10_000)]
+    pub max_connections_per_core: usize,
+
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    #[arg(long, env = "GAVEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Bids a core may hold waiting for its database write; past it new bids get 503.
+    /// Bounded so overload is shed, not queued for ever.
+    #[arg(long, env = "GAVEL_BID_QUEUE_DEPTH", default_value_t = 4096)]
+    pub bid_queue_depth: usize,
+
+    /// Most bids sent to the database in one statement.
+    #[arg(long, env = "GAVEL_MAX_BID_BATCH", default_value_t = 256)]
+    pub max_bid_batch: usize,
+
+    /// How often core 0 opens and closes auctions whose time has come. Reads derive
+    /// the status from the clock anyway; this bounds how late a winner is recorded.
+    #[arg(long, env = "GAVEL_LIFECYCLE_TICK", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub lifecycle_tick: Duration,
+
+    /// Log format: JSON for machines, human-readable for terminals; auto picks by
+    /// whether standard error is a terminal.
+    #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    pub database: Database,
+
+    #[command(flatten)]
+    pub secret: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Migrate {
+    #[command(flatten)]
+    pub database: Database,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Token {
+    /// Account id the token speaks for (its `sub` claim).
+    #[arg(long)]
+    pub sub: i64,
+
+    /// Role the token carries.
+    #[arg(long, value_enum)]
+    pub role: crate::auth::Role,
+
+    /// Lifetime of the token. A day suits load tests and scripts.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    #[command(flatten)]
+    pub secret: Secret,
+}
+
+impl Serve {
+    /// Builds the serve configuration from flags alone (the environment still
+    /// applies); tests use it to get exactly the defaults `gavel serve` has.
+    pub fn from_flags<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            serve: Serve,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("gavel"))
+            .chain(args.into_iter().map(Into::into));
+        Only::try_parse_from(argv).map(|o| o.serve)
+    }
+
+    /// Cores to run: the flag, or every core this process may run on.
+    pub fn core_count(&self) -> usize {
+        self.cores.filter(|&n| n > 0).unwrap_or_else(|| {
+            core_affinity::get_core_ids()
+                .map(|ids| ids.len())
+                .filter(|&n| n > 0)
+                .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+                .unwrap_or(1)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults_parse() {
+        let s = Serve::from_flags(["--listen", "127.0.0.1:0", "--cores", "2"]).unwrap();
+        assert_eq!(s.core_count(), 2);
+        assert_eq!(s.body_limit, 64 * 1024);
+        assert_eq!(s.db_acquire_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn durations_reject_garbage() {
+        assert!(Serve::from_flags(["--request-timeout", "soon"]).is_err());
+    }
+}

@@ -1,0 +1,70 @@
+//! One core's state: its pool, caches, bid batcher and limits.
+//!
+//! A [`Core`] is built inside its core's runtime and reached by that core's handlers
+//! through its own `Arc`; no other core ever touches it. The only things shared
+//! between cores are read-only after start (`Keys`) or off the hot path ([`Health`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::auth::Keys;
+use crate::cache::Caches;
+use crate::db::bids::Batcher;
+
+/// Limits the HTTP layer enforces per request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub body_limit: usize,
+    pub request_timeout: Duration,
+}
+
+/// Process-wide readiness, read by `GET /ready` and written at start and shutdown.
+/// Shared by all cores, but never touched on the hot path.
+#[derive(Debug)]
+pub struct Health {
+    cores: usize,
+    serving: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn new(cores: usize) -> Self {
+        Health {
+            cores,
+            serving: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn core_serving(&self) {
+        self.serving.fetch_add(1, Ordering::Release);
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Every core serves and no drain has begun.
+    pub fn all_serving(&self) -> bool {
+        !self.is_draining() && self.serving.load(Ordering::Acquire) >= self.cores
+    }
+}
+
+/// One core's state.
+#[derive(Debug)]
+pub struct Core {
+    pub id: usize,
+    pub pool: PgPool,
+    pub caches: Arc<Caches>,
+    pub bids: Batcher,
+    pub keys: Arc<Keys>,
+    pub limits: Limits,
+    pub health: Arc<Health>,
+}

@@ -1,0 +1,131 @@
+//! Auction queries.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::DbError;
+use crate::domain::auction::{Auction, NewAuction, Status};
+
+#[derive(sqlx::FromRow)]
+struct Row {
+    id: i64,
+    seller_id: i64,
+    title: String,
+    reserve: i64,
+    min_increment: i64,
+    extend_secs: i32,
+    high_bid: Option<i64>,
+    high_bidder: Option<i64>,
+    bid_count: i64,
+    starts_at: DateTime<Utc>,
+    ends_at: DateTime<Utc>,
+    status: String,
+    winner_id: Option<i64>,
+    version: i64,
+}
+
+impl From<Row> for Auction {
+    fn from(r: Row) -> Auction {
+        Auction {
+            id: r.id,
+            seller_id: r.seller_id,
+            title: r.title,
+            reserve: r.reserve,
+            min_increment: r.min_increment,
+            extend_secs: r.extend_secs,
+            high_bid: r.high_bid,
+            high_bidder: r.high_bidder,
+            bid_count: r.bid_count,
+            starts_at: r.starts_at,
+            ends_at: r.ends_at,
+            closed: r.status == "closed",
+            winner_id: r.winner_id,
+            version: r.version,
+        }
+    }
+}
+
+/// `select <every column> from auctions <rest>`, as one static string.
+macro_rules! select_auctions {
+    ($rest:literal) => {
+        concat!(
+            "select id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder, ",
+            "bid_count, starts_at, ends_at, status, winner_id, version from auctions ",
+            $rest
+        )
+    };
+}
+
+pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<Auction, DbError> {
+    let row: Row = sqlx::query_as(
+        r#"
+        insert into auctions (seller_id, title, reserve, min_increment, extend_secs, starts_at, ends_at, status)
+        values ($1, $2, $3, $4, $5, $6, $7, case when $6 <= now() then 'open' else 'scheduled' end)
+        returning id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder,
+                  bid_count, starts_at, ends_at, status, winner_id, version
+        "#,
+    )
+    .bind(seller_id)
+    .bind(&new.title)
+    .bind(new.reserve.get())
+    .bind(new.min_increment.get())
+    .bind(new.extend_secs)
+    .bind(new.starts_at)
+    .bind(new.ends_at)
+    .fetch_one(pool)
+    .await?;
+    Ok(row.into())
+}
+
+pub async fn get(pool: &PgPool, id: i64) -> Result<Option<Auction>, DbError> {
+    let row: Option<Row> = sqlx::query_as(select_auctions!("where id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(Into::into))
+}
+
+/// The current state of each of `ids` that exists (for a cache reload).
+pub async fn get_many(pool: &PgPool, ids: &[i64]) -> Result<Vec<Auction>, DbError> {
+    let rows: Vec<Row> = sqlx::query_as(select_auctions!("where id = any($1)"))
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// One page of auctions by ascending id, after `after`, optionally of one status
+/// (as the clock decides it, like a single read does).
+pub async fn list(
+    pool: &PgPool,
+    status: Option<Status>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<Auction>, DbError> {
+    let rows: Vec<Row> = sqlx::query_as(select_auctions!(
+        r#"
+         where id > $1
+           and case $2::text
+                 when 'scheduled' then status <> 'closed' and now() < starts_at
+                 when 'open' then status <> 'closed' and starts_at <= now() and now() < ends_at
+                 when 'closed' then status = 'closed' or ends_at <= now()
+                 else true
+               end
+         order by id
+         limit $3
+        "#
+    ))
+    .bind(after)
+    .bind(status.map(Status::as_str))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Opens and closes the auctions whose time has come; returns how many changed.
+pub async fn advance(pool: &PgPool) -> Result<i32, DbError> {
+    Ok(sqlx::query_scalar("select advance_auctions()")
+        .fetch_one(pool)
+        .await?)
+}

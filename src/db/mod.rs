@@ -1,0 +1,92 @@
+//! Queries per resource, write batching, the embedded PostgreSQL and migrations.
+
+pub mod auctions;
+pub mod bids;
+pub mod embedded;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+/// The channel every cache notification travels on (one mechanism for every kind).
+pub const CACHE_CHANNEL: &str = "gavel_cache";
+
+/// The migrations in `migrations/`, embedded at compile time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+/// A database failure, as the HTTP layer needs to tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// No connection could be had in time, or the pool is closing: shed with 503.
+    #[error("database busy: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else: logged, and the client gets a generic 500.
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for DbError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                DbError::Unavailable(e)
+            }
+            other => DbError::Other(other),
+        }
+    }
+}
+
+/// Builds one core's pool. It must be called inside the runtime that will use it:
+/// a pool's connections belong to the runtime that opened them.
+pub fn core_pool(
+    options: &PgConnectOptions,
+    core: usize,
+    size: u32,
+    acquire_timeout: Duration,
+) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(size.max(1))
+        .min_connections(size.max(1))
+        .acquire_timeout(acquire_timeout)
+        // The pool is this core's alone; checking a connection before each use
+        // costs a round trip on the hot path, and a broken one fails its query anyway.
+        .test_before_acquire(false)
+        .connect_lazy_with(
+            options
+                .clone()
+                .application_name(&format!("gavel-core-{core}")),
+        )
+}
+
+/// Applies every pending migration.
+pub async fn migrate(options: &PgConnectOptions) -> Result<(), sqlx::migrate::MigrateError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.clone().application_name("gavel-migrate"))
+        .await?;
+    let result = MIGRATOR.run(&pool).await;
+    pool.close().await;
+    result
+}
+
+/// Creates `database` on the server `options` points at, unless it exists.
+pub async fn ensure_database(
+    options: &PgConnectOptions,
+    database: &str,
+) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
+    let exists: bool =
+        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+            .bind(database)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", database.replace('"', "\"\""));
+        sqlx::query(&format!("create database {quoted}"))
+            .execute(&mut conn)
+            .await?;
+    }
+    conn.close().await
+}

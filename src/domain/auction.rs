@@ -1,0 +1,267 @@
+//! The auction lifecycle: scheduled → open at `starts_at` → closed at `ends_at`
+//! (pushed out by anti-sniping), and what a bidder must offer next.
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+
+use super::FieldError;
+use super::money::Amount;
+
+/// Longest anti-sniping extension, in seconds: an hour per late bid is already
+/// far more than any real auction uses.
+pub const MAX_EXTEND_SECS: i32 = 3600;
+/// Longest title, in characters.
+pub const MAX_TITLE_CHARS: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Scheduled,
+    Open,
+    Closed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Scheduled => "scheduled",
+            Status::Open => "open",
+            Status::Closed => "closed",
+        }
+    }
+}
+
+/// An auction's full state as the database last reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auction {
+    pub id: i64,
+    pub seller_id: i64,
+    pub title: String,
+    pub reserve: i64,
+    pub min_increment: i64,
+    pub extend_secs: i32,
+    pub high_bid: Option<i64>,
+    pub high_bidder: Option<i64>,
+    pub bid_count: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    /// Set once the database has closed the auction (the lifecycle tick); final.
+    pub closed: bool,
+    pub winner_id: Option<i64>,
+    /// Increases by one with every change to the row.
+    pub version: i64,
+}
+
+impl Auction {
+    /// The status at `now`. Time decides, so a read is right even before the
+    /// lifecycle tick has recorded the change.
+    pub fn status_at(&self, now: DateTime<Utc>) -> Status {
+        if self.closed || now >= self.ends_at {
+            Status::Closed
+        } else if now >= self.starts_at {
+            Status::Open
+        } else {
+            Status::Scheduled
+        }
+    }
+
+    /// The least a bid must offer: the reserve before the first bid, else the high
+    /// bid plus the increment.
+    pub fn min_next_bid(&self) -> i64 {
+        min_next_bid(self.reserve, self.min_increment, self.high_bid)
+    }
+
+    pub fn reserve_met(&self) -> bool {
+        self.high_bid.is_some_and(|h| h >= self.reserve)
+    }
+}
+
+/// See [`Auction::min_next_bid`]; also used for rows that are not a whole auction.
+pub fn min_next_bid(reserve: i64, min_increment: i64, high_bid: Option<i64>) -> i64 {
+    match high_bid {
+        Some(h) => h + min_increment,
+        None => reserve,
+    }
+}
+
+/// The end of an auction after a bid placed at `now`: a bid in the last
+/// `extend_secs` seconds pushes the end out by `extend_secs` (anti-sniping).
+/// The database applies the same rule in `place_bids`; this is its specification.
+pub fn extended_end(ends_at: DateTime<Utc>, extend_secs: i32, now: DateTime<Utc>) -> DateTime<Utc> {
+    let window = Duration::seconds(i64::from(extend_secs));
+    if extend_secs > 0 && ends_at - now <= window {
+        ends_at + window
+    } else {
+        ends_at
+    }
+}
+
+/// A validated request to create an auction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAuction {
+    pub title: String,
+    pub reserve: Amount,
+    pub min_increment: Amount,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub extend_secs: i32,
+}
+
+impl NewAuction {
+    /// Checks every field and reports all that are wrong at once.
+    pub fn parse(
+        title: &str,
+        reserve: i64,
+        min_increment: i64,
+        starts_at: DateTime<Utc>,
+        ends_at: DateTime<Utc>,
+        extend_secs: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Result<NewAuction, Vec<FieldError>> {
+        let mut errors = Vec::new();
+        let title = title.trim();
+        if title.is_empty() {
+            errors.push(FieldError::new("title", "must not be blank"));
+        } else if title.chars().count() > MAX_TITLE_CHARS {
+            errors.push(FieldError::new("title", "must be at most 200 characters"));
+        }
+        let reserve_amount = Amount::parse(reserve);
+        if reserve_amount.is_none() {
+            errors.push(FieldError::new(
+                "reserve",
+                "must be a positive amount of minor units, at most 10^12",
+            ));
+        }
+        let increment = Amount::parse(min_increment);
+        if increment.is_none() {
+            errors.push(FieldError::new(
+                "min_increment",
+                "must be a positive amount of minor units, at most 10^12",
+            ));
+        }
+        if ends_at <= starts_at {
+            errors.push(FieldError::new("ends_at", "must be after starts_at"));
+        } else if ends_at <= now {
+            errors.push(FieldError::new("ends_at", "must be in the future"));
+        }
+        let extend = extend_secs.unwrap_or(0);
+        if !(0..=i64::from(MAX_EXTEND_SECS)).contains(&extend) {
+            errors.push(FieldError::new("extend_secs", "must be between 0 and 3600"));
+        }
+        match (reserve_amount, increment) {
+            (Some(reserve), Some(min_increment)) if errors.is_empty() => Ok(NewAuction {
+                title: title.to_owned(),
+                reserve,
+                min_increment,
+                starts_at,
+                ends_at,
+                extend_secs: extend as i32,
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn auction() -> Auction {
+        Auction {
+            id: 1,
+            seller_id: 2,
+            title: "lamp".into(),
+            reserve: 1000,
+            min_increment: 50,
+            extend_secs: 30,
+            high_bid: None,
+            high_bidder: None,
+            bid_count: 0,
+            starts_at: t(0),
+            ends_at: t(100),
+            closed: false,
+            winner_id: None,
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn status_follows_the_clock() {
+        let a = auction();
+        assert_eq!(a.status_at(t(-1)), Status::Scheduled);
+        assert_eq!(a.status_at(t(0)), Status::Open);
+        assert_eq!(a.status_at(t(99)), Status::Open);
+        assert_eq!(a.status_at(t(100)), Status::Closed);
+    }
+
+    #[test]
+    fn a_closed_auction_stays_closed() {
+        let a = Auction {
+            closed: true,
+            ..auction()
+        };
+        assert_eq!(a.status_at(t(50)), Status::Closed);
+    }
+
+    #[test]
+    fn min_next_bid_is_reserve_then_high_bid_plus_increment() {
+        let mut a = auction();
+        assert_eq!(a.min_next_bid(), 1000);
+        assert!(!a.reserve_met());
+        a.high_bid = Some(1200);
+        assert_eq!(a.min_next_bid(), 1250);
+        assert!(a.reserve_met());
+    }
+
+    #[test]
+    fn late_bids_extend_the_end_early_ones_do_not() {
+        assert_eq!(extended_end(t(100), 30, t(50)), t(100));
+        assert_eq!(extended_end(t(100), 30, t(70)), t(130));
+        assert_eq!(extended_end(t(100), 30, t(99)), t(130));
+        assert_eq!(extended_end(t(100), 0, t(99)), t(100));
+    }
+
+    #[test]
+    fn new_auction_reports_every_bad_field() {
+        let errors = NewAuction::parse("  ", 0, -1, t(10), t(5), Some(99_999), t(0)).unwrap_err();
+        let fields: Vec<_> = errors.iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            [
+                "title",
+                "reserve",
+                "min_increment",
+                "ends_at",
+                "extend_secs"
+            ]
+        );
+    }
+
+    #[test]
+    fn new_auction_must_end_in_the_future() {
+        let errors = NewAuction::parse("x", 1, 1, t(-20), t(-10), None, t(0)).unwrap_err();
+        assert_eq!(
+            errors,
+            vec![FieldError::new("ends_at", "must be in the future")]
+        );
+    }
+
+    #[test]
+    fn valid_new_auction_is_trimmed_and_defaults_extension_to_zero() {
+        let a = NewAuction::parse(" lamp ", 100, 10, t(0), t(60), None, t(0)).unwrap();
+        assert_eq!(a.title, "lamp");
+        assert_eq!(a.extend_secs, 0);
+        assert_eq!(a.reserve.get(), 100);
+    }
+
+    #[test]
+    fn overlong_title_is_rejected() {
+        let long = "x".repeat(MAX_TITLE_CHARS + 1);
+        assert!(NewAuction::parse(&long, 1, 1, t(0), t(60), None, t(0)).is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! Auctions: create, read (from the core's cache), list, and bid history.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use axum::routing::get;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+use super::extract::{Id, Json, Params, Seller};
+use super::respond;
+use crate::core::Core;
+use crate::db;
+use crate::domain::auction::{Auction, NewAuction, Status};
+
+/// Largest page a list returns.
+pub const MAX_PAGE: i64 = 100;
+/// Page size when `limit` is not given.
+pub const DEFAULT_PAGE: i64 = 20;
+
+pub(crate) fn router() -> Router<Arc<Core>> {
+    Router::new()
+        .route("/api/auctions", get(list_auctions).post(create_auction))
+        .route("/api/auctions/{id}", get(get_auction))
+        .route("/api/auctions/{id}/bids", get(list_bids))
+}
+
+/// An auction as clients see it.
+#[derive(Serialize)]
+pub struct AuctionView<'a> {
+    id: i64,
+    seller_id: i64,
+    title: &'a str,
+    status: Status,
+    reserve: i64,
+    min_increment: i64,
+    extend_secs: i32,
+    high_bid: Option<i64>,
+    high_bidder: Option<i64>,
+    bid_count: i64,
+    min_next_bid: i64,
+    reserve_met: bool,
+    winner_id: Option<i64>,
+    starts_at: DateTime<Utc>,
+    ends_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl<'a> AuctionView<'a> {
+    pub fn of(a: &'a Auction, now: DateTime<Utc>) -> Self {
+        AuctionView {
+            id: a.id,
+            seller_id: a.seller_id,
+            title: &a.title,
+            status: a.status_at(now),
+            reserve: a.reserve,
+            min_increment: a.min_increment,
+            extend_secs: a.extend_secs,
+            high_bid: a.high_bid,
+            high_bidder: a.high_bidder,
+            bid_count: a.bid_count,
+            min_next_bid: a.min_next_bid(),
+            reserve_met: a.reserve_met(),
+            winner_id: a.winner_id,
+            starts_at: a.starts_at,
+            ends_at: a.ends_at,
+            version: a.version,
+        }
+    }
+}
+
+fn auction_response(status: StatusCode, a: &Auction, now: DateTime<Utc>) -> Response {
+    respond::with_etag(respond::json(status, &AuctionView::of(a, now)), a.version)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAuction {
+    title: String,
+    reserve: i64,
+    min_increment: i64,
+    starts_at: DateTime<Utc>,
+    ends_at: DateTime<Utc>,
+    extend_secs: Option<i64>,
+}
+
+async fn create_auction(
+    State(core): State<Arc<Core>>,
+    Seller(seller): Seller,
+    Json(body): Json<CreateAuction>,
+) -> Result<Response> {
+    let now = Utc::now();
+    let new = NewAuction::parse(
+        &body.title,
+        body.reserve,
+        body.min_increment,
+        body.starts_at,
+        body.ends_at,
+        body.extend_secs,
+        now,
+    )
+    .map_err(Error::Validation)?;
+    let auction = db::auctions::insert(&core.pool, seller.account_id, &new).await?;
+    let mut response = auction_response(StatusCode::CREATED, &auction, now);
+    if let Ok(location) = HeaderValue::try_from(format!("/api/auctions/{}", auction.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    core.caches.apply_auction(auction);
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReadQuery {
+    #[serde(default)]
+    consistent: bool,
+}
+
+/// From the core's cache while it is live; from the database with
+/// `?consistent=true`, on a miss, or while the cache is recovering.
+async fn get_auction(
+    State(core): State<Arc<Core>>,
+    Id(id): Id,
+    Params(q): Params<ReadQuery>,
+) -> Result<Response> {
+    let now = Utc::now();
+    if !q.consistent
+        && let Some(response) = core
+            .caches
+            .with_live_auction(id, |a| auction_response(StatusCode::OK, a, now))
+    {
+        return Ok(response);
+    }
+    let auction = db::auctions::get(&core.pool, id)
+        .await?
+        .ok_or(Error::NotFound("no such auction"))?;
+    let response = auction_response(StatusCode::OK, &auction, now);
+    core.caches.apply_auction(auction);
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<Status>,
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct Page<T> {
+    items: Vec<T>,
+    /// Pass as `after` to get the next page; null on the last page.
+    next_after: Option<i64>,
+}
+
+fn page_limit(limit: Option<i64>) -> Result<i64> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(_) => Err(Error::InvalidQuery(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        ))),
+    }
+}
+
+/// Auctions by ascending id; keyset pagination with `after`.
+async fn list_auctions(
+    State(core): State<Arc<Core>>,
+    Params(q): Params<ListQuery>,
+) -> Result<Response> {
+    let limit = page_limit(q.limit)?;
+    let after = q.after.unwrap_or(0);
+    let auctions = db::auctions::list(&core.pool, q.status, after, limit).await?;
+    let now = Utc::now();
+    let next_after = (auctions.len() as i64 == limit)
+        .then(|| auctions.last().map(|a| a.id))
+        .flatten();
+    let items: Vec<AuctionView<'_>> = auctions.iter().map(|a| AuctionView::of(a, now)).collect();
+    Ok(respond::json(StatusCode::OK, &Page { items, next_after }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BidsQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// An auction's accepted bids, newest first; `after` is the `next_after` of the
+/// previous page (bids older than it).
+async fn list_bids(
+    State(core): State<Arc<Core>>,
+    Id(id): Id,
+    Params(q): Params<BidsQuery>,
+) -> Result<Response> {
+    let limit = page_limit(q.limit)?;
+    let bids = db::bids::history(&core.pool, id, q.after, limit)
+        .await?
+        .ok_or(Error::NotFound("no such auction"))?;
+    let next_after = (bids.len() as i64 == limit)
+        .then(|| bids.last().map(|b| b.id))
+        .flatten();
+    Ok(respond::json(
+        StatusCode::OK,
+        &Page {
+            items: bids,
+            next_after,
+        },
+    ))
+}

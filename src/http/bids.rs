@@ -1,0 +1,97 @@
+//! Placing bids.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::post;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::error::{Error, Result};
+use super::extract::{Bidder, IdempotencyKey, Json};
+use super::respond;
+use crate::core::Core;
+use crate::db::bids::BidRequest;
+use crate::domain::bid::{LocalVerdict, NewBid, Outcome, check_locally};
+
+pub(crate) fn router() -> Router<Arc<Core>> {
+    Router::new().route("/api/bids", post(place_bid))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceBid {
+    auction_id: i64,
+    amount: i64,
+}
+
+#[derive(Serialize)]
+struct Placed {
+    bid_id: i64,
+    auction_id: i64,
+    amount: i64,
+    is_winning: bool,
+    min_next_bid: i64,
+    ends_at: Option<DateTime<Utc>>,
+}
+
+/// The bidder is the token's subject, never the body. A bid below this core's
+/// cached minimum is rejected here; everything else goes to the database, which
+/// alone accepts.
+async fn place_bid(
+    State(core): State<Arc<Core>>,
+    Bidder(bidder): Bidder,
+    IdempotencyKey(key): IdempotencyKey,
+    Json(body): Json<PlaceBid>,
+) -> Result<Response> {
+    let bid = NewBid::parse(body.auction_id, body.amount, bidder.account_id)
+        .map_err(Error::Validation)?;
+    // A keyed request always reaches the database, so its first outcome is stored.
+    if key.is_none() {
+        match core
+            .caches
+            .with_any_auction(bid.auction_id, |a| check_locally(a, bid.amount))
+        {
+            Some(LocalVerdict::TooLow { min_next_bid }) => {
+                return Err(Error::BidTooLow { min_next_bid });
+            }
+            Some(LocalVerdict::Closed) => return Err(Error::AuctionClosed),
+            Some(LocalVerdict::AskDatabase) | None => {}
+        }
+    }
+    let result = core
+        .bids
+        .submit(BidRequest {
+            bid,
+            idempotency_key: key,
+        })
+        .await?;
+    match result.outcome {
+        Outcome::Accepted => {
+            if let Some(state) = &result.auction_json
+                && let Err(e) = core.caches.apply_payload(state)
+            {
+                tracing::warn!(error = %e, "place_bids returned an unreadable auction");
+            }
+            let placed = Placed {
+                bid_id: result.bid_id.unwrap_or_default(),
+                auction_id: bid.auction_id,
+                amount: result.amount,
+                is_winning: true,
+                min_next_bid: result.min_next_bid.unwrap_or_default(),
+                ends_at: result.ends_at,
+            };
+            Ok(respond::json(StatusCode::CREATED, &placed))
+        }
+        Outcome::TooLow => Err(Error::BidTooLow {
+            min_next_bid: result.min_next_bid.unwrap_or_default(),
+        }),
+        Outcome::Closed => Err(Error::AuctionClosed),
+        Outcome::NotFound => Err(Error::NotFound("no such auction")),
+        Outcome::KeyMismatch => Err(Error::IdempotencyKeyReused),
+        Outcome::KeyInUse => Err(Error::IdempotencyKeyInUse),
+    }
+}

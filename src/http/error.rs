@@ -1,0 +1,234 @@
+//! Errors as `application/problem+json` (RFC 9457).
+//!
+//! Every error a client can see is one [`Error`] variant; each variant's doc names
+//! its status. Database and internal errors are logged with the request id, and the
+//! client gets a generic body — never the error's text.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use super::request_id;
+use super::respond;
+use crate::db::DbError;
+use crate::db::bids::SubmitError;
+use crate::domain::FieldError;
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// 400: the body is not JSON at all.
+    #[error("the request body is not valid JSON")]
+    MalformedJson,
+    /// 422: well-formed JSON of the wrong shape or types.
+    #[error("the request body does not have the expected shape: {0}")]
+    InvalidBody(String),
+    /// 422: the right shape, but invalid values; lists each field.
+    #[error("some fields are invalid")]
+    Validation(Vec<FieldError>),
+    /// 422: a query string parameter is missing, of the wrong type or out of range.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    /// 422: the Idempotency-Key header is empty, too long or not visible ASCII.
+    #[error("the Idempotency-Key header must be 1 to 255 visible ASCII characters")]
+    InvalidIdempotencyKey,
+    /// 415: the body is not declared as application/json.
+    #[error("the request body must be application/json")]
+    UnsupportedMediaType,
+    /// 413: the body is larger than the limit.
+    #[error("the request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 404: no such route or resource.
+    #[error("{0}")]
+    NotFound(&'static str),
+    /// 405: the route exists, the method does not.
+    #[error("this method is not allowed on this route")]
+    MethodNotAllowed,
+    /// 401: no credentials, or credentials that do not verify.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 403: authenticated, but not allowed.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// 409 `/problems/bid-too-low`: carries the minimum that would be accepted.
+    #[error("the bid is below the minimum next bid of {min_next_bid}")]
+    BidTooLow { min_next_bid: i64 },
+    /// 409 `/problems/auction-closed`: not open yet, or already closed.
+    #[error("the auction is not open for bids")]
+    AuctionClosed,
+    /// 422: the Idempotency-Key was used before with a different request.
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    /// 409: the Idempotency-Key's first request is still being processed.
+    #[error("a request with this Idempotency-Key is still in progress")]
+    IdempotencyKeyInUse,
+    /// 503 with Retry-After: the core's queue is full or no connection was free.
+    #[error("the server is overloaded; retry shortly")]
+    Overloaded,
+    /// 503 with Retry-After: the request took longer than the request timeout.
+    #[error("the request took too long")]
+    Timeout,
+    /// 503: not every core serves yet, the database does not answer, or draining.
+    #[error("{0}")]
+    NotReady(&'static str),
+    /// 500: logged; the client learns nothing more.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    title: &'static str,
+    status: u16,
+    detail: String,
+    request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_next_bid: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    errors: Option<&'a [FieldError]>,
+}
+
+impl Error {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use StatusCode as S;
+        match self {
+            Error::MalformedJson => (S::BAD_REQUEST, "/problems/malformed-json", "Malformed JSON"),
+            Error::InvalidBody(_) => (
+                S::UNPROCESSABLE_ENTITY,
+                "/problems/invalid-body",
+                "Invalid request body",
+            ),
+            Error::Validation(_) => (
+                S::UNPROCESSABLE_ENTITY,
+                "/problems/validation",
+                "Invalid field values",
+            ),
+            Error::InvalidQuery(_) => (
+                S::UNPROCESSABLE_ENTITY,
+                "/problems/invalid-query",
+                "Invalid query parameters",
+            ),
+            Error::InvalidIdempotencyKey => (
+                S::UNPROCESSABLE_ENTITY,
+                "/problems/invalid-idempotency-key",
+                "Invalid Idempotency-Key",
+            ),
+            Error::UnsupportedMediaType => (
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "/problems/unsupported-media-type",
+                "Unsupported media type",
+            ),
+            Error::PayloadTooLarge(_) => (
+                S::PAYLOAD_TOO_LARGE,
+                "/problems/payload-too-large",
+                "Payload too large",
+            ),
+            Error::NotFound(_) => (S::NOT_FOUND, "/problems/not-found", "Not found"),
+            Error::MethodNotAllowed => (
+                S::METHOD_NOT_ALLOWED,
+                "/problems/method-not-allowed",
+                "Method not allowed",
+            ),
+            Error::Unauthorized(_) => (S::UNAUTHORIZED, "/problems/unauthorized", "Unauthorized"),
+            Error::Forbidden(_) => (S::FORBIDDEN, "/problems/forbidden", "Forbidden"),
+            Error::BidTooLow { .. } => (S::CONFLICT, "/problems/bid-too-low", "Bid too low"),
+            Error::AuctionClosed => (S::CONFLICT, "/problems/auction-closed", "Auction not open"),
+            Error::IdempotencyKeyReused => (
+                S::UNPROCESSABLE_ENTITY,
+                "/problems/idempotency-key-reused",
+                "Idempotency-Key reused",
+            ),
+            Error::IdempotencyKeyInUse => (
+                S::CONFLICT,
+                "/problems/idempotency-key-in-use",
+                "Idempotency-Key in use",
+            ),
+            Error::Overloaded => (S::SERVICE_UNAVAILABLE, "/problems/overloaded", "Overloaded"),
+            Error::Timeout => (
+                S::SERVICE_UNAVAILABLE,
+                "/problems/timeout",
+                "Request timed out",
+            ),
+            Error::NotReady(_) => (S::SERVICE_UNAVAILABLE, "/problems/not-ready", "Not ready"),
+            Error::Internal(_) => (
+                S::INTERNAL_SERVER_ERROR,
+                "/problems/internal",
+                "Internal error",
+            ),
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    #[cold]
+    fn into_response(self) -> Response {
+        let (status, kind, title) = self.parts();
+        let rid = request_id::current();
+        let detail = match &self {
+            Error::Internal(cause) => {
+                tracing::error!(request_id = %rid, error = %cause, "internal error");
+                "an internal error occurred; quote the request_id when reporting it".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let problem = Problem {
+            kind,
+            title,
+            status: status.as_u16(),
+            detail,
+            request_id: &rid,
+            min_next_bid: match self {
+                Error::BidTooLow { min_next_bid } => Some(min_next_bid),
+                _ => None,
+            },
+            errors: match &self {
+                Error::Validation(errors) => Some(errors),
+                _ => None,
+            },
+        };
+        let mut response = respond::json_with(status, &problem, PROBLEM_JSON);
+        let headers = response.headers_mut();
+        match self {
+            Error::Overloaded | Error::Timeout | Error::NotReady(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            Error::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"gavel\""),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<DbError> for Error {
+    #[cold]
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "shedding a request: database unavailable");
+                Error::Overloaded
+            }
+            DbError::Other(cause) => Error::Internal(cause.to_string()),
+        }
+    }
+}
+
+impl From<SubmitError> for Error {
+    #[cold]
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::QueueFull | SubmitError::Stopped => Error::Overloaded,
+            SubmitError::Db(db) => db.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

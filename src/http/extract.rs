@@ -1,0 +1,264 @@
+//! Extractors that turn every bad input into the right problem.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::error::Error;
+use crate::auth::{Principal, Role, TokenError};
+use crate::core::Core;
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+thread_local! {
+    /// This core's parse buffers: simd-json parses in place, so the body is copied
+    /// into a reused buffer rather than a fresh allocation per request.
+    static PARSE: RefCell<(Vec<u8>, simd_json::Buffers)> =
+        RefCell::new((Vec::with_capacity(4096), simd_json::Buffers::new(4096)));
+}
+
+/// A JSON body parsed with simd-json: 415 unless declared JSON, 413 over the body
+/// limit, 400 if not JSON, 422 if JSON of the wrong shape.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<Core>> for Json<T> {
+    type Rejection = Error;
+
+    async fn from_request(request: Request, core: &Arc<Core>) -> Result<Self, Error> {
+        if !is_json(request.headers().get(header::CONTENT_TYPE)) {
+            return Err(Error::UnsupportedMediaType);
+        }
+        let limit = core.limits.body_limit;
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Err(Error::PayloadTooLarge(limit));
+        }
+        let bytes = axum::body::to_bytes(request.into_body(), limit)
+            .await
+            .map_err(|e| body_error(e, limit))?;
+        parse(&bytes).map(Json)
+    }
+}
+
+/// Parses a JSON object, telling malformed JSON (400) from wrong shape (422).
+/// Every request body of the API is an object; serde would otherwise accept a
+/// struct written as an array.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(not_an_object(bytes));
+    }
+    let parsed = PARSE.with_borrow_mut(|(buf, buffers)| {
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        simd_json::serde::from_slice_with_buffers::<T>(buf, buffers)
+    });
+    parsed.map_err(|e| classify(bytes, e))
+}
+
+#[cold]
+fn classify(bytes: &[u8], error: simd_json::Error) -> Error {
+    // simd-json does not say whether a failure was syntax or shape; serde_json can,
+    // on this cold path only.
+    match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        Ok(_) => Error::InvalidBody(error.to_string()),
+        Err(_) => Error::MalformedJson,
+    }
+}
+
+#[cold]
+fn not_an_object(bytes: &[u8]) -> Error {
+    match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+        Ok(_) => Error::InvalidBody("the body must be a JSON object".into()),
+        Err(_) => Error::MalformedJson,
+    }
+}
+
+#[cold]
+fn body_error(error: axum::Error, limit: usize) -> Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return Error::PayloadTooLarge(limit);
+        }
+        source = e.source();
+    }
+    Error::InvalidBody("the request body could not be read".into())
+}
+
+fn is_json(value: Option<&header::HeaderValue>) -> bool {
+    let Some(value) = value.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.len() > 5
+            && essence[..essence.len() - 5]
+                .to_ascii_lowercase()
+                .starts_with("application/")
+            && essence[essence.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
+/// The authenticated caller, any role: 401 without a valid Bearer token.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<Arc<Core>> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, core: &Arc<Core>) -> Result<Self, Error> {
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or(Error::Unauthorized("this route needs a Bearer token"))?;
+        let value = value
+            .to_str()
+            .map_err(|_| Error::Unauthorized("the Authorization header is not readable"))?;
+        let token = match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            _ => {
+                return Err(Error::Unauthorized(
+                    "the Authorization header must be `Bearer <token>`",
+                ));
+            }
+        };
+        core.keys.verify(token).map(Caller).map_err(|e| match e {
+            TokenError::Expired => Error::Unauthorized("the token has expired"),
+            TokenError::Invalid => Error::Unauthorized("the token is not valid"),
+        })
+    }
+}
+
+/// A caller with the bidder role: 401 without a token, 403 with another role.
+pub struct Bidder(pub Principal);
+/// A caller with the seller role: 401 without a token, 403 with another role.
+pub struct Seller(pub Principal);
+
+macro_rules! role_extractor {
+    ($name:ident, $role:expr, $message:literal) => {
+        impl FromRequestParts<Arc<Core>> for $name {
+            type Rejection = Error;
+
+            async fn from_request_parts(
+                parts: &mut Parts,
+                core: &Arc<Core>,
+            ) -> Result<Self, Error> {
+                let Caller(principal) = Caller::from_request_parts(parts, core).await?;
+                if principal.role == $role {
+                    Ok($name(principal))
+                } else {
+                    Err(Error::Forbidden($message))
+                }
+            }
+        }
+    };
+}
+
+role_extractor!(Bidder, Role::Bidder, "only bidders may do this");
+role_extractor!(Seller, Role::Seller, "only sellers may do this");
+
+/// The `Idempotency-Key` header, if sent: 422 if empty, over 255 characters or not
+/// visible ASCII.
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Error> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyKey(None));
+        };
+        let bytes = value.as_bytes();
+        if bytes.is_empty()
+            || bytes.len() > MAX_IDEMPOTENCY_KEY
+            || !bytes.iter().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Error::InvalidIdempotencyKey);
+        }
+        Ok(IdempotencyKey(Some(
+            String::from_utf8_lossy(bytes).into_owned(),
+        )))
+    }
+}
+
+/// A numeric id from the path; anything else is 404 (no resource has that id).
+pub struct Id(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for Id {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        match Path::<i64>::from_request_parts(parts, state).await {
+            Ok(Path(id)) if id > 0 => Ok(Id(id)),
+            _ => Err(Error::NotFound("no resource has this id")),
+        }
+    }
+}
+
+/// Query parameters: 422 with the reason when they do not parse.
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Params(q))
+            .map_err(|e| Error::InvalidQuery(e.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use header::HeaderValue;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct Bid {
+        amount: i64,
+    }
+
+    #[test]
+    fn json_content_types() {
+        let ok = |s: &'static str| is_json(Some(&HeaderValue::from_static(s)));
+        assert!(ok("application/json"));
+        assert!(ok("Application/JSON; charset=utf-8"));
+        assert!(ok("application/problem+json"));
+        assert!(!ok("text/plain"));
+        assert!(!ok("application/jsonx"));
+        assert!(!ok("+json"));
+        assert!(!is_json(None));
+    }
+
+    #[test]
+    fn syntax_errors_are_400_and_shape_errors_422() {
+        assert!(matches!(
+            parse::<Bid>(b"{\"amount\": 5"),
+            Err(Error::MalformedJson)
+        ));
+        assert!(matches!(parse::<Bid>(b""), Err(Error::MalformedJson)));
+        assert!(matches!(
+            parse::<Bid>(b"{\"amount\": \"5\"}"),
+            Err(Error::InvalidBody(_))
+        ));
+        assert!(matches!(parse::<Bid>(b"[1]"), Err(Error::InvalidBody(_))));
+        assert!(matches!(
+            parse::<Bid>(b"{\"amount\": 5, \"extra\": 1}"),
+            Err(Error::InvalidBody(_))
+        ));
+        assert!(matches!(
+            parse::<Bid>(b" {\"amount\": 5}"),
+            Ok(Bid { amount: 5 })
+        ));
+        assert!(matches!(parse::<Bid>(b"5"), Err(Error::InvalidBody(_))));
+    }
+}

@@ -1,0 +1,49 @@
+//! Liveness and readiness.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::get;
+
+use super::error::{Error, Result};
+use super::respond;
+use crate::core::Core;
+
+/// How long `/ready` waits for the database to answer.
+const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub(crate) fn router() -> Router<Arc<Core>> {
+    Router::new()
+        .route("/health", get(get_health))
+        .route("/ready", get(get_ready))
+}
+
+#[derive(serde::Serialize)]
+struct Status {
+    status: &'static str,
+}
+
+/// 200 while the process runs.
+async fn get_health() -> Response {
+    respond::json(StatusCode::OK, &Status { status: "ok" })
+}
+
+/// 200 when every core serves and the database answers; 503 while starting or
+/// draining.
+async fn get_ready(State(core): State<Arc<Core>>) -> Result<Response> {
+    if core.health.is_draining() {
+        return Err(Error::NotReady("the server is shutting down"));
+    }
+    if !core.health.all_serving() {
+        return Err(Error::NotReady("not every core serves yet"));
+    }
+    let ping = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&core.pool);
+    match tokio::time::timeout(DB_CHECK_TIMEOUT, ping).await {
+        Ok(Ok(_)) => Ok(respond::json(StatusCode::OK, &Status { status: "ready" })),
+        _ => Err(Error::NotReady("the database does not answer")),
+    }
+}

@@ -1,0 +1,237 @@
+//! One core: a pinned thread running a current-thread runtime that owns a listener,
+//! a pool, caches, a bid batcher and the connections it accepts.
+
+use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::auth::Keys;
+use crate::cache::{self, Caches};
+use crate::config::Serve;
+use crate::core::{Core, Health, Limits};
+use crate::db::{self, bids::Batcher};
+use crate::http;
+
+/// How long a core waits for its first database connection before giving up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a core thread is handed when it starts.
+pub(super) struct Start {
+    pub index: usize,
+    pub pin: Option<core_affinity::CoreId>,
+    pub listener: std::net::TcpListener,
+    pub config: Arc<Serve>,
+    pub database: PgConnectOptions,
+    pub keys: Arc<Keys>,
+    pub health: Arc<Health>,
+    pub shutdown: watch::Receiver<bool>,
+    pub started: SyncSender<Result<usize, String>>,
+}
+
+/// The body of thread `gavel-core-N`.
+pub(super) fn run(start: Start) {
+    if let Some(id) = start.pin
+        && !core_affinity::set_for_current(id)
+    {
+        tracing::warn!(
+            core = start.index,
+            cpu = id.id,
+            "could not pin the core thread"
+        );
+    }
+    http::request_id::init_core(start.index);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            let _ = start.started.send(Err(format!(
+                "core {}: cannot build its runtime: {e}",
+                start.index
+            )));
+            return;
+        }
+    };
+    runtime.block_on(core_main(start));
+}
+
+async fn core_main(start: Start) {
+    let Start {
+        index,
+        pin,
+        listener,
+        config,
+        database,
+        keys,
+        health,
+        shutdown,
+        started,
+    } = start;
+    // The pool is created here, inside this core's runtime: its connections belong
+    // to the runtime that opened them.
+    let pool = db::core_pool(
+        &database,
+        index,
+        config.db_conns_per_core,
+        config.db_acquire_timeout,
+    );
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, pool.acquire()).await;
+    if let Err(e) = connected
+        .map_err(|_| "timed out".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        let _ = started.send(Err(format!("core {index}: cannot reach the database: {e}")));
+        return;
+    }
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = started.send(Err(format!(
+                "core {index}: cannot register its listener: {e}"
+            )));
+            return;
+        }
+    };
+
+    let caches = Arc::new(Caches::new());
+    let bids = Batcher::spawn(
+        pool.clone(),
+        config.bid_queue_depth,
+        config.max_bid_batch,
+        Box::new(|_| {}),
+    );
+    let core = Arc::new(Core {
+        id: index,
+        pool: pool.clone(),
+        caches: caches.clone(),
+        bids,
+        keys,
+        limits: Limits {
+            body_limit: config.body_limit,
+            request_timeout: config.request_timeout,
+        },
+        health: health.clone(),
+    });
+    let listen_task = tokio::spawn(cache::listener::run(
+        index,
+        caches,
+        database,
+        pool.clone(),
+        (),
+        shutdown.clone(),
+    ));
+    let lifecycle_task = (index == 0).then(|| {
+        tokio::spawn(lifecycle(
+            pool.clone(),
+            config.lifecycle_tick,
+            shutdown.clone(),
+        ))
+    });
+
+    tracing::info!(core = index, cpu = pin.map(|p| p.id), "core serving");
+    health.core_serving();
+    let _ = started.send(Ok(index));
+    serve(listener, http::router(core), &config, shutdown).await;
+
+    let _ = listen_task.await;
+    if let Some(task) = lifecycle_task {
+        let _ = task.await;
+    }
+    pool.close().await;
+    tracing::debug!(core = index, "core stopped");
+}
+
+/// Accepts connections until shutdown, then lets in-flight requests finish within
+/// the grace period.
+async fn serve(
+    listener: TcpListener,
+    router: Router,
+    config: &Serve,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    // A connection holds a slot until it closes; with none free the core stops
+    // accepting, and new connections wait in the kernel's backlog.
+    let slots = Arc::new(Semaphore::new(config.max_connections_per_core));
+    while !*shutdown.borrow() {
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    // Stop accepting at once; then give open connections the grace period.
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(config.shutdown_grace) => {
+            tracing::warn!("shutdown grace period over; closing the remaining connections");
+        }
+    }
+}
+
+#[cold]
+async fn accept_failed(e: std::io::Error) {
+    // Out of file descriptors (EMFILE/ENFILE) and the like: back off briefly instead
+    // of spinning; the connection stays in the backlog.
+    tracing::warn!(error = %e, "accept failed");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// Opens and closes auctions as their times come (core 0 only).
+async fn lifecycle(pool: PgPool, tick: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = interval.tick() => {
+                if let Err(e) = db::auctions::advance(&pool).await {
+                    tracing::warn!(error = %e, "auction lifecycle tick failed");
+                }
+            }
+        }
+    }
+}

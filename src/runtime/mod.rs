@@ -1,0 +1,238 @@
+//! The per-core engine: thread pinning, runtimes, listeners, start and shutdown;
+//! and the `serve` and `migrate` commands that drive it.
+
+mod core_thread;
+pub mod socket;
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use sqlx::postgres::PgConnectOptions;
+use tokio::sync::watch;
+
+use crate::auth::Keys;
+use crate::config::{self, Serve};
+use crate::core::Health;
+use crate::db::{self, embedded};
+
+/// How long start-up may take for all cores to serve.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Database name used on the embedded cluster.
+pub const EMBEDDED_DATABASE: &str = "gavel";
+
+/// A running server: one thread per core.
+pub struct Server {
+    local_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+    health: Arc<Health>,
+}
+
+impl Server {
+    /// Starts every core and returns once all of them serve, or with the first
+    /// core's error (after stopping the others).
+    pub fn start(
+        config: &Serve,
+        database: PgConnectOptions,
+        keys: Arc<Keys>,
+    ) -> anyhow::Result<Server> {
+        let cores = config.core_count();
+        let listeners = socket::bind_all(config.listen, cores)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let local_addr = listeners[0].local_addr()?;
+        let pins = core_affinity::get_core_ids().unwrap_or_default();
+        let health = Arc::new(Health::new(cores));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (started_tx, started_rx) = mpsc::sync_channel(cores);
+        let config = Arc::new(config.clone());
+        let mut threads = Vec::with_capacity(cores);
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let start = core_thread::Start {
+                index,
+                pin: (!pins.is_empty()).then(|| pins[index % pins.len()]),
+                listener,
+                config: config.clone(),
+                database: database.clone(),
+                keys: keys.clone(),
+                health: health.clone(),
+                shutdown: shutdown_rx.clone(),
+                started: started_tx.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("gavel-core-{index}"))
+                .spawn(move || core_thread::run(start))
+                .context("cannot spawn a core thread")?;
+            threads.push(thread);
+        }
+        drop(started_tx);
+        let server = Server {
+            local_addr,
+            shutdown,
+            threads,
+            health,
+        };
+        for _ in 0..cores {
+            match started_rx.recv_timeout(START_TIMEOUT) {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    server.stop();
+                    bail!(e);
+                }
+                Err(_) => {
+                    server.stop();
+                    bail!("the cores did not start within {START_TIMEOUT:?}");
+                }
+            }
+        }
+        Ok(server)
+    }
+
+    /// The address every core listens on (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// Turns `/ready` to 503 and tells every core to stop accepting; returns at once.
+    pub fn begin_shutdown(&self) {
+        self.health.start_draining();
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Shuts down and waits for every core: in-flight requests finish within the
+    /// grace period, then pools close.
+    pub fn stop(self) {
+        self.begin_shutdown();
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("a core thread panicked");
+            }
+        }
+    }
+}
+
+/// The database a command runs against: an external server or an embedded cluster
+/// (stopped when this is dropped).
+pub struct Database {
+    pub options: PgConnectOptions,
+    pub cluster: Option<embedded::Cluster>,
+}
+
+impl Database {
+    /// Connects to `DATABASE_URL`, or starts the embedded cluster. Blocking; call it
+    /// on the main thread (the embedded server's lifetime is tied to the thread
+    /// that starts it).
+    pub fn open(config: &config::Database, max_connections: u32) -> anyhow::Result<Database> {
+        if let Some(url) = &config.database_url {
+            let options = PgConnectOptions::from_str(url)
+                .context("DATABASE_URL is not a valid PostgreSQL URL")?;
+            return Ok(Database {
+                options,
+                cluster: None,
+            });
+        }
+        let cluster = embedded::Cluster::start(&embedded::Options {
+            data_dir: config.data_dir.clone(),
+            bin_dir: config.pg_bin_dir.clone(),
+            settings: vec![("max_connections".into(), max_connections.to_string())],
+        })?;
+        tracing::info!(
+            data_dir = %cluster.data_dir().display(),
+            ephemeral = config.data_dir.is_none(),
+            "started the embedded PostgreSQL"
+        );
+        let options = cluster.connect_options(EMBEDDED_DATABASE);
+        Ok(Database {
+            options,
+            cluster: Some(cluster),
+        })
+    }
+
+    /// Stops the embedded cluster, if any.
+    pub fn close(self) -> anyhow::Result<()> {
+        if let Some(cluster) = self.cluster {
+            cluster.stop()?;
+            tracing::info!("stopped the embedded PostgreSQL");
+        }
+        Ok(())
+    }
+}
+
+/// A small runtime for the main thread's own work (migrations, signals).
+fn main_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Prepares the database for use: creates the embedded database and migrates.
+fn prepare(db: &Database, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    runtime.block_on(async {
+        if db.cluster.is_some() {
+            db::ensure_database(&db.options, EMBEDDED_DATABASE)
+                .await
+                .context("cannot create the database")?;
+        }
+        db::migrate(&db.options).await.context("migrations failed")
+    })
+}
+
+/// `gavel serve`: runs until SIGTERM or SIGINT, then drains and exits.
+pub fn serve(config: Serve) -> anyhow::Result<()> {
+    let keys = match &config.secret.jwt_secret {
+        Some(secret) => Keys::new(secret.as_bytes())?,
+        None => {
+            tracing::warn!(
+                "no --jwt-secret / GAVEL_JWT_SECRET set: generated a random secret for this run; \
+                 tokens from `gavel token` will not verify against it"
+            );
+            Keys::new(Keys::generate_secret().as_bytes())?
+        }
+    };
+    let cores = config.core_count();
+    // Each core: its pool and its LISTEN connection; plus migrations, psql, headroom.
+    let max_connections = cores as u32 * (config.db_conns_per_core + 1) + 20;
+    let db = Database::open(&config.database, max_connections)?;
+    let runtime = main_runtime()?;
+    let result = (|| {
+        prepare(&db, &runtime)?;
+        let server = Server::start(&config, db.options.clone(), Arc::new(keys))?;
+        tracing::info!(addr = %server.local_addr(), cores, "gavel serving");
+        runtime.block_on(wait_for_signal())?;
+        tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
+        server.stop();
+        Ok(())
+    })();
+    let closed = db.close();
+    result.and(closed)
+}
+
+/// `gavel migrate`.
+pub fn migrate(config: &config::Database) -> anyhow::Result<()> {
+    let db = Database::open(config, 20)?;
+    let runtime = main_runtime()?;
+    let result = prepare(&db, &runtime);
+    let closed = db.close();
+    result.and(closed)?;
+    tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

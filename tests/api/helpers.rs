@@ -1,0 +1,262 @@
+//! `spawn_app()` and typed helpers for talking to it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use gavel::auth::{Keys, Role};
+use gavel::config::Serve;
+use gavel::db::embedded::{Cluster, Options};
+use gavel::runtime::Server;
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+pub const SECRET: &str = "integration-tests-secret-0123456789abcdef";
+
+/// A running server, its database and a client; everything stops on drop.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    /// A pool on the same database, for inspecting and breaking things.
+    pub db: PgPool,
+    pub keys: Keys,
+    /// How to reach the test database (for connections of a test's own).
+    pub options: PgConnectOptions,
+    server: Option<Server>,
+    cluster: Option<Cluster>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        if let Some(cluster) = self.cluster.take() {
+            let _ = cluster.stop();
+        }
+    }
+}
+
+/// A two-core server with test-friendly timings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Like [`spawn_app`], with extra `gavel serve` flags.
+pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
+    // Started on this thread, which lives as long as the test: the cluster is told
+    // to stop if the thread that started it ends.
+    let cluster = start_cluster();
+    let options = cluster.connect_options("gavel");
+    gavel::db::ensure_database(&options, "gavel")
+        .await
+        .expect("create database");
+    gavel::db::migrate(&options).await.expect("migrate");
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--cores",
+        "2",
+        "--lifecycle-tick",
+        "50ms",
+    ];
+    args.extend_from_slice(flags);
+    let config = Serve::from_flags(args).expect("test flags parse");
+    let keys = Keys::new(SECRET.as_bytes()).unwrap();
+    let server = Server::start(
+        &config,
+        options.clone(),
+        Arc::new(Keys::new(SECRET.as_bytes()).unwrap()),
+    )
+    .expect("server starts");
+    let db = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options.clone())
+        .await
+        .expect("test pool");
+    TestApp {
+        addr: server.local_addr(),
+        client: reqwest::Client::new(),
+        db,
+        keys,
+        options,
+        server: Some(server),
+        cluster: Some(cluster),
+    }
+}
+
+pub fn start_cluster() -> Cluster {
+    Cluster::start(&Options {
+        settings: vec![
+            // Durability is not under test here; speed is welcome.
+            ("fsync".into(), "off".into()),
+            ("max_connections".into(), "100".into()),
+        ],
+        ..Options::default()
+    })
+    .expect("start a private PostgreSQL (is postgresql-15 installed?)")
+}
+
+/// A client that opens a new connection for every request, so requests spread
+/// over the cores as the kernel hashes new connections.
+pub fn fresh_connection_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// RFC 3339 for a time `secs` seconds from now (negative: in the past).
+pub fn at(secs: f64) -> String {
+    (Utc::now() + chrono::Duration::milliseconds((secs * 1000.0) as i64))
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Begins the server's shutdown (readiness turns 503, listeners close).
+    pub fn drain(&self) {
+        if let Some(server) = &self.server {
+            server.begin_shutdown();
+        }
+    }
+
+    pub fn token(&self, account: i64, role: Role) -> String {
+        self.keys.mint(account, role, Duration::from_secs(3600)).0
+    }
+
+    pub fn seller(&self) -> String {
+        self.token(1, Role::Seller)
+    }
+
+    pub fn bidder(&self, account: i64) -> String {
+        self.token(account, Role::Bidder)
+    }
+
+    pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn create_auction(&self, body: &Value) -> Response {
+        self.post_json("/api/auctions", &self.seller(), body).await
+    }
+
+    /// An auction that is open now and ends in `ends_in` seconds.
+    pub async fn open_auction(
+        &self,
+        reserve: i64,
+        min_increment: i64,
+        ends_in: f64,
+        extend_secs: i64,
+    ) -> Value {
+        let body = json!({
+            "title": "lot", "reserve": reserve, "min_increment": min_increment,
+            "starts_at": at(-1.0), "ends_at": at(ends_in), "extend_secs": extend_secs,
+        });
+        let response = self.create_auction(&body).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        response.json().await.unwrap()
+    }
+
+    pub async fn place_bid(&self, bidder: &str, auction_id: i64, amount: i64) -> Response {
+        self.post_json(
+            "/api/bids",
+            bidder,
+            &json!({"auction_id": auction_id, "amount": amount}),
+        )
+        .await
+    }
+
+    pub async fn auction(&self, id: i64, consistent: bool) -> Value {
+        let path = if consistent {
+            format!("/api/auctions/{id}?consistent=true")
+        } else {
+            format!("/api/auctions/{id}")
+        };
+        let response = self.get(&path).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    /// Every accepted bid of an auction, oldest first, following pagination.
+    pub async fn all_bids(&self, auction_id: i64) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut after: Option<i64> = None;
+        loop {
+            let path = match after {
+                Some(a) => format!("/api/auctions/{auction_id}/bids?limit=100&after={a}"),
+                None => format!("/api/auctions/{auction_id}/bids?limit=100"),
+            };
+            let page: Value = self.get(&path).await.json().await.unwrap();
+            all.extend(page["items"].as_array().unwrap().iter().cloned());
+            match page["next_after"].as_i64() {
+                Some(a) => after = Some(a),
+                None => break,
+            }
+        }
+        all.reverse();
+        all
+    }
+}
+
+/// Asserts a problem+json response and returns its body.
+pub async fn assert_problem(response: Response, status: StatusCode, kind: &str) -> Value {
+    assert_eq!(response.status(), status, "status");
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let body: Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(body["type"], kind, "{body}");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    assert_eq!(
+        body["request_id"], request_id,
+        "problem quotes the response's request id"
+    );
+    body
+}
+
+/// Polls `check` until it returns `Some`, failing after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: a real multi-core gavel on port 0, a real PostgreSQL (a
+//! private cluster per test, migrated), a real HTTP client.
+
+mod bids;
+mod coherence;
+mod concurrency;
+mod errors;
+mod helpers;
+mod idempotency;
+mod lifecycle;
+mod operations;

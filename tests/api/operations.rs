@@ -1,0 +1,368 @@
+//! Health, readiness, timeouts, shutdown and the embedded database.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn health_and_ready_answer_200_when_serving() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/health").await.status(), StatusCode::OK);
+    let ready = app.get("/ready").await;
+    assert_eq!(ready.status(), StatusCode::OK);
+    assert_eq!(ready.json::<Value>().await.unwrap()["status"], "ready");
+}
+
+/// `/ready` turns 503 when the database stops answering, and back when it returns.
+#[tokio::test]
+async fn ready_is_503_while_the_database_is_unreachable() {
+    let app = spawn_app_with(&["--db-acquire-timeout", "100ms"]).await;
+    assert_eq!(app.get("/ready").await.status(), StatusCode::OK);
+    // Refuse new connections to the database and kill the server's existing ones
+    // (from another database: a session cannot lock out its own).
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect_with(&app.options.clone().database("postgres"))
+        .await
+        .unwrap();
+    sqlx::query("alter database gavel allow_connections false")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("select pg_terminate_backend(pid) from pg_stat_activity where application_name like 'gavel-core-%'")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let client = crate::helpers::fresh_connection_client();
+    let mut saw_503 = false;
+    for _ in 0..20 {
+        let response = client.get(app.url("/ready")).send().await.unwrap();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(response.headers().contains_key("retry-after"));
+            assert_problem(
+                response,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "/problems/not-ready",
+            )
+            .await;
+            saw_503 = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_503, "ready never reported the database as gone");
+    // Reads that need the database are shed with 503, not hung and not 500.
+    let read = client
+        .get(app.url("/api/auctions/1?consistent=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
+    sqlx::query("alter database gavel allow_connections true")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    crate::helpers::eventually(Duration::from_secs(5), "ready again", || async {
+        (client.get(app.url("/ready")).send().await.unwrap().status() == StatusCode::OK)
+            .then_some(())
+    })
+    .await;
+}
+
+/// A client that connects and sends nothing is disconnected after the header read
+/// timeout; so is a keep-alive connection left idle after a request.
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed() {
+    let app = spawn_app_with(&["--header-read-timeout", "300ms"]).await;
+    let addr = app.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut silent = TcpStream::connect(addr).unwrap();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 256];
+        let n = silent.read(&mut buf).unwrap_or(0);
+        assert!(
+            n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
+            "closed, not answered"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "closed by the server, not by our timeout"
+        );
+
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        idle.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut response = Vec::new();
+        let mut buf = [0u8; 1024];
+        let started = Instant::now();
+        loop {
+            match idle.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => response.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("idle connection was not closed: {e}"),
+            }
+        }
+        assert!(String::from_utf8_lossy(&response).starts_with("HTTP/1.1 200"));
+        assert!(started.elapsed() < Duration::from_secs(4));
+    })
+    .await
+    .unwrap();
+}
+
+/// A slowloris client trickling its headers is cut off too.
+#[tokio::test]
+async fn trickled_headers_are_cut_off() {
+    let app = spawn_app_with(&["--header-read-timeout", "300ms"]).await;
+    let addr = app.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut slow = TcpStream::connect(addr).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let started = Instant::now();
+        for byte in b"GET /health HTTP/1.1\r\nx-slow: 1".iter() {
+            if slow.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            if started.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+        }
+        let mut buf = [0u8; 256];
+        let n = slow.read(&mut buf).unwrap_or(0);
+        assert!(n == 0 || !String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "the server cut the connection"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// While draining, `/ready` is 503 (so load balancers stop sending) while
+/// `/health` stays 200.
+#[tokio::test]
+async fn ready_is_503_while_draining() {
+    let app = spawn_app().await;
+    app.drain();
+    let client = reqwest::Client::new();
+    // The listener may already be closed; answers that do arrive must be 503.
+    if let Ok(response) = client.get(app.url("/ready")).send().await {
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
+
+/// The real binary, on its embedded PostgreSQL: SIGTERM under load lets in-flight
+/// requests finish, exits 0 and leaves no PostgreSQL behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_drains_and_exits_cleanly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gavel"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "2",
+            "--log-format",
+            "json",
+        ])
+        .env("GAVEL_JWT_SECRET", crate::helpers::SECRET)
+        .env_remove("DATABASE_URL")
+        .env_remove("GAVEL_DATA_DIR")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn gavel");
+    let stderr = child.stderr.take().unwrap();
+    let (addr, data_dir, lines) = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let (mut addr, mut data_dir) = (None, None);
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if let Some(d) = v["fields"]["data_dir"].as_str() {
+                data_dir = Some(d.to_owned());
+            }
+            if let Some(a) = v["fields"]["addr"].as_str() {
+                addr = Some(a.to_owned());
+                break;
+            }
+        }
+        (
+            addr.expect("gavel logged its address"),
+            data_dir.expect("gavel logged its data dir"),
+            lines,
+        )
+    })
+    .await
+    .unwrap();
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let postmaster_pid: i32 = std::fs::read_to_string(format!("{data_dir}/postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let base = format!("http://{addr}");
+    let keys = gavel::auth::Keys::new(crate::helpers::SECRET.as_bytes()).unwrap();
+    let seller = keys
+        .mint(1, gavel::auth::Role::Seller, Duration::from_secs(60))
+        .0;
+    let client = reqwest::Client::new();
+    let auction: Value = client
+        .post(format!("{base}/api/auctions"))
+        .bearer_auth(&seller)
+        .json(
+            &serde_json::json!({"title": "t", "reserve": 1, "min_increment": 1,
+            "starts_at": crate::helpers::at(-1.0), "ends_at": crate::helpers::at(60.0)}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = auction["id"].as_i64().unwrap();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for n in 0..8i64 {
+        let (base, stop) = (base.clone(), stop.clone());
+        let bidder = keys
+            .mint(10 + n, gavel::auth::Role::Bidder, Duration::from_secs(60))
+            .0;
+        load.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let (mut complete, mut server_errors) = (0u32, 0u32);
+            let mut amount = 1 + n;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent = if amount % 2 == 0 {
+                    client.get(format!("{base}/api/auctions/{id}")).send().await
+                } else {
+                    client
+                        .post(format!("{base}/api/bids"))
+                        .bearer_auth(&bidder)
+                        .json(&serde_json::json!({"auction_id": id, "amount": amount * 100}))
+                        .send()
+                        .await
+                };
+                amount += 1;
+                match sent {
+                    // A response that started must arrive whole.
+                    Ok(response) => {
+                        let status = response.status();
+                        response
+                            .bytes()
+                            .await
+                            .expect("a started response completes");
+                        complete += 1;
+                        if status.is_server_error() {
+                            server_errors += 1;
+                        }
+                    }
+                    // Refused or closed before a response: the server has stopped
+                    // accepting; that is the drain working.
+                    Err(_) => break,
+                }
+            }
+            (complete, server_errors)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exit = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gavel did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for task in load {
+        let (complete, server_errors) = task.await.expect("no started response was cut short");
+        assert_eq!(server_errors, 0);
+        total += complete;
+    }
+    assert!(total > 0, "the load ran");
+    assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
+    let postgres_alive =
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(postmaster_pid), None).is_ok();
+    assert!(!postgres_alive, "the embedded PostgreSQL was left running");
+    assert!(
+        !std::path::Path::new(&data_dir).exists(),
+        "the ephemeral data directory was left behind"
+    );
+}
+
+/// Without PostgreSQL binaries, `gavel serve` says which package to install.
+#[test]
+fn a_missing_postgresql_is_reported_with_the_package_to_install() {
+    let empty = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_gavel"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--pg-bin-dir"])
+        .arg(empty.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("postgresql-15"), "{stderr}");
+}
+
+/// `gavel token` mints tokens the server accepts; without a secret it refuses.
+#[tokio::test]
+async fn gavel_token_mints_a_token_the_server_accepts() {
+    let app = spawn_app().await;
+    let output = Command::new(env!("CARGO_BIN_EXE_gavel"))
+        .args(["token", "--sub", "1", "--role", "seller"])
+        .env("GAVEL_JWT_SECRET", crate::helpers::SECRET)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let response = app
+        .post_json(
+            "/api/auctions",
+            &token,
+            &serde_json::json!({"title": "t", "reserve": 1, "min_increment": 1,
+                "starts_at": crate::helpers::at(0.0), "ends_at": crate::helpers::at(60.0)}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_gavel"))
+        .args(["token", "--sub", "1", "--role", "seller"])
+        .env_remove("GAVEL_JWT_SECRET")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}
