@@ -89,11 +89,7 @@ impl Keys {
         validation.leeway = 5;
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
-        Ok(Keys {
-            encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            validation,
-        })
+        Ok(Keys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation })
     }
 
     /// A random secret, for a server started without one.
@@ -106,41 +102,25 @@ impl Keys {
     /// Signs a token for `account_id` valid for `ttl`; returns it and its expiry
     /// (seconds since the epoch).
     pub fn mint(&self, account_id: i64, role: Role, ttl: Duration) -> (String, u64) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let exp = now + ttl.as_secs().max(1);
-        let claims = Claims {
-            sub: account_id.to_string(),
-            role,
-            iat: now,
-            exp,
-            iss: ISSUER.to_owned(),
-        };
+        let claims = Claims { sub: account_id.to_string(), role, iat: now, exp, iss: ISSUER.to_owned() };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing of plain claims cannot fail");
         (token, exp)
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
             })?;
-        let account_id = data
-            .claims
-            .sub
-            .parse::<i64>()
-            .map_err(|_| TokenError::Invalid)?;
+        let account_id = data.claims.sub.parse::<i64>().map_err(|_| TokenError::Invalid)?;
         if account_id <= 0 {
             return Err(TokenError::Invalid);
         }
-        Ok(Principal {
-            account_id,
-            role: data.claims.role,
-        })
+        Ok(Principal { account_id, role: data.claims.role })
     }
 }
 
@@ -156,13 +136,7 @@ mod tests {
     fn minted_token_verifies_with_its_claims() {
         let k = keys();
         let (token, _) = k.mint(42, Role::Bidder, Duration::from_secs(60));
-        assert_eq!(
-            k.verify(&token),
-            Ok(Principal {
-                account_id: 42,
-                role: Role::Bidder
-            })
-        );
+        assert_eq!(k.verify(&token), Ok(Principal { account_id: 42, role: Role::Bidder }));
     }
 
     #[test]
@@ -180,19 +154,9 @@ mod tests {
     #[test]
     fn expired_token_is_refused() {
         let k = keys();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let claims = Claims {
-            sub: "1".into(),
-            role: Role::Bidder,
-            iat: now - 100,
-            exp: now - 60,
-            iss: ISSUER.into(),
-        };
-        let token =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let claims = Claims { sub: "1".into(), role: Role::Bidder, iat: now - 100, exp: now - 60, iss: ISSUER.into() };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
         assert_eq!(k.verify(&token), Err(TokenError::Expired));
     }
 
@@ -204,19 +168,12 @@ mod tests {
         let mut parts: Vec<&str> = token.split('.').collect();
         let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0";
         parts[0] = none_header;
-        assert_eq!(
-            k.verify(&format!("{}.{}.", parts[0], parts[1])),
-            Err(TokenError::Invalid)
-        );
+        assert_eq!(k.verify(&format!("{}.{}.", parts[0], parts[1])), Err(TokenError::Invalid));
         // flip the role in the payload but keep the signature
         let (seller, _) = k.mint(1, Role::Seller, Duration::from_secs(60));
         let seller_payload = seller.split('.').nth(1).unwrap();
-        let forged = format!(
-            "{}.{}.{}",
-            token.split('.').next().unwrap(),
-            seller_payload,
-            token.split('.').nth(2).unwrap()
-        );
+        let forged =
+            format!("{}.{}.{}", token.split('.').next().unwrap(), seller_payload, token.split('.').nth(2).unwrap());
         assert_eq!(k.verify(&forged), Err(TokenError::Invalid));
         assert_eq!(k.verify("not a token"), Err(TokenError::Invalid));
     }
@@ -224,19 +181,10 @@ mod tests {
     #[test]
     fn wrong_issuer_is_refused() {
         let k = keys();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let claims = Claims {
-            sub: "1".into(),
-            role: Role::Bidder,
-            iat: now,
-            exp: now + 60,
-            iss: "someone-else".into(),
-        };
-        let token =
-            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let claims =
+            Claims { sub: "1".into(), role: Role::Bidder, iat: now, exp: now + 60, iss: "someone-else".into() };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
         assert_eq!(k.verify(&token), Err(TokenError::Invalid));
     }
 }

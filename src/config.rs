@@ -176,8 +176,7 @@ impl Serve {
             #[command(flatten)]
             serve: Serve,
         }
-        let argv = std::iter::once(std::ffi::OsString::from("gavel"))
-            .chain(args.into_iter().map(Into::into));
+        let argv = std::iter::once(std::ffi::OsString::from("gavel")).chain(args.into_iter().map(Into::into));
         Only::try_parse_from(argv).map(|o| o.serve)
     }
 

@@ -32,11 +32,7 @@ pub struct Health {
 
 impl Health {
     pub fn new(cores: usize) -> Self {
-        Health {
-            cores,
-            serving: AtomicUsize::new(0),
-            draining: AtomicBool::new(false),
-        }
+        Health { cores, serving: AtomicUsize::new(0), draining: AtomicBool::new(false) }
     }
 
     pub fn core_serving(&self) {

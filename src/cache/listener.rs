@@ -90,10 +90,7 @@ async fn listen_once(
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => match caches.apply_payload(notification.payload()) {
-                Ok(applied) => observer.applied(
-                    applied == super::Applied::Newer,
-                    lag_us(notification.payload()),
-                ),
+                Ok(applied) => observer.applied(applied == super::Applied::Newer, lag_us(notification.payload())),
                 Err(e) => tracing::warn!(error = %e, "ignoring cache notification"),
             },
             Ok(None) => return Ok(()),
@@ -111,11 +108,9 @@ async fn reload(caches: &Caches, pool: &PgPool) -> Result<(), sqlx::Error> {
     if ids.is_empty() {
         return Ok(());
     }
-    let fresh = db::auctions::get_many(pool, &ids)
-        .await
-        .map_err(|e| match e {
-            db::DbError::Unavailable(e) | db::DbError::Other(e) => e,
-        })?;
+    let fresh = db::auctions::get_many(pool, &ids).await.map_err(|e| match e {
+        db::DbError::Unavailable(e) | db::DbError::Other(e) => e,
+    })?;
     for auction in fresh {
         caches.apply_auction(auction);
     }

@@ -45,10 +45,7 @@ pub struct Caches {
 impl std::fmt::Debug for Caches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let inner = self.lock();
-        f.debug_struct("Caches")
-            .field("live", &inner.live)
-            .field("auctions", &inner.auctions.len())
-            .finish()
+        f.debug_struct("Caches").field("live", &inner.live).field("auctions", &inner.auctions.len()).finish()
     }
 }
 
@@ -201,24 +198,12 @@ mod tests {
     #[test]
     fn only_newer_versions_are_applied() {
         let c = Caches::new();
-        assert_eq!(
-            c.apply_payload(&payload(2, Some(150))).unwrap(),
-            Applied::Newer
-        );
+        assert_eq!(c.apply_payload(&payload(2, Some(150))).unwrap(), Applied::Newer);
         assert_eq!(c.apply_payload(&payload(1, None)).unwrap(), Applied::Stale);
-        assert_eq!(
-            c.apply_payload(&payload(2, Some(150))).unwrap(),
-            Applied::Stale
-        );
+        assert_eq!(c.apply_payload(&payload(2, Some(150))).unwrap(), Applied::Stale);
         assert_eq!(c.with_any_auction(7, |a| a.high_bid), Some(Some(150)));
-        assert_eq!(
-            c.apply_payload(&payload(3, Some(170))).unwrap(),
-            Applied::Newer
-        );
-        assert_eq!(
-            c.with_any_auction(7, |a| (a.version, a.high_bid)),
-            Some((3, Some(170)))
-        );
+        assert_eq!(c.apply_payload(&payload(3, Some(170))).unwrap(), Applied::Newer);
+        assert_eq!(c.with_any_auction(7, |a| (a.version, a.high_bid)), Some((3, Some(170))));
     }
 
     #[test]

@@ -78,30 +78,19 @@ pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<A
 }
 
 pub async fn get(pool: &PgPool, id: i64) -> Result<Option<Auction>, DbError> {
-    let row: Option<Row> = sqlx::query_as(select_auctions!("where id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await?;
+    let row: Option<Row> = sqlx::query_as(select_auctions!("where id = $1")).bind(id).fetch_optional(pool).await?;
     Ok(row.map(Into::into))
 }
 
 /// The current state of each of `ids` that exists (for a cache reload).
 pub async fn get_many(pool: &PgPool, ids: &[i64]) -> Result<Vec<Auction>, DbError> {
-    let rows: Vec<Row> = sqlx::query_as(select_auctions!("where id = any($1)"))
-        .bind(ids)
-        .fetch_all(pool)
-        .await?;
+    let rows: Vec<Row> = sqlx::query_as(select_auctions!("where id = any($1)")).bind(ids).fetch_all(pool).await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
 /// One page of auctions by ascending id, after `after`, optionally of one status
 /// (as the clock decides it, like a single read does).
-pub async fn list(
-    pool: &PgPool,
-    status: Option<Status>,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<Auction>, DbError> {
+pub async fn list(pool: &PgPool, status: Option<Status>, after: i64, limit: i64) -> Result<Vec<Auction>, DbError> {
     let rows: Vec<Row> = sqlx::query_as(select_auctions!(
         r#"
          where id > $1
@@ -125,7 +114,5 @@ pub async fn list(
 
 /// Opens and closes the auctions whose time has come; returns how many changed.
 pub async fn advance(pool: &PgPool) -> Result<i32, DbError> {
-    Ok(sqlx::query_scalar("select advance_auctions()")
-        .fetch_one(pool)
-        .await?)
+    Ok(sqlx::query_scalar("select advance_auctions()").fetch_one(pool).await?)
 }

@@ -57,9 +57,7 @@ pub struct Batcher {
 
 impl std::fmt::Debug for Batcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batcher")
-            .field("queued", &(self.tx.max_capacity() - self.tx.capacity()))
-            .finish()
+        f.debug_struct("Batcher").field("queued", &(self.tx.max_capacity() - self.tx.capacity())).finish()
     }
 }
 
@@ -68,12 +66,7 @@ pub type BatchObserver = Box<dyn Fn(usize) + Send + 'static>;
 
 impl Batcher {
     /// Starts the batcher task on the current runtime (the core's own).
-    pub fn spawn(
-        pool: PgPool,
-        queue_depth: usize,
-        max_batch: usize,
-        observe: BatchObserver,
-    ) -> Batcher {
+    pub fn spawn(pool: PgPool, queue_depth: usize, max_batch: usize, observe: BatchObserver) -> Batcher {
         let (tx, rx) = mpsc::channel(queue_depth.max(1));
         tokio::spawn(run(pool, rx, max_batch.max(1), observe));
         Batcher { tx }
@@ -83,12 +76,10 @@ impl Batcher {
     /// queue is overload, answered at once.
     pub async fn submit(&self, request: BidRequest) -> Result<BidResult, SubmitError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .try_send(Pending { request, reply })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-            })?;
+        self.tx.try_send(Pending { request, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
+        })?;
         match rx.await {
             Ok(result) => Ok(result?),
             Err(_) => Err(SubmitError::Stopped),
@@ -96,12 +87,7 @@ impl Batcher {
     }
 }
 
-async fn run(
-    pool: PgPool,
-    mut rx: mpsc::Receiver<Pending>,
-    max_batch: usize,
-    observe: BatchObserver,
-) {
+async fn run(pool: PgPool, mut rx: mpsc::Receiver<Pending>, max_batch: usize, observe: BatchObserver) {
     let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
     loop {
         // Wait for the first bid, then take whatever else queued up meanwhile.
@@ -122,9 +108,7 @@ async fn run(
                 for pending in batch.drain(..) {
                     let _ = pending.reply.send(Err(match &e {
                         DbError::Unavailable(_) => DbError::Unavailable(sqlx::Error::PoolTimedOut),
-                        DbError::Other(_) => {
-                            DbError::Other(sqlx::Error::Protocol("bid batch failed".into()))
-                        }
+                        DbError::Other(_) => DbError::Other(sqlx::Error::Protocol("bid batch failed".into())),
                     }));
                 }
             }
@@ -156,8 +140,7 @@ pub async fn place(pool: &PgPool, requests: &[&BidRequest]) -> Result<Vec<BidRes
     loop {
         match place_once(pool, requests).await {
             Err(DbError::Other(sqlx::Error::Database(e)))
-                if attempt < TRANSIENT_RETRIES
-                    && matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+                if attempt < TRANSIENT_RETRIES && matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
             {
                 attempt += 1;
                 tracing::warn!(error = %e, attempt, "bid batch aborted by the database; retrying");
@@ -202,14 +185,9 @@ async fn place_once(pool: &PgPool, requests: &[&BidRequest]) -> Result<Vec<BidRe
     let mut results: Vec<Option<BidResult>> = vec![None; n];
     for row in rows {
         let i = (row.ord as usize).wrapping_sub(1);
-        let outcome = Outcome::parse(&row.outcome)
-            .filter(|_| i < n && results[i].is_none())
-            .ok_or_else(|| {
-                DbError::Other(sqlx::Error::Protocol(format!(
-                    "unexpected bid outcome {} at {}",
-                    row.outcome, row.ord
-                )))
-            })?;
+        let outcome = Outcome::parse(&row.outcome).filter(|_| i < n && results[i].is_none()).ok_or_else(|| {
+            DbError::Other(sqlx::Error::Protocol(format!("unexpected bid outcome {} at {}", row.outcome, row.ord)))
+        })?;
         results[i] = Some(BidResult {
             outcome,
             bid_id: row.bid_id,
@@ -255,11 +233,10 @@ pub async fn history(
     .fetch_all(pool)
     .await?;
     if rows.is_empty() {
-        let exists: bool =
-            sqlx::query_scalar("select exists (select 1 from auctions where id = $1)")
-                .bind(auction_id)
-                .fetch_one(pool)
-                .await?;
+        let exists: bool = sqlx::query_scalar("select exists (select 1 from auctions where id = $1)")
+            .bind(auction_id)
+            .fetch_one(pool)
+            .await?;
         if !exists {
             return Ok(None);
         }

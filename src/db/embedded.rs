@@ -145,9 +145,7 @@ impl Cluster {
         }
 
         let log = fs::File::create(&log_path).map_err(io_err("creating the PostgreSQL log"))?;
-        let log_err = log
-            .try_clone()
-            .map_err(io_err("opening the PostgreSQL log"))?;
+        let log_err = log.try_clone().map_err(io_err("opening the PostgreSQL log"))?;
         let mut postgres = Command::new(bin_dir.join("postgres"));
         postgres
             .arg("-D")
@@ -169,19 +167,11 @@ impl Cluster {
         // std applies uid/gid before pre_exec hooks, so the death signal survives
         // the credential change.
         unsafe {
-            postgres.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGINT).map_err(io::Error::from)
-            });
+            postgres.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGINT).map_err(io::Error::from));
         }
         let child = postgres.spawn().map_err(io_err("starting postgres"))?;
 
-        let mut cluster = Cluster {
-            child: Some(child),
-            socket_dir,
-            data_dir,
-            log_path,
-            run_dir,
-        };
+        let mut cluster = Cluster { child: Some(child), socket_dir, data_dir, log_path, run_dir };
         cluster.wait_ready()?;
         Ok(cluster)
     }
@@ -198,10 +188,7 @@ impl Cluster {
                 return Ok(());
             }
             let exited = match self.child.as_mut() {
-                Some(child) => child
-                    .try_wait()
-                    .map_err(io_err("waiting for postgres"))?
-                    .is_some(),
+                Some(child) => child.try_wait().map_err(io_err("waiting for postgres"))?.is_some(),
                 None => true,
             };
             if exited || Instant::now() > deadline {
@@ -214,18 +201,12 @@ impl Cluster {
 
     /// Connection options for `database` on this cluster.
     pub fn connect_options(&self, database: &str) -> PgConnectOptions {
-        PgConnectOptions::new()
-            .socket(&self.socket_dir)
-            .username(SUPERUSER)
-            .database(database)
+        PgConnectOptions::new().socket(&self.socket_dir).username(SUPERUSER).database(database)
     }
 
     /// A URL for `database`, for tools such as psql and pgbench.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://{SUPERUSER}@/{database}?host={}",
-            self.socket_dir.display()
-        )
+        format!("postgres://{SUPERUSER}@/{database}?host={}", self.socket_dir.display())
     }
 
     /// The postmaster's process id, while it runs.
@@ -254,9 +235,7 @@ impl Cluster {
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => return Ok(()),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
                 Ok(None) => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -312,8 +291,7 @@ pub fn find_bin_dir() -> Option<PathBuf> {
         return Some(bin);
     }
     std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .find(|dir| dir.join("postgres").is_file() && dir.join("initdb").is_file())
+        std::env::split_paths(&path).find(|dir| dir.join("postgres").is_file() && dir.join("initdb").is_file())
     })
 }
 
@@ -332,30 +310,17 @@ fn chown(path: &Path, user: &User) -> Result<(), Error> {
         .map_err(|e| io_err(format!("giving {} to {}", path.display(), user.name))(e.into()))
 }
 
-fn run_quietly(
-    mut command: Command,
-    run_as: &Option<User>,
-    what: &'static str,
-) -> Result<(), Error> {
+fn run_quietly(mut command: Command, run_as: &Option<User>, what: &'static str) -> Result<(), Error> {
     if let Some(user) = run_as {
         command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
     }
     // Run it from a directory the unprivileged user may enter.
     command.current_dir("/");
-    let out = command
-        .output()
-        .map_err(io_err(format!("running {what}")))?;
+    let out = command.output().map_err(io_err(format!("running {what}")))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(Error::Command {
-            what,
-            detail: format!(
-                "{}\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        })
+        Err(Error::Command { what, detail: format!("{}\n{}", out.status, String::from_utf8_lossy(&out.stderr).trim()) })
     }
 }
 
@@ -366,11 +331,7 @@ mod tests {
     #[test]
     fn a_bin_dir_without_postgres_is_reported_as_not_installed() {
         let empty = tempfile::tempdir().unwrap();
-        let err = Cluster::start(&Options {
-            bin_dir: Some(empty.path().into()),
-            ..Options::default()
-        })
-        .unwrap_err();
+        let err = Cluster::start(&Options { bin_dir: Some(empty.path().into()), ..Options::default() }).unwrap_err();
         assert!(matches!(err, Error::NotInstalled));
         assert!(err.to_string().contains("postgresql-15"), "{err}");
     }

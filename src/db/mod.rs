@@ -27,23 +27,29 @@ pub enum DbError {
 
 impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                DbError::Unavailable(e)
-            }
-            other => DbError::Other(other),
-        }
+        if is_unavailable(&e) { DbError::Unavailable(e) } else { DbError::Other(e) }
+    }
+}
+
+/// Whether an error means the database cannot serve now (retry later), rather
+/// than that the request itself failed. A pool reports a failed connect as the
+/// connect's own error, so server-side refusals count here too.
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 53: insufficient resources (too many
+            // connections); 57: operator intervention (shutdown, cancel); 55000: the
+            // database is not accepting connections.
+            code.starts_with("08") || code.starts_with("53") || code.starts_with("57") || code == "55000"
+        }),
+        _ => false,
     }
 }
 
 /// Builds one core's pool. It must be called inside the runtime that will use it:
 /// a pool's connections belong to the runtime that opened them.
-pub fn core_pool(
-    options: &PgConnectOptions,
-    core: usize,
-    size: u32,
-    acquire_timeout: Duration,
-) -> PgPool {
+pub fn core_pool(options: &PgConnectOptions, core: usize, size: u32, acquire_timeout: Duration) -> PgPool {
     PgPoolOptions::new()
         .max_connections(size.max(1))
         .min_connections(size.max(1))
@@ -51,11 +57,7 @@ pub fn core_pool(
         // The pool is this core's alone; checking a connection before each use
         // costs a round trip on the hot path, and a broken one fails its query anyway.
         .test_before_acquire(false)
-        .connect_lazy_with(
-            options
-                .clone()
-                .application_name(&format!("gavel-core-{core}")),
-        )
+        .connect_lazy_with(options.clone().application_name(&format!("gavel-core-{core}")))
 }
 
 /// Applies every pending migration.
@@ -71,22 +73,16 @@ pub async fn migrate(options: &PgConnectOptions) -> Result<(), sqlx::migrate::Mi
 }
 
 /// Creates `database` on the server `options` points at, unless it exists.
-pub async fn ensure_database(
-    options: &PgConnectOptions,
-    database: &str,
-) -> Result<(), sqlx::Error> {
+pub async fn ensure_database(options: &PgConnectOptions, database: &str) -> Result<(), sqlx::Error> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
-    let exists: bool =
-        sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-            .bind(database)
-            .fetch_one(&mut conn)
-            .await?;
+    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
+        .bind(database)
+        .fetch_one(&mut conn)
+        .await?;
     if !exists {
         let quoted = format!("\"{}\"", database.replace('"', "\"\""));
-        sqlx::query(&format!("create database {quoted}"))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(&format!("create database {quoted}")).execute(&mut conn).await?;
     }
     conn.close().await
 }

@@ -89,11 +89,7 @@ pub fn min_next_bid(reserve: i64, min_increment: i64, high_bid: Option<i64>) -> 
 /// The database applies the same rule in `place_bids`; this is its specification.
 pub fn extended_end(ends_at: DateTime<Utc>, extend_secs: i32, now: DateTime<Utc>) -> DateTime<Utc> {
     let window = Duration::seconds(i64::from(extend_secs));
-    if extend_secs > 0 && ends_at - now <= window {
-        ends_at + window
-    } else {
-        ends_at
-    }
+    if extend_secs > 0 && ends_at - now <= window { ends_at + window } else { ends_at }
 }
 
 /// A validated request to create an auction.
@@ -127,17 +123,11 @@ impl NewAuction {
         }
         let reserve_amount = Amount::parse(reserve);
         if reserve_amount.is_none() {
-            errors.push(FieldError::new(
-                "reserve",
-                "must be a positive amount of minor units, at most 10^12",
-            ));
+            errors.push(FieldError::new("reserve", "must be a positive amount of minor units, at most 10^12"));
         }
         let increment = Amount::parse(min_increment);
         if increment.is_none() {
-            errors.push(FieldError::new(
-                "min_increment",
-                "must be a positive amount of minor units, at most 10^12",
-            ));
+            errors.push(FieldError::new("min_increment", "must be a positive amount of minor units, at most 10^12"));
         }
         if ends_at <= starts_at {
             errors.push(FieldError::new("ends_at", "must be after starts_at"));
@@ -201,10 +191,7 @@ mod tests {
 
     #[test]
     fn a_closed_auction_stays_closed() {
-        let a = Auction {
-            closed: true,
-            ..auction()
-        };
+        let a = Auction { closed: true, ..auction() };
         assert_eq!(a.status_at(t(50)), Status::Closed);
     }
 
@@ -230,25 +217,13 @@ mod tests {
     fn new_auction_reports_every_bad_field() {
         let errors = NewAuction::parse("  ", 0, -1, t(10), t(5), Some(99_999), t(0)).unwrap_err();
         let fields: Vec<_> = errors.iter().map(|e| e.field).collect();
-        assert_eq!(
-            fields,
-            [
-                "title",
-                "reserve",
-                "min_increment",
-                "ends_at",
-                "extend_secs"
-            ]
-        );
+        assert_eq!(fields, ["title", "reserve", "min_increment", "ends_at", "extend_secs"]);
     }
 
     #[test]
     fn new_auction_must_end_in_the_future() {
         let errors = NewAuction::parse("x", 1, 1, t(-20), t(-10), None, t(0)).unwrap_err();
-        assert_eq!(
-            errors,
-            vec![FieldError::new("ends_at", "must be in the future")]
-        );
+        assert_eq!(errors, vec![FieldError::new("ends_at", "must be in the future")]);
     }
 
     #[test]

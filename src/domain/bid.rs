@@ -20,17 +20,10 @@ impl NewBid {
         }
         let amount = Amount::parse(amount);
         if amount.is_none() {
-            errors.push(FieldError::new(
-                "amount",
-                "must be a positive amount of minor units, at most 10^12",
-            ));
+            errors.push(FieldError::new("amount", "must be a positive amount of minor units, at most 10^12"));
         }
         match amount {
-            Some(amount) if errors.is_empty() => Ok(NewBid {
-                auction_id,
-                bidder_id,
-                amount,
-            }),
+            Some(amount) if errors.is_empty() => Ok(NewBid { auction_id, bidder_id, amount }),
             _ => Err(errors),
         }
     }
@@ -58,9 +51,7 @@ pub fn check_locally(cached: &Auction, amount: Amount) -> LocalVerdict {
     if cached.closed {
         LocalVerdict::Closed
     } else if amount.get() < cached.min_next_bid() {
-        LocalVerdict::TooLow {
-            min_next_bid: cached.min_next_bid(),
-        }
+        LocalVerdict::TooLow { min_next_bid: cached.min_next_bid() }
     } else {
         LocalVerdict::AskDatabase
     }
@@ -123,34 +114,19 @@ mod tests {
 
     #[test]
     fn below_the_reserve_is_rejected_locally() {
-        assert_eq!(
-            check_locally(&cached(None, false), amount(499)),
-            LocalVerdict::TooLow { min_next_bid: 500 }
-        );
-        assert_eq!(
-            check_locally(&cached(None, false), amount(500)),
-            LocalVerdict::AskDatabase
-        );
+        assert_eq!(check_locally(&cached(None, false), amount(499)), LocalVerdict::TooLow { min_next_bid: 500 });
+        assert_eq!(check_locally(&cached(None, false), amount(500)), LocalVerdict::AskDatabase);
     }
 
     #[test]
     fn below_high_bid_plus_increment_is_rejected_locally() {
-        assert_eq!(
-            check_locally(&cached(Some(600), false), amount(624)),
-            LocalVerdict::TooLow { min_next_bid: 625 }
-        );
-        assert_eq!(
-            check_locally(&cached(Some(600), false), amount(625)),
-            LocalVerdict::AskDatabase
-        );
+        assert_eq!(check_locally(&cached(Some(600), false), amount(624)), LocalVerdict::TooLow { min_next_bid: 625 });
+        assert_eq!(check_locally(&cached(Some(600), false), amount(625)), LocalVerdict::AskDatabase);
     }
 
     #[test]
     fn a_recorded_close_is_final() {
-        assert_eq!(
-            check_locally(&cached(Some(600), true), amount(10_000)),
-            LocalVerdict::Closed
-        );
+        assert_eq!(check_locally(&cached(Some(600), true), amount(10_000)), LocalVerdict::Closed);
     }
 
     #[test]
@@ -165,22 +141,12 @@ mod tests {
         let a = NewBid::parse(1, 10, 1).unwrap();
         let b = NewBid::parse(1, 11, 1).unwrap();
         assert_ne!(a.fingerprint(), b.fingerprint());
-        assert_eq!(
-            a.fingerprint(),
-            NewBid::parse(1, 10, 9).unwrap().fingerprint()
-        );
+        assert_eq!(a.fingerprint(), NewBid::parse(1, 10, 9).unwrap().fingerprint());
     }
 
     #[test]
     fn outcomes_round_trip() {
-        for s in [
-            "accepted",
-            "too_low",
-            "closed",
-            "not_found",
-            "key_mismatch",
-            "key_in_use",
-        ] {
+        for s in ["accepted", "too_low", "closed", "not_found", "key_mismatch", "key_in_use"] {
             assert!(Outcome::parse(s).is_some(), "{s}");
         }
         assert_eq!(Outcome::parse("nope"), None);

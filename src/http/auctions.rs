@@ -122,22 +122,14 @@ struct ReadQuery {
 
 /// From the core's cache while it is live; from the database with
 /// `?consistent=true`, on a miss, or while the cache is recovering.
-async fn get_auction(
-    State(core): State<Arc<Core>>,
-    Id(id): Id,
-    Params(q): Params<ReadQuery>,
-) -> Result<Response> {
+async fn get_auction(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<ReadQuery>) -> Result<Response> {
     let now = Utc::now();
     if !q.consistent
-        && let Some(response) = core
-            .caches
-            .with_live_auction(id, |a| auction_response(StatusCode::OK, a, now))
+        && let Some(response) = core.caches.with_live_auction(id, |a| auction_response(StatusCode::OK, a, now))
     {
         return Ok(response);
     }
-    let auction = db::auctions::get(&core.pool, id)
-        .await?
-        .ok_or(Error::NotFound("no such auction"))?;
+    let auction = db::auctions::get(&core.pool, id).await?.ok_or(Error::NotFound("no such auction"))?;
     let response = auction_response(StatusCode::OK, &auction, now);
     core.caches.apply_auction(auction);
     Ok(response)
@@ -162,24 +154,17 @@ fn page_limit(limit: Option<i64>) -> Result<i64> {
     match limit {
         None => Ok(DEFAULT_PAGE),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        Some(_) => Err(Error::InvalidQuery(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        ))),
+        Some(_) => Err(Error::InvalidQuery(format!("limit must be between 1 and {MAX_PAGE}"))),
     }
 }
 
 /// Auctions by ascending id; keyset pagination with `after`.
-async fn list_auctions(
-    State(core): State<Arc<Core>>,
-    Params(q): Params<ListQuery>,
-) -> Result<Response> {
+async fn list_auctions(State(core): State<Arc<Core>>, Params(q): Params<ListQuery>) -> Result<Response> {
     let limit = page_limit(q.limit)?;
     let after = q.after.unwrap_or(0);
     let auctions = db::auctions::list(&core.pool, q.status, after, limit).await?;
     let now = Utc::now();
-    let next_after = (auctions.len() as i64 == limit)
-        .then(|| auctions.last().map(|a| a.id))
-        .flatten();
+    let next_after = (auctions.len() as i64 == limit).then(|| auctions.last().map(|a| a.id)).flatten();
     let items: Vec<AuctionView<'_>> = auctions.iter().map(|a| AuctionView::of(a, now)).collect();
     Ok(respond::json(StatusCode::OK, &Page { items, next_after }))
 }
@@ -193,23 +178,9 @@ struct BidsQuery {
 
 /// An auction's accepted bids, newest first; `after` is the `next_after` of the
 /// previous page (bids older than it).
-async fn list_bids(
-    State(core): State<Arc<Core>>,
-    Id(id): Id,
-    Params(q): Params<BidsQuery>,
-) -> Result<Response> {
+async fn list_bids(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<BidsQuery>) -> Result<Response> {
     let limit = page_limit(q.limit)?;
-    let bids = db::bids::history(&core.pool, id, q.after, limit)
-        .await?
-        .ok_or(Error::NotFound("no such auction"))?;
-    let next_after = (bids.len() as i64 == limit)
-        .then(|| bids.last().map(|b| b.id))
-        .flatten();
-    Ok(respond::json(
-        StatusCode::OK,
-        &Page {
-            items: bids,
-            next_after,
-        },
-    ))
+    let bids = db::bids::history(&core.pool, id, q.after, limit).await?.ok_or(Error::NotFound("no such auction"))?;
+    let next_after = (bids.len() as i64 == limit).then(|| bids.last().map(|b| b.id)).flatten();
+    Ok(respond::json(StatusCode::OK, &Page { items: bids, next_after }))
 }

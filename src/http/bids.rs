@@ -47,14 +47,10 @@ async fn place_bid(
     IdempotencyKey(key): IdempotencyKey,
     Json(body): Json<PlaceBid>,
 ) -> Result<Response> {
-    let bid = NewBid::parse(body.auction_id, body.amount, bidder.account_id)
-        .map_err(Error::Validation)?;
+    let bid = NewBid::parse(body.auction_id, body.amount, bidder.account_id).map_err(Error::Validation)?;
     // A keyed request always reaches the database, so its first outcome is stored.
     if key.is_none() {
-        match core
-            .caches
-            .with_any_auction(bid.auction_id, |a| check_locally(a, bid.amount))
-        {
+        match core.caches.with_any_auction(bid.auction_id, |a| check_locally(a, bid.amount)) {
             Some(LocalVerdict::TooLow { min_next_bid }) => {
                 return Err(Error::BidTooLow { min_next_bid });
             }
@@ -62,13 +58,7 @@ async fn place_bid(
             Some(LocalVerdict::AskDatabase) | None => {}
         }
     }
-    let result = core
-        .bids
-        .submit(BidRequest {
-            bid,
-            idempotency_key: key,
-        })
-        .await?;
+    let result = core.bids.submit(BidRequest { bid, idempotency_key: key }).await?;
     match result.outcome {
         Outcome::Accepted => {
             if let Some(state) = &result.auction_json
@@ -86,9 +76,7 @@ async fn place_bid(
             };
             Ok(respond::json(StatusCode::CREATED, &placed))
         }
-        Outcome::TooLow => Err(Error::BidTooLow {
-            min_next_bid: result.min_next_bid.unwrap_or_default(),
-        }),
+        Outcome::TooLow => Err(Error::BidTooLow { min_next_bid: result.min_next_bid.unwrap_or_default() }),
         Outcome::Closed => Err(Error::AuctionClosed),
         Outcome::NotFound => Err(Error::NotFound("no such auction")),
         Outcome::KeyMismatch => Err(Error::IdempotencyKeyReused),

@@ -97,68 +97,30 @@ impl Error {
         use StatusCode as S;
         match self {
             Error::MalformedJson => (S::BAD_REQUEST, "/problems/malformed-json", "Malformed JSON"),
-            Error::InvalidBody(_) => (
-                S::UNPROCESSABLE_ENTITY,
-                "/problems/invalid-body",
-                "Invalid request body",
-            ),
-            Error::Validation(_) => (
-                S::UNPROCESSABLE_ENTITY,
-                "/problems/validation",
-                "Invalid field values",
-            ),
-            Error::InvalidQuery(_) => (
-                S::UNPROCESSABLE_ENTITY,
-                "/problems/invalid-query",
-                "Invalid query parameters",
-            ),
-            Error::InvalidIdempotencyKey => (
-                S::UNPROCESSABLE_ENTITY,
-                "/problems/invalid-idempotency-key",
-                "Invalid Idempotency-Key",
-            ),
-            Error::UnsupportedMediaType => (
-                S::UNSUPPORTED_MEDIA_TYPE,
-                "/problems/unsupported-media-type",
-                "Unsupported media type",
-            ),
-            Error::PayloadTooLarge(_) => (
-                S::PAYLOAD_TOO_LARGE,
-                "/problems/payload-too-large",
-                "Payload too large",
-            ),
+            Error::InvalidBody(_) => (S::UNPROCESSABLE_ENTITY, "/problems/invalid-body", "Invalid request body"),
+            Error::Validation(_) => (S::UNPROCESSABLE_ENTITY, "/problems/validation", "Invalid field values"),
+            Error::InvalidQuery(_) => (S::UNPROCESSABLE_ENTITY, "/problems/invalid-query", "Invalid query parameters"),
+            Error::InvalidIdempotencyKey => {
+                (S::UNPROCESSABLE_ENTITY, "/problems/invalid-idempotency-key", "Invalid Idempotency-Key")
+            }
+            Error::UnsupportedMediaType => {
+                (S::UNSUPPORTED_MEDIA_TYPE, "/problems/unsupported-media-type", "Unsupported media type")
+            }
+            Error::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "/problems/payload-too-large", "Payload too large"),
             Error::NotFound(_) => (S::NOT_FOUND, "/problems/not-found", "Not found"),
-            Error::MethodNotAllowed => (
-                S::METHOD_NOT_ALLOWED,
-                "/problems/method-not-allowed",
-                "Method not allowed",
-            ),
+            Error::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "/problems/method-not-allowed", "Method not allowed"),
             Error::Unauthorized(_) => (S::UNAUTHORIZED, "/problems/unauthorized", "Unauthorized"),
             Error::Forbidden(_) => (S::FORBIDDEN, "/problems/forbidden", "Forbidden"),
             Error::BidTooLow { .. } => (S::CONFLICT, "/problems/bid-too-low", "Bid too low"),
             Error::AuctionClosed => (S::CONFLICT, "/problems/auction-closed", "Auction not open"),
-            Error::IdempotencyKeyReused => (
-                S::UNPROCESSABLE_ENTITY,
-                "/problems/idempotency-key-reused",
-                "Idempotency-Key reused",
-            ),
-            Error::IdempotencyKeyInUse => (
-                S::CONFLICT,
-                "/problems/idempotency-key-in-use",
-                "Idempotency-Key in use",
-            ),
+            Error::IdempotencyKeyReused => {
+                (S::UNPROCESSABLE_ENTITY, "/problems/idempotency-key-reused", "Idempotency-Key reused")
+            }
+            Error::IdempotencyKeyInUse => (S::CONFLICT, "/problems/idempotency-key-in-use", "Idempotency-Key in use"),
             Error::Overloaded => (S::SERVICE_UNAVAILABLE, "/problems/overloaded", "Overloaded"),
-            Error::Timeout => (
-                S::SERVICE_UNAVAILABLE,
-                "/problems/timeout",
-                "Request timed out",
-            ),
+            Error::Timeout => (S::SERVICE_UNAVAILABLE, "/problems/timeout", "Request timed out"),
             Error::NotReady(_) => (S::SERVICE_UNAVAILABLE, "/problems/not-ready", "Not ready"),
-            Error::Internal(_) => (
-                S::INTERNAL_SERVER_ERROR,
-                "/problems/internal",
-                "Internal error",
-            ),
+            Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "/problems/internal", "Internal error"),
         }
     }
 }
@@ -197,10 +159,7 @@ impl IntoResponse for Error {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::Unauthorized(_) => {
-                headers.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"gavel\""),
-                );
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"gavel\""));
             }
             _ => {}
         }

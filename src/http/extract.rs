@@ -39,14 +39,47 @@ impl<T: DeserializeOwned> FromRequest<Arc<Core>> for Json<T> {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
+        if declared.is_some_and(|len| len > LINGER_LIMIT as u64) {
+            // Too large even to read away: answer now; the connection closes.
             return Err(Error::PayloadTooLarge(limit));
         }
-        let bytes = axum::body::to_bytes(request.into_body(), limit)
-            .await
-            .map_err(|e| body_error(e, limit))?;
+        let bytes = read_body(request.into_body(), limit).await?;
         parse(&bytes).map(Json)
     }
+}
+
+/// How much of a rejected body is still read (and dropped) before answering 413.
+/// A client still sending its body when the server answers and closes gets a
+/// broken pipe instead of the 413; reading the rest first, up to this bound,
+/// lets it read the answer (nginx's lingering close does the same).
+const LINGER_LIMIT: usize = 1024 * 1024;
+
+/// Reads a body of at most `limit` bytes; one chunk (the usual case for small
+/// bodies) is returned without copying.
+async fn read_body(mut body: axum::body::Body, limit: usize) -> Result<bytes::Bytes, Error> {
+    use http_body_util::BodyExt;
+    let mut chunks: Vec<bytes::Bytes> = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| Error::InvalidBody("the request body could not be read".into()))?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen += data.len();
+        if seen > limit {
+            if seen > LINGER_LIMIT {
+                break;
+            }
+            chunks.clear();
+            continue;
+        }
+        chunks.push(data);
+    }
+    if seen > limit {
+        return Err(Error::PayloadTooLarge(limit));
+    }
+    Ok(match chunks.len() {
+        1 => chunks.pop().unwrap_or_default(),
+        _ => chunks.concat().into(),
+    })
 }
 
 /// Parses a JSON object, telling malformed JSON (400) from wrong shape (422).
@@ -82,18 +115,6 @@ fn not_an_object(bytes: &[u8]) -> Error {
     }
 }
 
-#[cold]
-fn body_error(error: axum::Error, limit: usize) -> Error {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
-    while let Some(e) = source {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return Error::PayloadTooLarge(limit);
-        }
-        source = e.source();
-    }
-    Error::InvalidBody("the request body could not be read".into())
-}
-
 fn is_json(value: Option<&header::HeaderValue>) -> bool {
     let Some(value) = value.and_then(|v| v.to_str().ok()) else {
         return false;
@@ -101,9 +122,7 @@ fn is_json(value: Option<&header::HeaderValue>) -> bool {
     let essence = value.split(';').next().unwrap_or("").trim();
     essence.eq_ignore_ascii_case("application/json")
         || (essence.len() > 5
-            && essence[..essence.len() - 5]
-                .to_ascii_lowercase()
-                .starts_with("application/")
+            && essence[..essence.len() - 5].to_ascii_lowercase().starts_with("application/")
             && essence[essence.len() - 5..].eq_ignore_ascii_case("+json"))
 }
 
@@ -114,19 +133,13 @@ impl FromRequestParts<Arc<Core>> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, core: &Arc<Core>) -> Result<Self, Error> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or(Error::Unauthorized("this route needs a Bearer token"))?;
-        let value = value
-            .to_str()
-            .map_err(|_| Error::Unauthorized("the Authorization header is not readable"))?;
+        let value =
+            parts.headers.get(header::AUTHORIZATION).ok_or(Error::Unauthorized("this route needs a Bearer token"))?;
+        let value = value.to_str().map_err(|_| Error::Unauthorized("the Authorization header is not readable"))?;
         let token = match value.split_once(' ') {
             Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
             _ => {
-                return Err(Error::Unauthorized(
-                    "the Authorization header must be `Bearer <token>`",
-                ));
+                return Err(Error::Unauthorized("the Authorization header must be `Bearer <token>`"));
             }
         };
         core.keys.verify(token).map(Caller).map_err(|e| match e {
@@ -146,16 +159,9 @@ macro_rules! role_extractor {
         impl FromRequestParts<Arc<Core>> for $name {
             type Rejection = Error;
 
-            async fn from_request_parts(
-                parts: &mut Parts,
-                core: &Arc<Core>,
-            ) -> Result<Self, Error> {
+            async fn from_request_parts(parts: &mut Parts, core: &Arc<Core>) -> Result<Self, Error> {
                 let Caller(principal) = Caller::from_request_parts(parts, core).await?;
-                if principal.role == $role {
-                    Ok($name(principal))
-                } else {
-                    Err(Error::Forbidden($message))
-                }
+                if principal.role == $role { Ok($name(principal)) } else { Err(Error::Forbidden($message)) }
             }
         }
     };
@@ -176,15 +182,10 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
             return Ok(IdempotencyKey(None));
         };
         let bytes = value.as_bytes();
-        if bytes.is_empty()
-            || bytes.len() > MAX_IDEMPOTENCY_KEY
-            || !bytes.iter().all(|b| b.is_ascii_graphic())
-        {
+        if bytes.is_empty() || bytes.len() > MAX_IDEMPOTENCY_KEY || !bytes.iter().all(|b| b.is_ascii_graphic()) {
             return Err(Error::InvalidIdempotencyKey);
         }
-        Ok(IdempotencyKey(Some(
-            String::from_utf8_lossy(bytes).into_owned(),
-        )))
+        Ok(IdempotencyKey(Some(String::from_utf8_lossy(bytes).into_owned())))
     }
 }
 
@@ -241,24 +242,12 @@ mod tests {
 
     #[test]
     fn syntax_errors_are_400_and_shape_errors_422() {
-        assert!(matches!(
-            parse::<Bid>(b"{\"amount\": 5"),
-            Err(Error::MalformedJson)
-        ));
+        assert!(matches!(parse::<Bid>(b"{\"amount\": 5"), Err(Error::MalformedJson)));
         assert!(matches!(parse::<Bid>(b""), Err(Error::MalformedJson)));
-        assert!(matches!(
-            parse::<Bid>(b"{\"amount\": \"5\"}"),
-            Err(Error::InvalidBody(_))
-        ));
+        assert!(matches!(parse::<Bid>(b"{\"amount\": \"5\"}"), Err(Error::InvalidBody(_))));
         assert!(matches!(parse::<Bid>(b"[1]"), Err(Error::InvalidBody(_))));
-        assert!(matches!(
-            parse::<Bid>(b"{\"amount\": 5, \"extra\": 1}"),
-            Err(Error::InvalidBody(_))
-        ));
-        assert!(matches!(
-            parse::<Bid>(b" {\"amount\": 5}"),
-            Ok(Bid { amount: 5 })
-        ));
+        assert!(matches!(parse::<Bid>(b"{\"amount\": 5, \"extra\": 1}"), Err(Error::InvalidBody(_))));
+        assert!(matches!(parse::<Bid>(b" {\"amount\": 5}"), Ok(Bid { amount: 5 })));
         assert!(matches!(parse::<Bid>(b"5"), Err(Error::InvalidBody(_))));
     }
 }

@@ -17,9 +17,7 @@ use crate::core::Core;
 const DB_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub(crate) fn router() -> Router<Arc<Core>> {
-    Router::new()
-        .route("/health", get(get_health))
-        .route("/ready", get(get_ready))
+    Router::new().route("/health", get(get_health)).route("/ready", get(get_ready))
 }
 
 #[derive(serde::Serialize)]

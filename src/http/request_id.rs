@@ -43,8 +43,7 @@ fn generate() -> HeaderValue {
         (prefix, n)
     });
     // Hex digits only, so the value is always a valid header.
-    HeaderValue::try_from(format!("{prefix:08x}-{n:x}"))
-        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    HeaderValue::try_from(format!("{prefix:08x}-{n:x}")).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 fn acceptable(value: &HeaderValue) -> bool {
@@ -54,9 +53,7 @@ fn acceptable(value: &HeaderValue) -> bool {
 
 /// The current request's id ("" outside a request).
 pub fn current() -> String {
-    CURRENT
-        .try_with(|v| v.to_str().unwrap_or_default().to_owned())
-        .unwrap_or_default()
+    CURRENT.try_with(|v| v.to_str().unwrap_or_default().to_owned()).unwrap_or_default()
 }
 
 /// Sets the request id, bounds the request's time, and echoes the id.
@@ -97,8 +94,6 @@ mod tests {
         assert!(acceptable(&HeaderValue::from_static("abc-123")));
         assert!(!acceptable(&HeaderValue::from_static("")));
         assert!(!acceptable(&HeaderValue::from_static("has space")));
-        assert!(!acceptable(
-            &HeaderValue::try_from("x".repeat(MAX_LEN + 1)).unwrap()
-        ));
+        assert!(!acceptable(&HeaderValue::try_from("x".repeat(MAX_LEN + 1)).unwrap()));
     }
 }

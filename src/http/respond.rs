@@ -40,17 +40,11 @@ pub fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
 }
 
 /// A JSON response with the given status and content type.
-pub fn json_with<T: Serialize + ?Sized>(
-    status: StatusCode,
-    value: &T,
-    content_type: &'static str,
-) -> Response {
+pub fn json_with<T: Serialize + ?Sized>(status: StatusCode, value: &T, content_type: &'static str) -> Response {
     let body = to_bytes(value);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 

@@ -42,23 +42,13 @@ pub(super) fn run(start: Start) {
     if let Some(id) = start.pin
         && !core_affinity::set_for_current(id)
     {
-        tracing::warn!(
-            core = start.index,
-            cpu = id.id,
-            "could not pin the core thread"
-        );
+        tracing::warn!(core = start.index, cpu = id.id, "could not pin the core thread");
     }
     http::request_id::init_core(start.index);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = start.started.send(Err(format!(
-                "core {}: cannot build its runtime: {e}",
-                start.index
-            )));
+            let _ = start.started.send(Err(format!("core {}: cannot build its runtime: {e}", start.index)));
             return;
         }
     };
@@ -66,77 +56,37 @@ pub(super) fn run(start: Start) {
 }
 
 async fn core_main(start: Start) {
-    let Start {
-        index,
-        pin,
-        listener,
-        config,
-        database,
-        keys,
-        health,
-        shutdown,
-        started,
-    } = start;
+    let Start { index, pin, listener, config, database, keys, health, shutdown, started } = start;
     // The pool is created here, inside this core's runtime: its connections belong
     // to the runtime that opened them.
-    let pool = db::core_pool(
-        &database,
-        index,
-        config.db_conns_per_core,
-        config.db_acquire_timeout,
-    );
+    let pool = db::core_pool(&database, index, config.db_conns_per_core, config.db_acquire_timeout);
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, pool.acquire()).await;
-    if let Err(e) = connected
-        .map_err(|_| "timed out".to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()))
-    {
+    if let Err(e) = connected.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
         let _ = started.send(Err(format!("core {index}: cannot reach the database: {e}")));
         return;
     }
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            let _ = started.send(Err(format!(
-                "core {index}: cannot register its listener: {e}"
-            )));
+            let _ = started.send(Err(format!("core {index}: cannot register its listener: {e}")));
             return;
         }
     };
 
     let caches = Arc::new(Caches::new());
-    let bids = Batcher::spawn(
-        pool.clone(),
-        config.bid_queue_depth,
-        config.max_bid_batch,
-        Box::new(|_| {}),
-    );
+    let bids = Batcher::spawn(pool.clone(), config.bid_queue_depth, config.max_bid_batch, Box::new(|_| {}));
     let core = Arc::new(Core {
         id: index,
         pool: pool.clone(),
         caches: caches.clone(),
         bids,
         keys,
-        limits: Limits {
-            body_limit: config.body_limit,
-            request_timeout: config.request_timeout,
-        },
+        limits: Limits { body_limit: config.body_limit, request_timeout: config.request_timeout },
         health: health.clone(),
     });
-    let listen_task = tokio::spawn(cache::listener::run(
-        index,
-        caches,
-        database,
-        pool.clone(),
-        (),
-        shutdown.clone(),
-    ));
-    let lifecycle_task = (index == 0).then(|| {
-        tokio::spawn(lifecycle(
-            pool.clone(),
-            config.lifecycle_tick,
-            shutdown.clone(),
-        ))
-    });
+    let listen_task = tokio::spawn(cache::listener::run(index, caches, database, pool.clone(), (), shutdown.clone()));
+    let lifecycle_task =
+        (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), config.lifecycle_tick, shutdown.clone())));
 
     tracing::info!(core = index, cpu = pin.map(|p| p.id), "core serving");
     health.core_serving();
@@ -153,16 +103,9 @@ async fn core_main(start: Start) {
 
 /// Accepts connections until shutdown, then lets in-flight requests finish within
 /// the grace period.
-async fn serve(
-    listener: TcpListener,
-    router: Router,
-    config: &Serve,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn serve(listener: TcpListener, router: Router, config: &Serve, mut shutdown: watch::Receiver<bool>) {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .keep_alive(true);
+    http.timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout).keep_alive(true);
     let graceful = GracefulShutdown::new();
     // A connection holds a slot until it closes; with none free the core stops
     // accepting, and new connections wait in the kernel's backlog.
@@ -190,10 +133,7 @@ async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let connection = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
-        );
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

@@ -36,14 +36,10 @@ pub struct Server {
 impl Server {
     /// Starts every core and returns once all of them serve, or with the first
     /// core's error (after stopping the others).
-    pub fn start(
-        config: &Serve,
-        database: PgConnectOptions,
-        keys: Arc<Keys>,
-    ) -> anyhow::Result<Server> {
+    pub fn start(config: &Serve, database: PgConnectOptions, keys: Arc<Keys>) -> anyhow::Result<Server> {
         let cores = config.core_count();
-        let listeners = socket::bind_all(config.listen, cores)
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listeners =
+            socket::bind_all(config.listen, cores).with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listeners[0].local_addr()?;
         let pins = core_affinity::get_core_ids().unwrap_or_default();
         let health = Arc::new(Health::new(cores));
@@ -70,12 +66,7 @@ impl Server {
             threads.push(thread);
         }
         drop(started_tx);
-        let server = Server {
-            local_addr,
-            shutdown,
-            threads,
-            health,
-        };
+        let server = Server { local_addr, shutdown, threads, health };
         for _ in 0..cores {
             match started_rx.recv_timeout(START_TIMEOUT) {
                 Ok(Ok(_)) => {}
@@ -132,12 +123,8 @@ impl Database {
     /// that starts it).
     pub fn open(config: &config::Database, max_connections: u32) -> anyhow::Result<Database> {
         if let Some(url) = &config.database_url {
-            let options = PgConnectOptions::from_str(url)
-                .context("DATABASE_URL is not a valid PostgreSQL URL")?;
-            return Ok(Database {
-                options,
-                cluster: None,
-            });
+            let options = PgConnectOptions::from_str(url).context("DATABASE_URL is not a valid PostgreSQL URL")?;
+            return Ok(Database { options, cluster: None });
         }
         let cluster = embedded::Cluster::start(&embedded::Options {
             data_dir: config.data_dir.clone(),
@@ -150,10 +137,7 @@ impl Database {
             "started the embedded PostgreSQL"
         );
         let options = cluster.connect_options(EMBEDDED_DATABASE);
-        Ok(Database {
-            options,
-            cluster: Some(cluster),
-        })
+        Ok(Database { options, cluster: Some(cluster) })
     }
 
     /// Stops the embedded cluster, if any.
@@ -168,18 +152,14 @@ impl Database {
 
 /// A small runtime for the main thread's own work (migrations, signals).
 fn main_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
 /// Prepares the database for use: creates the embedded database and migrates.
 fn prepare(db: &Database, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     runtime.block_on(async {
         if db.cluster.is_some() {
-            db::ensure_database(&db.options, EMBEDDED_DATABASE)
-                .await
-                .context("cannot create the database")?;
+            db::ensure_database(&db.options, EMBEDDED_DATABASE).await.context("cannot create the database")?;
         }
         db::migrate(&db.options).await.context("migrations failed")
     })

@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{assert_problem, at, spawn_app};
+use crate::helpers::{amounts, assert_problem, at, spawn_app};
 
 /// A first bid must reach the reserve; later ones the high bid plus the increment.
 #[tokio::test]
@@ -13,12 +13,8 @@ async fn bid_below_minimum_is_rejected_with_409_and_the_minimum() {
     let id = a["id"].as_i64().unwrap();
     let bidder = app.bidder(7);
 
-    let body = assert_problem(
-        app.place_bid(&bidder, id, 999).await,
-        StatusCode::CONFLICT,
-        "/problems/bid-too-low",
-    )
-    .await;
+    let body =
+        assert_problem(app.place_bid(&bidder, id, 999).await, StatusCode::CONFLICT, "/problems/bid-too-low").await;
     assert_eq!(body["min_next_bid"], 1000);
 
     let accepted = app.place_bid(&bidder, id, 1000).await;
@@ -28,17 +24,10 @@ async fn bid_below_minimum_is_rejected_with_409_and_the_minimum() {
     assert_eq!(accepted["is_winning"], true);
     assert_eq!(accepted["min_next_bid"], 1050);
 
-    let body = assert_problem(
-        app.place_bid(&bidder, id, 1049).await,
-        StatusCode::CONFLICT,
-        "/problems/bid-too-low",
-    )
-    .await;
+    let body =
+        assert_problem(app.place_bid(&bidder, id, 1049).await, StatusCode::CONFLICT, "/problems/bid-too-low").await;
     assert_eq!(body["min_next_bid"], 1050);
-    assert_eq!(
-        app.place_bid(&bidder, id, 1050).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.place_bid(&bidder, id, 1050).await.status(), StatusCode::CREATED);
 }
 
 /// A stale cache never accepts: a bid above the cached minimum but below the real
@@ -46,33 +35,12 @@ async fn bid_below_minimum_is_rejected_with_409_and_the_minimum() {
 #[tokio::test]
 async fn database_rejects_a_bid_a_stale_cache_would_allow() {
     let app = spawn_app().await;
-    let id = app.open_auction(100, 10, 60.0, 0).await["id"]
-        .as_i64()
-        .unwrap();
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
     // Raise the high bid with triggers off, so no notification tells the caches.
-    let mut conn = app.db.acquire().await.unwrap();
-    sqlx::query("set session_replication_role = replica")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query(
-        "update auctions set high_bid = 500, high_bidder = 9, version = version + 1 where id = $1",
-    )
-    .bind(id)
-    .execute(&mut *conn)
-    .await
-    .unwrap();
-    sqlx::query("reset session_replication_role")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    drop(conn);
-    let body = assert_problem(
-        app.place_bid(&app.bidder(2), id, 200).await,
-        StatusCode::CONFLICT,
-        "/problems/bid-too-low",
-    )
-    .await;
+    app.silently("update auctions set high_bid = 500, high_bidder = 9, version = version + 1 where id = $1", id).await;
+    let body =
+        assert_problem(app.place_bid(&app.bidder(2), id, 200).await, StatusCode::CONFLICT, "/problems/bid-too-low")
+            .await;
     assert_eq!(body["min_next_bid"], 510);
 }
 
@@ -88,65 +56,36 @@ async fn bid_before_the_start_is_rejected_as_closed() {
     let a: Value = response.json().await.unwrap();
     assert_eq!(a["status"], "scheduled");
     let id = a["id"].as_i64().unwrap();
-    assert_problem(
-        app.place_bid(&app.bidder(2), id, 100).await,
-        StatusCode::CONFLICT,
-        "/problems/auction-closed",
-    )
-    .await;
+    assert_problem(app.place_bid(&app.bidder(2), id, 100).await, StatusCode::CONFLICT, "/problems/auction-closed")
+        .await;
 }
 
 #[tokio::test]
 async fn bid_after_the_end_is_rejected_as_closed() {
     let app = spawn_app().await;
-    let id = app.open_auction(100, 10, 0.5, 0).await["id"]
-        .as_i64()
-        .unwrap();
+    let id = app.open_auction(100, 10, 0.5, 0).await["id"].as_i64().unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(700)).await;
-    assert_problem(
-        app.place_bid(&app.bidder(2), id, 100).await,
-        StatusCode::CONFLICT,
-        "/problems/auction-closed",
-    )
-    .await;
+    assert_problem(app.place_bid(&app.bidder(2), id, 100).await, StatusCode::CONFLICT, "/problems/auction-closed")
+        .await;
 }
 
 #[tokio::test]
 async fn bid_on_a_missing_auction_is_404() {
     let app = spawn_app().await;
-    assert_problem(
-        app.place_bid(&app.bidder(2), 424242, 100).await,
-        StatusCode::NOT_FOUND,
-        "/problems/not-found",
-    )
-    .await;
+    assert_problem(app.place_bid(&app.bidder(2), 424242, 100).await, StatusCode::NOT_FOUND, "/problems/not-found")
+        .await;
 }
 
 /// The bidder is the token's subject: the body cannot name one.
 #[tokio::test]
 async fn bidder_comes_from_the_token_never_the_body() {
     let app = spawn_app().await;
-    let id = app.open_auction(100, 10, 60.0, 0).await["id"]
-        .as_i64()
-        .unwrap();
-    let forged = app
-        .post_json(
-            "/api/bids",
-            &app.bidder(5),
-            &json!({"auction_id": id, "amount": 100, "bidder_id": 6}),
-        )
-        .await;
-    assert_problem(
-        forged,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "/problems/invalid-body",
-    )
-    .await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let forged =
+        app.post_json("/api/bids", &app.bidder(5), &json!({"auction_id": id, "amount": 100, "bidder_id": 6})).await;
+    assert_problem(forged, StatusCode::UNPROCESSABLE_ENTITY, "/problems/invalid-body").await;
 
-    assert_eq!(
-        app.place_bid(&app.bidder(5), id, 100).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.place_bid(&app.bidder(5), id, 100).await.status(), StatusCode::CREATED);
     let a = app.auction(id, true).await;
     assert_eq!(a["high_bidder"], 5);
     assert_eq!(app.all_bids(id).await[0]["bidder_id"], 5);
@@ -156,48 +95,16 @@ async fn bidder_comes_from_the_token_never_the_body() {
 #[tokio::test]
 async fn bid_history_is_newest_first_and_paginates() {
     let app = spawn_app().await;
-    let id = app.open_auction(100, 1, 60.0, 0).await["id"]
-        .as_i64()
-        .unwrap();
+    let id = app.open_auction(100, 1, 60.0, 0).await["id"].as_i64().unwrap();
     for amount in 100..105 {
-        assert_eq!(
-            app.place_bid(&app.bidder(3), id, amount).await.status(),
-            StatusCode::CREATED
-        );
+        assert_eq!(app.place_bid(&app.bidder(3), id, amount).await.status(), StatusCode::CREATED);
     }
-    let page: Value = app
-        .get(&format!("/api/auctions/{id}/bids?limit=2"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let amounts: Vec<i64> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["amount"].as_i64().unwrap())
-        .collect();
-    assert_eq!(amounts, [104, 103]);
+    let page: Value = app.get(&format!("/api/auctions/{id}/bids?limit=2")).await.json().await.unwrap();
+    assert_eq!(amounts(&page), [104, 103]);
     let after = page["next_after"].as_i64().unwrap();
-    let page: Value = app
-        .get(&format!("/api/auctions/{id}/bids?limit=2&after={after}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let amounts: Vec<i64> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["amount"].as_i64().unwrap())
-        .collect();
-    assert_eq!(amounts, [102, 101]);
-    let all: Vec<i64> = app
-        .all_bids(id)
-        .await
-        .iter()
-        .map(|b| b["amount"].as_i64().unwrap())
-        .collect();
+    let page: Value = app.get(&format!("/api/auctions/{id}/bids?limit=2&after={after}")).await.json().await.unwrap();
+    assert_eq!(amounts(&page), [102, 101]);
+    let all: Vec<i64> = app.all_bids(id).await.iter().map(|b| b["amount"].as_i64().unwrap()).collect();
     assert_eq!(all, [100, 101, 102, 103, 104]);
     let missing = app.get("/api/auctions/999999/bids").await;
     assert_problem(missing, StatusCode::NOT_FOUND, "/problems/not-found").await;
@@ -213,13 +120,8 @@ async fn auction_reads_carry_version_and_etag() {
     assert_eq!(a["min_next_bid"], 100);
     assert_eq!(a["reserve_met"], false);
 
-    assert_eq!(
-        app.place_bid(&app.bidder(3), id, 150).await.status(),
-        StatusCode::CREATED
-    );
-    let response = app
-        .get(&format!("/api/auctions/{id}?consistent=true"))
-        .await;
+    assert_eq!(app.place_bid(&app.bidder(3), id, 150).await.status(), StatusCode::CREATED);
+    let response = app.get(&format!("/api/auctions/{id}?consistent=true")).await;
     let etag = response.headers()["etag"].to_str().unwrap().to_owned();
     let body: Value = response.json().await.unwrap();
     assert_eq!(etag, format!("\"{}\"", body["version"]));
@@ -239,39 +141,21 @@ async fn auctions_list_filters_by_status_and_paginates() {
         app.open_auction(100, 10, 60.0, 0).await;
     }
     let later = app
-        .create_auction(&json!({"title": "later", "reserve": 1, "min_increment": 1, "starts_at": at(600.0), "ends_at": at(700.0)}))
+        .create_auction(
+            &json!({"title": "later", "reserve": 1, "min_increment": 1, "starts_at": at(600.0), "ends_at": at(700.0)}),
+        )
         .await;
     let later_id = later.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
 
-    let open: Value = app
-        .get("/api/auctions?status=open&limit=2")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let open: Value = app.get("/api/auctions?status=open&limit=2").await.json().await.unwrap();
     assert_eq!(open["items"].as_array().unwrap().len(), 2);
     let after = open["next_after"].as_i64().unwrap();
-    let rest: Value = app
-        .get(&format!("/api/auctions?status=open&limit=2&after={after}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let rest: Value = app.get(&format!("/api/auctions?status=open&limit=2&after={after}")).await.json().await.unwrap();
     assert_eq!(rest["items"].as_array().unwrap().len(), 1);
     assert_eq!(rest["next_after"], Value::Null);
 
-    let scheduled: Value = app
-        .get("/api/auctions?status=scheduled")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let ids: Vec<i64> = scheduled["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["id"].as_i64().unwrap())
-        .collect();
+    let scheduled: Value = app.get("/api/auctions?status=scheduled").await.json().await.unwrap();
+    let ids: Vec<i64> = scheduled["items"].as_array().unwrap().iter().map(|a| a["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [later_id]);
     let all: Value = app.get("/api/auctions").await.json().await.unwrap();
     assert_eq!(all["items"].as_array().unwrap().len(), 4);

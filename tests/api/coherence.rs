@@ -13,11 +13,7 @@ async fn versions_on_fresh_connections(app: &TestApp, id: i64, n: usize) -> Vec<
     let client = fresh_connection_client();
     let mut versions = Vec::with_capacity(n);
     for _ in 0..n {
-        let response = client
-            .get(app.url(&format!("/api/auctions/{id}")))
-            .send()
-            .await
-            .unwrap();
+        let response = client.get(app.url(&format!("/api/auctions/{id}"))).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         let body: Value = response.json().await.unwrap();
         versions.push(body["version"].as_i64().unwrap());
@@ -30,42 +26,18 @@ async fn versions_on_fresh_connections(app: &TestApp, id: i64, n: usize) -> Vec<
 #[tokio::test]
 async fn every_core_sees_a_new_version_promptly() {
     let app = spawn_app().await;
-    let id = app.open_auction(100, 10, 60.0, 0).await["id"]
-        .as_i64()
-        .unwrap();
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
     // Warm every core's cache with the first version.
-    assert!(
-        versions_on_fresh_connections(&app, id, 8)
-            .await
-            .iter()
-            .all(|&v| v == 1)
-    );
+    assert!(versions_on_fresh_connections(&app, id, 8).await.iter().all(|&v| v == 1));
 
     let placed = app.place_bid(&app.bidder(2), id, 100).await;
     assert_eq!(placed.status(), StatusCode::CREATED);
     let expected = app.auction(id, true).await["version"].as_i64().unwrap();
     assert!(expected > 1);
-    eventually(
-        Duration::from_secs(2),
-        "all cores serve the new version",
-        || async {
-            versions_on_fresh_connections(&app, id, 8)
-                .await
-                .iter()
-                .all(|&v| v == expected)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(2), "all cores serve the new version", || async {
+        versions_on_fresh_connections(&app, id, 8).await.iter().all(|&v| v == expected).then_some(())
+    })
     .await;
-}
-
-async fn listener_count(app: &TestApp) -> i64 {
-    sqlx::query_scalar(
-        "select count(*) from pg_stat_activity where application_name like 'gavel-core-%-listen'",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap()
 }
 
 /// Killing every core's LISTEN connection: reads stay correct meanwhile (served
@@ -73,69 +45,28 @@ async fn listener_count(app: &TestApp) -> i64 {
 #[tokio::test]
 async fn caches_recover_after_the_listener_connection_is_killed() {
     let app = spawn_app().await;
-    let id = app.open_auction(100, 10, 60.0, 0).await["id"]
-        .as_i64()
-        .unwrap();
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
     versions_on_fresh_connections(&app, id, 8).await;
-    eventually(
-        Duration::from_secs(5),
-        "both listeners are connected",
-        || async { (listener_count(&app).await == 2).then_some(()) },
-    )
-    .await;
+    app.wait_for_listeners().await;
 
-    let killed: i64 = sqlx::query_scalar(
-        "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
-         where application_name like 'gavel-core-%-listen') t",
-    )
-    .fetch_one(&app.db)
-    .await
-    .unwrap();
-    assert_eq!(killed, 2);
+    assert_eq!(app.kill_listeners().await, 2);
 
     // A change made while the listeners may be down, with nothing announcing it
     // to a core that was not listening: it must not be missed.
-    assert_eq!(
-        app.place_bid(&app.bidder(2), id, 100).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.place_bid(&app.bidder(2), id, 100).await.status(), StatusCode::CREATED);
     let expected = app.auction(id, true).await["version"].as_i64().unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "reads show the change on every core",
-        || async {
-            versions_on_fresh_connections(&app, id, 8)
-                .await
-                .iter()
-                .all(|&v| v == expected)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(5), "reads show the change on every core", || async {
+        versions_on_fresh_connections(&app, id, 8).await.iter().all(|&v| v == expected).then_some(())
+    })
     .await;
-    eventually(
-        Duration::from_secs(5),
-        "the listeners reconnect",
-        || async { (listener_count(&app).await == 2).then_some(()) },
-    )
-    .await;
+    app.wait_for_listeners().await;
 
     // And notifications flow again after the reconnect.
-    assert_eq!(
-        app.place_bid(&app.bidder(3), id, 110).await.status(),
-        StatusCode::CREATED
-    );
+    assert_eq!(app.place_bid(&app.bidder(3), id, 110).await.status(), StatusCode::CREATED);
     let expected = app.auction(id, true).await["version"].as_i64().unwrap();
-    eventually(
-        Duration::from_secs(2),
-        "new changes reach every core",
-        || async {
-            versions_on_fresh_connections(&app, id, 8)
-                .await
-                .iter()
-                .all(|&v| v == expected)
-                .then_some(())
-        },
-    )
+    eventually(Duration::from_secs(2), "new changes reach every core", || async {
+        versions_on_fresh_connections(&app, id, 8).await.iter().all(|&v| v == expected).then_some(())
+    })
     .await;
 }
 
@@ -144,57 +75,22 @@ async fn caches_recover_after_the_listener_connection_is_killed() {
 #[tokio::test]
 async fn a_reconnected_core_reloads_what_it_missed() {
     let app = spawn_app().await;
-    let id = app.open_auction(100, 10, 60.0, 0).await["id"]
-        .as_i64()
-        .unwrap();
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
     versions_on_fresh_connections(&app, id, 8).await;
-    eventually(
-        Duration::from_secs(5),
-        "both listeners are connected",
-        || async { (listener_count(&app).await == 2).then_some(()) },
-    )
-    .await;
-    let mut conn = app.db.acquire().await.unwrap();
-    sqlx::query(
-        "select pg_terminate_backend(pid) from pg_stat_activity where application_name like 'gavel-core-%-listen'",
-    )
-    .execute(&mut *conn)
-    .await
-    .unwrap();
+    app.wait_for_listeners().await;
+    assert_eq!(app.kill_listeners().await, 2);
     // Change the row silently while the listeners are down.
-    sqlx::query("set session_replication_role = replica")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("update auctions set title = 'renamed', version = version + 1 where id = $1")
-        .bind(id)
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    sqlx::query("reset session_replication_role")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "every core serves the silent change",
-        || async {
-            let client = fresh_connection_client();
-            for _ in 0..8 {
-                let body: Value = client
-                    .get(app.url(&format!("/api/auctions/{id}")))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                if body["title"] != "renamed" {
-                    return None;
-                }
+    app.silently("update auctions set title = 'renamed', version = version + 1 where id = $1", id).await;
+    eventually(Duration::from_secs(5), "every core serves the silent change", || async {
+        let client = fresh_connection_client();
+        for _ in 0..8 {
+            let body: Value =
+                client.get(app.url(&format!("/api/auctions/{id}"))).send().await.unwrap().json().await.unwrap();
+            if body["title"] != "renamed" {
+                return None;
             }
-            Some(())
-        },
-    )
+        }
+        Some(())
+    })
     .await;
 }

@@ -18,11 +18,7 @@ async fn concurrent_bidders_keep_every_auction_consistent() {
     let app = spawn_app().await;
     let mut ids = Vec::new();
     for _ in 0..AUCTIONS {
-        ids.push(
-            app.open_auction(100, 5, 120.0, 0).await["id"]
-                .as_i64()
-                .unwrap(),
-        );
+        ids.push(app.open_auction(100, 5, 120.0, 0).await["id"].as_i64().unwrap());
     }
     let mut tasks = Vec::new();
     for client_no in 0..CLIENTS {
@@ -50,11 +46,7 @@ async fn concurrent_bidders_keep_every_auction_consistent() {
                 let body: Value = response.json().await.expect("a JSON body");
                 match status {
                     StatusCode::CREATED => {
-                        accepted.push((
-                            id,
-                            body["bid_id"].as_i64().unwrap(),
-                            body["amount"].as_i64().unwrap(),
-                        ));
+                        accepted.push((id, body["bid_id"].as_i64().unwrap(), body["amount"].as_i64().unwrap()));
                         guess.insert(id, body["min_next_bid"].as_i64().unwrap());
                     }
                     StatusCode::CONFLICT => {
@@ -77,24 +69,13 @@ async fn concurrent_bidders_keep_every_auction_consistent() {
 
     for &id in &ids {
         let history = app.all_bids(id).await;
-        let mut mine: Vec<(i64, i64)> = accepted
-            .iter()
-            .filter(|(a, _, _)| *a == id)
-            .map(|&(_, bid, amount)| (bid, amount))
-            .collect();
+        let mut mine: Vec<(i64, i64)> =
+            accepted.iter().filter(|(a, _, _)| *a == id).map(|&(_, bid, amount)| (bid, amount)).collect();
         mine.sort();
-        let history: Vec<(i64, i64)> = history
-            .iter()
-            .map(|b| (b["id"].as_i64().unwrap(), b["amount"].as_i64().unwrap()))
-            .collect();
-        assert_eq!(
-            history, mine,
-            "auction {id}: the history is exactly the acknowledged bids"
-        );
-        assert!(
-            history.windows(2).all(|w| w[1].1 > w[0].1),
-            "auction {id}: amounts strictly increase: {history:?}"
-        );
+        let history: Vec<(i64, i64)> =
+            history.iter().map(|b| (b["id"].as_i64().unwrap(), b["amount"].as_i64().unwrap())).collect();
+        assert_eq!(history, mine, "auction {id}: the history is exactly the acknowledged bids");
+        assert!(history.windows(2).all(|w| w[1].1 > w[0].1), "auction {id}: amounts strictly increase: {history:?}");
         let auction = app.auction(id, true).await;
         assert_eq!(auction["high_bid"].as_i64(), history.last().map(|b| b.1));
         assert_eq!(auction["bid_count"].as_u64(), Some(history.len() as u64));

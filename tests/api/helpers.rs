@@ -51,32 +51,15 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     // to stop if the thread that started it ends.
     let cluster = start_cluster();
     let options = cluster.connect_options("gavel");
-    gavel::db::ensure_database(&options, "gavel")
-        .await
-        .expect("create database");
+    gavel::db::ensure_database(&options, "gavel").await.expect("create database");
     gavel::db::migrate(&options).await.expect("migrate");
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--cores",
-        "2",
-        "--lifecycle-tick",
-        "50ms",
-    ];
+    let mut args = vec!["--listen", "127.0.0.1:0", "--cores", "2", "--lifecycle-tick", "50ms"];
     args.extend_from_slice(flags);
     let config = Serve::from_flags(args).expect("test flags parse");
     let keys = Keys::new(SECRET.as_bytes()).unwrap();
-    let server = Server::start(
-        &config,
-        options.clone(),
-        Arc::new(Keys::new(SECRET.as_bytes()).unwrap()),
-    )
-    .expect("server starts");
-    let db = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(options.clone())
-        .await
-        .expect("test pool");
+    let server = Server::start(&config, options.clone(), Arc::new(Keys::new(SECRET.as_bytes()).unwrap()))
+        .expect("server starts");
+    let db = PgPoolOptions::new().max_connections(4).connect_with(options.clone()).await.expect("test pool");
     TestApp {
         addr: server.local_addr(),
         client: reqwest::Client::new(),
@@ -103,16 +86,12 @@ pub fn start_cluster() -> Cluster {
 /// A client that opens a new connection for every request, so requests spread
 /// over the cores as the kernel hashes new connections.
 pub fn fresh_connection_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap()
+    reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap()
 }
 
 /// RFC 3339 for a time `secs` seconds from now (negative: in the past).
 pub fn at(secs: f64) -> String {
-    (Utc::now() + chrono::Duration::milliseconds((secs * 1000.0) as i64))
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
+    (Utc::now() + chrono::Duration::milliseconds((secs * 1000.0) as i64)).to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 impl TestApp {
@@ -140,21 +119,20 @@ impl TestApp {
     }
 
     pub async fn post_json(&self, path: &str, token: &str, body: &Value) -> Response {
-        self.client
-            .post(self.url(path))
-            .bearer_auth(token)
-            .json(body)
-            .send()
-            .await
-            .expect("request")
+        self.client.post(self.url(path)).bearer_auth(token).json(body).send().await.expect("request")
+    }
+
+    /// A POST with a body as given: any content type (or none), any bytes.
+    pub async fn post_raw(&self, path: &str, token: &str, content_type: Option<&str>, body: reqwest::Body) -> Response {
+        let mut request = self.client.post(self.url(path)).bearer_auth(token).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send().await.expect("request")
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        self.client
-            .get(self.url(path))
-            .send()
-            .await
-            .expect("request")
+        self.client.get(self.url(path)).send().await.expect("request")
     }
 
     pub async fn create_auction(&self, body: &Value) -> Response {
@@ -162,13 +140,7 @@ impl TestApp {
     }
 
     /// An auction that is open now and ends in `ends_in` seconds.
-    pub async fn open_auction(
-        &self,
-        reserve: i64,
-        min_increment: i64,
-        ends_in: f64,
-        extend_secs: i64,
-    ) -> Value {
+    pub async fn open_auction(&self, reserve: i64, min_increment: i64, ends_in: f64, extend_secs: i64) -> Value {
         let body = json!({
             "title": "lot", "reserve": reserve, "min_increment": min_increment,
             "starts_at": at(-1.0), "ends_at": at(ends_in), "extend_secs": extend_secs,
@@ -179,23 +151,51 @@ impl TestApp {
     }
 
     pub async fn place_bid(&self, bidder: &str, auction_id: i64, amount: i64) -> Response {
-        self.post_json(
-            "/api/bids",
-            bidder,
-            &json!({"auction_id": auction_id, "amount": amount}),
-        )
-        .await
+        self.post_json("/api/bids", bidder, &json!({"auction_id": auction_id, "amount": amount})).await
     }
 
     pub async fn auction(&self, id: i64, consistent: bool) -> Value {
-        let path = if consistent {
-            format!("/api/auctions/{id}?consistent=true")
-        } else {
-            format!("/api/auctions/{id}")
-        };
+        let path =
+            if consistent { format!("/api/auctions/{id}?consistent=true") } else { format!("/api/auctions/{id}") };
         let response = self.get(&path).await;
         assert_eq!(response.status(), StatusCode::OK);
         response.json().await.unwrap()
+    }
+
+    /// How many cores' LISTEN connections are up.
+    pub async fn listener_count(&self) -> i64 {
+        sqlx::query_scalar("select count(*) from pg_stat_activity where application_name like 'gavel-core-%-listen'")
+            .fetch_one(&self.db)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until every core (two) has its LISTEN connection.
+    pub async fn wait_for_listeners(&self) {
+        eventually(Duration::from_secs(5), "both listeners are connected", || async {
+            (self.listener_count().await == 2).then_some(())
+        })
+        .await;
+    }
+
+    /// Terminates every core's LISTEN connection; returns how many were killed.
+    pub async fn kill_listeners(&self) -> i64 {
+        sqlx::query_scalar(
+            "select count(*) from (select pg_terminate_backend(pid) from pg_stat_activity \
+             where application_name like 'gavel-core-%-listen') t",
+        )
+        .fetch_one(&self.db)
+        .await
+        .unwrap()
+    }
+
+    /// Runs `sql` (with `$1` = `id`) with triggers off, so no notification tells
+    /// the caches about it.
+    pub async fn silently(&self, sql: &str, id: i64) {
+        let mut conn = self.db.acquire().await.unwrap();
+        sqlx::query("set session_replication_role = replica").execute(&mut *conn).await.unwrap();
+        sqlx::query(sql).bind(id).execute(&mut *conn).await.unwrap();
+        sqlx::query("reset session_replication_role").execute(&mut *conn).await.unwrap();
     }
 
     /// Every accepted bid of an auction, oldest first, following pagination.
@@ -219,29 +219,27 @@ impl TestApp {
     }
 }
 
+/// The `amount` of each item of a page.
+pub fn amounts(page: &Value) -> Vec<i64> {
+    page["items"].as_array().unwrap().iter().map(|b| b["amount"].as_i64().unwrap()).collect()
+}
+
+/// The `field` of each entry of a validation problem's `errors`.
+pub fn invalid_fields(problem: &Value) -> Vec<String> {
+    problem["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap().to_owned()).collect()
+}
+
 /// Asserts a problem+json response and returns its body.
 pub async fn assert_problem(response: Response, status: StatusCode, kind: &str) -> Value {
     assert_eq!(response.status(), status, "status");
-    let content_type = response.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
     assert_eq!(content_type, "application/problem+json");
-    let request_id = response.headers()["x-request-id"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
     let body: Value = response.json().await.expect("problem body is JSON");
     assert_eq!(body["type"], kind, "{body}");
     assert_eq!(body["status"], status.as_u16(), "{body}");
-    assert!(
-        body["title"].is_string() && body["detail"].is_string(),
-        "{body}"
-    );
-    assert_eq!(
-        body["request_id"], request_id,
-        "problem quotes the response's request id"
-    );
+    assert!(body["title"].is_string() && body["detail"].is_string(), "{body}");
+    assert_eq!(body["request_id"], request_id, "problem quotes the response's request id");
     body
 }
 

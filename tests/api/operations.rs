@@ -27,13 +27,8 @@ async fn ready_is_503_while_the_database_is_unreachable() {
     // Refuse new connections to the database and kill the server's existing ones
     // (from another database: a session cannot lock out its own).
     use sqlx::Connection;
-    let mut admin = sqlx::PgConnection::connect_with(&app.options.clone().database("postgres"))
-        .await
-        .unwrap();
-    sqlx::query("alter database gavel allow_connections false")
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let mut admin = sqlx::PgConnection::connect_with(&app.options.clone().database("postgres")).await.unwrap();
+    sqlx::query("alter database gavel allow_connections false").execute(&mut admin).await.unwrap();
     sqlx::query("select pg_terminate_backend(pid) from pg_stat_activity where application_name like 'gavel-core-%'")
         .execute(&mut admin)
         .await
@@ -44,12 +39,7 @@ async fn ready_is_503_while_the_database_is_unreachable() {
         let response = client.get(app.url("/ready")).send().await.unwrap();
         if response.status() == StatusCode::SERVICE_UNAVAILABLE {
             assert!(response.headers().contains_key("retry-after"));
-            assert_problem(
-                response,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "/problems/not-ready",
-            )
-            .await;
+            assert_problem(response, StatusCode::SERVICE_UNAVAILABLE, "/problems/not-ready").await;
             saw_503 = true;
             break;
         }
@@ -57,19 +47,11 @@ async fn ready_is_503_while_the_database_is_unreachable() {
     }
     assert!(saw_503, "ready never reported the database as gone");
     // Reads that need the database are shed with 503, not hung and not 500.
-    let read = client
-        .get(app.url("/api/auctions/1?consistent=true"))
-        .send()
-        .await
-        .unwrap();
+    let read = client.get(app.url("/api/auctions/1?consistent=true")).send().await.unwrap();
     assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
-    sqlx::query("alter database gavel allow_connections true")
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    sqlx::query("alter database gavel allow_connections true").execute(&mut admin).await.unwrap();
     crate::helpers::eventually(Duration::from_secs(5), "ready again", || async {
-        (client.get(app.url("/ready")).send().await.unwrap().status() == StatusCode::OK)
-            .then_some(())
+        (client.get(app.url("/ready")).send().await.unwrap().status() == StatusCode::OK).then_some(())
     })
     .await;
 }
@@ -82,25 +64,16 @@ async fn silent_and_idle_connections_are_closed() {
     let addr = app.addr;
     tokio::task::spawn_blocking(move || {
         let mut silent = TcpStream::connect(addr).unwrap();
-        silent
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        silent.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let started = Instant::now();
         let mut buf = [0u8; 256];
         let n = silent.read(&mut buf).unwrap_or(0);
-        assert!(
-            n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"),
-            "closed, not answered"
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "closed by the server, not by our timeout"
-        );
+        assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"), "closed, not answered");
+        assert!(started.elapsed() < Duration::from_secs(4), "closed by the server, not by our timeout");
 
         let mut idle = TcpStream::connect(addr).unwrap();
         idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        idle.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
-            .unwrap();
+        idle.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
         let mut response = Vec::new();
         let mut buf = [0u8; 1024];
         let started = Instant::now();
@@ -139,10 +112,7 @@ async fn trickled_headers_are_cut_off() {
         let mut buf = [0u8; 256];
         let n = slow.read(&mut buf).unwrap_or(0);
         assert!(n == 0 || !String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
-        assert!(
-            started.elapsed() < Duration::from_secs(4),
-            "the server cut the connection"
-        );
+        assert!(started.elapsed() < Duration::from_secs(4), "the server cut the connection");
     })
     .await
     .unwrap();
@@ -166,15 +136,7 @@ async fn ready_is_503_while_draining() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_drains_and_exits_cleanly() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gavel"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--cores",
-            "2",
-            "--log-format",
-            "json",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--cores", "2", "--log-format", "json"])
         .env("GAVEL_JWT_SECRET", crate::helpers::SECRET)
         .env_remove("DATABASE_URL")
         .env_remove("GAVEL_DATA_DIR")
@@ -201,37 +163,24 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
                 break;
             }
         }
-        (
-            addr.expect("gavel logged its address"),
-            data_dir.expect("gavel logged its data dir"),
-            lines,
-        )
+        (addr.expect("gavel logged its address"), data_dir.expect("gavel logged its data dir"), lines)
     })
     .await
     .unwrap();
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    let postmaster_pid: i32 = std::fs::read_to_string(format!("{data_dir}/postmaster.pid"))
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let postmaster_pid: i32 =
+        std::fs::read_to_string(format!("{data_dir}/postmaster.pid")).unwrap().lines().next().unwrap().parse().unwrap();
 
     let base = format!("http://{addr}");
     let keys = gavel::auth::Keys::new(crate::helpers::SECRET.as_bytes()).unwrap();
-    let seller = keys
-        .mint(1, gavel::auth::Role::Seller, Duration::from_secs(60))
-        .0;
+    let seller = keys.mint(1, gavel::auth::Role::Seller, Duration::from_secs(60)).0;
     let client = reqwest::Client::new();
     let auction: Value = client
         .post(format!("{base}/api/auctions"))
         .bearer_auth(&seller)
-        .json(
-            &serde_json::json!({"title": "t", "reserve": 1, "min_increment": 1,
-            "starts_at": crate::helpers::at(-1.0), "ends_at": crate::helpers::at(60.0)}),
-        )
+        .json(&serde_json::json!({"title": "t", "reserve": 1, "min_increment": 1,
+            "starts_at": crate::helpers::at(-1.0), "ends_at": crate::helpers::at(60.0)}))
         .send()
         .await
         .unwrap()
@@ -244,9 +193,7 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
     let mut load = Vec::new();
     for n in 0..8i64 {
         let (base, stop) = (base.clone(), stop.clone());
-        let bidder = keys
-            .mint(10 + n, gavel::auth::Role::Bidder, Duration::from_secs(60))
-            .0;
+        let bidder = keys.mint(10 + n, gavel::auth::Role::Bidder, Duration::from_secs(60)).0;
         load.push(tokio::spawn(async move {
             let client = reqwest::Client::new();
             let (mut complete, mut server_errors) = (0u32, 0u32);
@@ -267,10 +214,7 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
                     // A response that started must arrive whole.
                     Ok(response) => {
                         let status = response.status();
-                        response
-                            .bytes()
-                            .await
-                            .expect("a started response completes");
+                        response.bytes().await.expect("a started response completes");
                         complete += 1;
                         if status.is_server_error() {
                             server_errors += 1;
@@ -285,21 +229,14 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let exit = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "gavel did not exit after SIGTERM"
-            );
+            assert!(Instant::now() < deadline, "gavel did not exit after SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     })
@@ -314,13 +251,9 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
     }
     assert!(total > 0, "the load ran");
     assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
-    let postgres_alive =
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(postmaster_pid), None).is_ok();
+    let postgres_alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(postmaster_pid), None).is_ok();
     assert!(!postgres_alive, "the embedded PostgreSQL was left running");
-    assert!(
-        !std::path::Path::new(&data_dir).exists(),
-        "the ephemeral data directory was left behind"
-    );
+    assert!(!std::path::Path::new(&data_dir).exists(), "the ephemeral data directory was left behind");
 }
 
 /// Without PostgreSQL binaries, `gavel serve` says which package to install.
