@@ -25,6 +25,15 @@ pub enum Role {
 }
 
 impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "bidder" => Some(Role::Bidder),
+            "seller" => Some(Role::Seller),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Bidder => "bidder",
@@ -63,6 +72,29 @@ pub enum TokenError {
 #[derive(Debug, thiserror::Error)]
 #[error("the token secret must be at least {MIN_SECRET_LEN} bytes")]
 pub struct WeakSecret;
+
+/// Hashes a password with Argon2id (the `argon2` crate's defaults: 19 MiB, two
+/// passes, OWASP's recommendation). Slow on purpose: call it off the core's thread.
+pub fn hash_password(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+    let salt = SaltString::generate(&mut OsRng);
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters accepts any password")
+        .to_string()
+}
+
+/// Checks a password against a stored hash. Without a stored hash (an unknown
+/// e-mail) it checks against a fixed dummy, so both cases take the same time and
+/// a caller cannot tell them apart.
+pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let dummy = DUMMY.get_or_init(|| hash_password("gavel-dummy-password"));
+    let Ok(parsed) = PasswordHash::new(stored.unwrap_or(dummy)) else { return false };
+    let matches = argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
+    matches && stored.is_some()
+}
 
 /// Signing and verification keys for one secret.
 pub struct Keys {
@@ -176,6 +208,16 @@ mod tests {
             format!("{}.{}.{}", token.split('.').next().unwrap(), seller_payload, token.split('.').nth(2).unwrap());
         assert_eq!(k.verify(&forged), Err(TokenError::Invalid));
         assert_eq!(k.verify("not a token"), Err(TokenError::Invalid));
+    }
+
+    #[test]
+    fn passwords_verify_only_against_their_own_hash() {
+        let hash = hash_password("correct horse");
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse", Some(&hash)));
+        assert!(!verify_password("wrong horse", Some(&hash)));
+        assert!(!verify_password("correct horse", None));
+        assert!(!verify_password("correct horse", Some("not a hash")));
     }
 
     #[test]

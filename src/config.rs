@@ -120,6 +120,10 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_LIFECYCLE_TICK", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub lifecycle_tick: Duration,
 
+    /// Lifetime of the token and cookie a log-in returns.
+    #[arg(long, env = "GAVEL_SESSION_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub session_ttl: Duration,
+
     /// Log format: JSON for machines, human-readable for terminals; auto picks by
     /// whether standard error is a terminal.
     #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]

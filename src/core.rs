@@ -19,7 +19,13 @@ use crate::db::bids::Batcher;
 pub struct Limits {
     pub body_limit: usize,
     pub request_timeout: Duration,
+    pub session_ttl: Duration,
 }
+
+/// Password hashes a core may compute at once. Each Argon2id hash takes 19 MiB
+/// and tens of milliseconds of a blocking thread; one per core keeps a burst of
+/// log-ins from eating memory, and they queue (within the request timeout).
+pub const HASHES_PER_CORE: usize = 1;
 
 /// Process-wide readiness, read by `GET /ready` and written at start and shutdown.
 /// Shared by all cores, but never touched on the hot path.
@@ -63,4 +69,6 @@ pub struct Core {
     pub keys: Arc<Keys>,
     pub limits: Limits,
     pub health: Arc<Health>,
+    /// Bounds this core's concurrent password hashing (see [`HASHES_PER_CORE`]).
+    pub hashing: tokio::sync::Semaphore,
 }

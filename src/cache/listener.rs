@@ -102,17 +102,22 @@ async fn listen_once(
     }
 }
 
-/// Refreshes every cached auction from the database.
+/// Refreshes everything cached from the database.
 async fn reload(caches: &Caches, pool: &PgPool) -> Result<(), sqlx::Error> {
-    let ids = caches.auction_ids();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let fresh = db::auctions::get_many(pool, &ids).await.map_err(|e| match e {
+    let unwrap = |e: db::DbError| match e {
         db::DbError::Unavailable(e) | db::DbError::Other(e) => e,
-    })?;
-    for auction in fresh {
-        caches.apply_auction(auction);
+        db::DbError::UnknownAccount => sqlx::Error::Protocol("a reload read named a missing account".into()),
+    };
+    let (ids, skus) = caches.keys();
+    if !ids.is_empty() {
+        for auction in db::auctions::get_many(pool, &ids).await.map_err(unwrap)? {
+            caches.apply_auction(auction);
+        }
+    }
+    if !skus.is_empty() {
+        for item in db::inventory::get_many(pool, &skus).await.map_err(unwrap)? {
+            caches.apply_item(item);
+        }
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use std::sync::{Mutex, MutexGuard};
 use chrono::DateTime;
 use serde::Deserialize;
 
+use crate::db::inventory::Item;
 use crate::domain::auction::Auction;
 
 /// What applying an update did.
@@ -34,6 +35,35 @@ pub enum Applied {
 struct Inner {
     live: bool,
     auctions: HashMap<i64, Auction>,
+    inventory: HashMap<String, Item>,
+}
+
+/// A cached row: anything with a key and a version.
+trait Versioned {
+    fn version(&self) -> i64;
+}
+
+impl Versioned for Auction {
+    fn version(&self) -> i64 {
+        self.version
+    }
+}
+
+impl Versioned for Item {
+    fn version(&self) -> i64 {
+        self.version
+    }
+}
+
+/// The one rule of every cache: store `value` unless a newer or equal version is held.
+fn apply<K: std::hash::Hash + Eq, V: Versioned>(map: &mut HashMap<K, V>, key: K, value: V) -> Applied {
+    match map.get(&key) {
+        Some(held) if held.version() >= value.version() => Applied::Stale,
+        _ => {
+            map.insert(key, value);
+            Applied::Newer
+        }
+    }
 }
 
 /// One core's caches.
@@ -45,7 +75,11 @@ pub struct Caches {
 impl std::fmt::Debug for Caches {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let inner = self.lock();
-        f.debug_struct("Caches").field("live", &inner.live).field("auctions", &inner.auctions.len()).finish()
+        f.debug_struct("Caches")
+            .field("live", &inner.live)
+            .field("auctions", &inner.auctions.len())
+            .field("inventory", &inner.inventory.len())
+            .finish()
     }
 }
 
@@ -87,29 +121,41 @@ impl Caches {
 
     /// Stores `auction` unless a newer or equal version is held.
     pub fn apply_auction(&self, auction: Auction) -> Applied {
-        let mut inner = self.lock();
-        match inner.auctions.get(&auction.id) {
-            Some(held) if held.version >= auction.version => Applied::Stale,
-            _ => {
-                inner.auctions.insert(auction.id, auction);
-                Applied::Newer
-            }
-        }
+        apply(&mut self.lock().auctions, auction.id, auction)
     }
 
-    /// Applies one notification payload (the `auction_json` format).
+    /// Runs `f` on the cached stock of `sku`, if the cache is live and holds it.
+    pub fn with_live_item<R>(&self, sku: &str, f: impl FnOnce(&Item) -> R) -> Option<R> {
+        let inner = self.lock();
+        if !inner.live {
+            return None;
+        }
+        inner.inventory.get(sku).map(f)
+    }
+
+    /// Stores `item` unless a newer or equal version is held.
+    pub fn apply_item(&self, item: Item) -> Applied {
+        apply(&mut self.lock().inventory, item.sku.clone(), item)
+    }
+
+    /// Applies one notification payload (the `auction_json` or `inventory_json`
+    /// format).
     pub fn apply_payload(&self, payload: &str) -> Result<Applied, NoticeError> {
-        match parse_notice(payload)? {
-            Notice::Auction(a) => Ok(self.apply_auction(a)),
-        }
+        Ok(match parse_notice(payload)? {
+            Notice::Auction(a) => self.apply_auction(a),
+            Notice::Inventory(i) => self.apply_item(i),
+        })
     }
 
-    pub fn auction_ids(&self) -> Vec<i64> {
-        self.lock().auctions.keys().copied().collect()
+    /// The keys of everything cached, for a reload.
+    pub fn keys(&self) -> (Vec<i64>, Vec<String>) {
+        let inner = self.lock();
+        (inner.auctions.keys().copied().collect(), inner.inventory.keys().cloned().collect())
     }
 
     pub fn len(&self) -> usize {
-        self.lock().auctions.len()
+        let inner = self.lock();
+        inner.auctions.len() + inner.inventory.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -126,12 +172,24 @@ pub struct NoticeError(String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     Auction(Auction),
+    Inventory(Item),
 }
 
 #[derive(Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 enum RawNotice {
     Auction(RawAuction),
+    Inventory(RawItem),
+}
+
+#[derive(Deserialize)]
+struct RawItem {
+    sku: String,
+    seller_id: i64,
+    title: String,
+    available: i64,
+    reserved: i64,
+    version: i64,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +236,14 @@ pub fn parse_notice(payload: &str) -> Result<Notice, NoticeError> {
                 version: r.version,
             }))
         }
+        RawNotice::Inventory(r) => Ok(Notice::Inventory(Item {
+            sku: r.sku,
+            seller_id: r.seller_id,
+            title: r.title,
+            available: r.available,
+            reserved: r.reserved,
+            version: r.version,
+        })),
     }
 }
 
@@ -225,8 +291,22 @@ mod tests {
     }
 
     #[test]
+    fn inventory_versions_follow_the_same_rule() {
+        let c = Caches::new();
+        c.set_live(true);
+        let item = |version: i64, available: i64| {
+            serde_json::json!({"kind": "inventory", "at_us": 1, "sku": "A-1", "seller_id": 1, "title": "apples",
+                "available": available, "reserved": 0, "version": version})
+            .to_string()
+        };
+        assert_eq!(c.apply_payload(&item(2, 5)).unwrap(), Applied::Newer);
+        assert_eq!(c.apply_payload(&item(1, 9)).unwrap(), Applied::Stale);
+        assert_eq!(c.with_live_item("A-1", |i| i.available), Some(5));
+    }
+
+    #[test]
     fn timestamps_travel_as_microseconds() {
-        let Notice::Auction(a) = parse_notice(&payload(1, None)).unwrap();
+        let Ok(Notice::Auction(a)) = parse_notice(&payload(1, None)) else { panic!("not an auction") };
         assert_eq!(a.starts_at.timestamp(), 1_700_000_000);
         assert_eq!((a.ends_at - a.starts_at).num_seconds(), 100);
     }

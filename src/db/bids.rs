@@ -108,6 +108,7 @@ async fn run(pool: PgPool, mut rx: mpsc::Receiver<Pending>, max_batch: usize, ob
                 for pending in batch.drain(..) {
                     let _ = pending.reply.send(Err(match &e {
                         DbError::Unavailable(_) => DbError::Unavailable(sqlx::Error::PoolTimedOut),
+                        DbError::UnknownAccount => DbError::UnknownAccount,
                         DbError::Other(_) => DbError::Other(sqlx::Error::Protocol("bid batch failed".into())),
                     }));
                 }

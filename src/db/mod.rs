@@ -1,8 +1,11 @@
 //! Queries per resource, write batching, the embedded PostgreSQL and migrations.
 
+pub mod accounts;
 pub mod auctions;
 pub mod bids;
 pub mod embedded;
+pub mod inventory;
+pub mod orders;
 
 use std::time::Duration;
 
@@ -20,6 +23,10 @@ pub enum DbError {
     /// No connection could be had in time, or the pool is closing: shed with 503.
     #[error("database busy: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// A write named an account that does not exist (a token for a missing
+    /// account): the client gets 401.
+    #[error("the account does not exist")]
+    UnknownAccount,
     /// Anything else: logged, and the client gets a generic 500.
     #[error("database error: {0}")]
     Other(#[source] sqlx::Error),
@@ -27,8 +34,24 @@ pub enum DbError {
 
 impl From<sqlx::Error> for DbError {
     fn from(e: sqlx::Error) -> Self {
-        if is_unavailable(&e) { DbError::Unavailable(e) } else { DbError::Other(e) }
+        if is_unavailable(&e) {
+            DbError::Unavailable(e)
+        } else if names_missing_account(&e) {
+            DbError::UnknownAccount
+        } else {
+            DbError::Other(e)
+        }
     }
+}
+
+/// Whether a write failed on a foreign key to `accounts` (the constraints are
+/// named `<table>_<seller|bidder|buyer>_id_fkey` on purpose).
+fn names_missing_account(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else { return false };
+    db.code().as_deref() == Some("23503")
+        && db.constraint().is_some_and(|c| {
+            c.ends_with("_seller_id_fkey") || c.ends_with("_bidder_id_fkey") || c.ends_with("_buyer_id_fkey")
+        })
 }
 
 /// Whether an error means the database cannot serve now (retry later), rather

@@ -68,6 +68,8 @@ pub enum Outcome {
     KeyMismatch,
     /// The idempotency key's first request is still being processed.
     KeyInUse,
+    /// The token names an account that does not exist.
+    UnknownAccount,
 }
 
 impl Outcome {
@@ -79,6 +81,7 @@ impl Outcome {
             "not_found" => Outcome::NotFound,
             "key_mismatch" => Outcome::KeyMismatch,
             "key_in_use" => Outcome::KeyInUse,
+            "unknown_account" => Outcome::UnknownAccount,
             _ => return None,
         })
     }
@@ -146,7 +149,7 @@ mod tests {
 
     #[test]
     fn outcomes_round_trip() {
-        for s in ["accepted", "too_low", "closed", "not_found", "key_mismatch", "key_in_use"] {
+        for s in ["accepted", "too_low", "closed", "not_found", "key_mismatch", "key_in_use", "unknown_account"] {
             assert!(Outcome::parse(s).is_some(), "{s}");
         }
         assert_eq!(Outcome::parse("nope"), None);

@@ -113,11 +113,12 @@ async fn create_auction(
     Ok(response)
 }
 
+/// `?consistent=true`: read the database, not the core's cache.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ReadQuery {
+pub(crate) struct ReadQuery {
     #[serde(default)]
-    consistent: bool,
+    pub(crate) consistent: bool,
 }
 
 /// From the core's cache while it is live; from the database with
@@ -143,14 +144,15 @@ struct ListQuery {
     limit: Option<i64>,
 }
 
+/// One page of a keyset-paginated list.
 #[derive(Serialize)]
-struct Page<T> {
-    items: Vec<T>,
+pub(crate) struct Page<T, A> {
+    pub(crate) items: Vec<T>,
     /// Pass as `after` to get the next page; null on the last page.
-    next_after: Option<i64>,
+    pub(crate) next_after: Option<A>,
 }
 
-fn page_limit(limit: Option<i64>) -> Result<i64> {
+pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64> {
     match limit {
         None => Ok(DEFAULT_PAGE),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),

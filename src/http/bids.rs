@@ -81,5 +81,6 @@ async fn place_bid(
         Outcome::NotFound => Err(Error::NotFound("no such auction")),
         Outcome::KeyMismatch => Err(Error::IdempotencyKeyReused),
         Outcome::KeyInUse => Err(Error::IdempotencyKeyInUse),
+        Outcome::UnknownAccount => Err(Error::Unauthorized("the token's account does not exist")),
     }
 }

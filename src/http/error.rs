@@ -55,6 +55,21 @@ pub enum Error {
     /// 409 `/problems/bid-too-low`: carries the minimum that would be accepted.
     #[error("the bid is below the minimum next bid of {min_next_bid}")]
     BidTooLow { min_next_bid: i64 },
+    /// 409 `/problems/email-taken`: an account with this e-mail exists.
+    #[error("an account with this e-mail address exists")]
+    EmailTaken,
+    /// 401 `/problems/invalid-credentials`: wrong e-mail or password (never which).
+    #[error("the e-mail address or password is wrong")]
+    InvalidCredentials,
+    /// 409 `/problems/insufficient-stock`: names the sku and what it has.
+    #[error("not enough stock of {sku}: {available} available")]
+    InsufficientStock { sku: String, available: i64 },
+    /// 422 `/problems/unknown-sku`: an order line names no existing sku.
+    #[error("no such sku: {0}")]
+    UnknownSku(String),
+    /// 409 `/problems/order-state`: the order is no longer reserved.
+    #[error("the order is {0} and cannot change")]
+    OrderState(&'static str),
     /// 409 `/problems/auction-closed`: not open yet, or already closed.
     #[error("the auction is not open for bids")]
     AuctionClosed,
@@ -90,6 +105,10 @@ struct Problem<'a> {
     min_next_bid: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     errors: Option<&'a [FieldError]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sku: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    available: Option<i64>,
 }
 
 impl Error {
@@ -113,6 +132,11 @@ impl Error {
             Error::Forbidden(_) => (S::FORBIDDEN, "/problems/forbidden", "Forbidden"),
             Error::BidTooLow { .. } => (S::CONFLICT, "/problems/bid-too-low", "Bid too low"),
             Error::AuctionClosed => (S::CONFLICT, "/problems/auction-closed", "Auction not open"),
+            Error::EmailTaken => (S::CONFLICT, "/problems/email-taken", "E-mail address taken"),
+            Error::InvalidCredentials => (S::UNAUTHORIZED, "/problems/invalid-credentials", "Invalid credentials"),
+            Error::InsufficientStock { .. } => (S::CONFLICT, "/problems/insufficient-stock", "Insufficient stock"),
+            Error::UnknownSku(_) => (S::UNPROCESSABLE_ENTITY, "/problems/unknown-sku", "Unknown sku"),
+            Error::OrderState(_) => (S::CONFLICT, "/problems/order-state", "Order state conflict"),
             Error::IdempotencyKeyReused => {
                 (S::UNPROCESSABLE_ENTITY, "/problems/idempotency-key-reused", "Idempotency-Key reused")
             }
@@ -151,6 +175,14 @@ impl IntoResponse for Error {
                 Error::Validation(errors) => Some(errors),
                 _ => None,
             },
+            sku: match &self {
+                Error::InsufficientStock { sku, .. } | Error::UnknownSku(sku) => Some(sku),
+                _ => None,
+            },
+            available: match &self {
+                Error::InsufficientStock { available, .. } => Some(*available),
+                _ => None,
+            },
         };
         let mut response = respond::json_with(status, &problem, PROBLEM_JSON);
         let headers = response.headers_mut();
@@ -158,7 +190,7 @@ impl IntoResponse for Error {
             Error::Overloaded | Error::Timeout | Error::NotReady(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            Error::Unauthorized(_) => {
+            Error::Unauthorized(_) | Error::InvalidCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"gavel\""));
             }
             _ => {}
@@ -175,6 +207,7 @@ impl From<DbError> for Error {
                 tracing::warn!(error = %cause, "shedding a request: database unavailable");
                 Error::Overloaded
             }
+            DbError::UnknownAccount => Error::Unauthorized("the token's account does not exist"),
             DbError::Other(cause) => Error::Internal(cause.to_string()),
         }
     }

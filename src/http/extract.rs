@@ -126,27 +126,46 @@ fn is_json(value: Option<&header::HeaderValue>) -> bool {
             && essence[essence.len() - 5..].eq_ignore_ascii_case("+json"))
 }
 
-/// The authenticated caller, any role: 401 without a valid Bearer token.
+/// The name of the session cookie a log-in sets.
+pub const SESSION_COOKIE: &str = "gavel_session";
+
+/// The authenticated caller, any role: 401 without a valid Bearer token or
+/// session cookie. The header wins when both are sent.
 pub struct Caller(pub Principal);
 
 impl FromRequestParts<Arc<Core>> for Caller {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, core: &Arc<Core>) -> Result<Self, Error> {
-        let value =
-            parts.headers.get(header::AUTHORIZATION).ok_or(Error::Unauthorized("this route needs a Bearer token"))?;
-        let value = value.to_str().map_err(|_| Error::Unauthorized("the Authorization header is not readable"))?;
-        let token = match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => {
-                return Err(Error::Unauthorized("the Authorization header must be `Bearer <token>`"));
+        let token = match parts.headers.get(header::AUTHORIZATION) {
+            Some(value) => {
+                let value =
+                    value.to_str().map_err(|_| Error::Unauthorized("the Authorization header is not readable"))?;
+                match value.split_once(' ') {
+                    Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+                    _ => return Err(Error::Unauthorized("the Authorization header must be `Bearer <token>`")),
+                }
             }
+            None => session_cookie(&parts.headers)
+                .ok_or(Error::Unauthorized("this route needs a Bearer token or a session cookie"))?,
         };
         core.keys.verify(token).map(Caller).map_err(|e| match e {
             TokenError::Expired => Error::Unauthorized("the token has expired"),
             TokenError::Invalid => Error::Unauthorized("the token is not valid"),
         })
     }
+}
+
+/// The session cookie's value, if the request carries one.
+fn session_cookie(headers: &header::HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.trim())
 }
 
 /// A caller with the bidder role: 401 without a token, 403 with another role.
@@ -226,6 +245,16 @@ mod tests {
     #[serde(deny_unknown_fields)]
     struct Bid {
         amount: i64,
+    }
+
+    #[test]
+    fn the_session_cookie_is_found_among_others() {
+        let mut headers = header::HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1; gavel_session=tok.en.x ; b=2"));
+        assert_eq!(session_cookie(&headers), Some("tok.en.x"));
+        let mut other = header::HeaderMap::new();
+        other.append(header::COOKIE, HeaderValue::from_static("gavel_sessionx=1"));
+        assert_eq!(session_cookie(&other), None);
     }
 
     #[test]

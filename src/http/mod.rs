@@ -5,9 +5,12 @@ pub mod extract;
 pub mod request_id;
 pub mod respond;
 
+mod accounts;
 mod auctions;
 mod bids;
 mod health;
+mod inventory;
+mod orders;
 
 use std::sync::Arc;
 
@@ -23,6 +26,9 @@ pub fn router(core: Arc<Core>) -> Router {
         .merge(health::router())
         .merge(auctions::router())
         .merge(bids::router())
+        .merge(accounts::router())
+        .merge(inventory::router())
+        .merge(orders::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(core.clone(), request_id::middleware))

@@ -81,8 +81,13 @@ async fn core_main(start: Start) {
         caches: caches.clone(),
         bids,
         keys,
-        limits: Limits { body_limit: config.body_limit, request_timeout: config.request_timeout },
+        limits: Limits {
+            body_limit: config.body_limit,
+            request_timeout: config.request_timeout,
+            session_ttl: config.session_ttl,
+        },
         health: health.clone(),
+        hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });
     let listen_task = tokio::spawn(cache::listener::run(index, caches, database, pool.clone(), (), shutdown.clone()));
     let lifecycle_task =

@@ -6,7 +6,7 @@ use gavel::auth::Role;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{SECRET, assert_problem, at, invalid_fields, spawn_app};
+use crate::helpers::{assert_problem, at, expired_token, invalid_fields, spawn_app};
 
 #[tokio::test]
 async fn malformed_json_is_400() {
@@ -116,15 +116,7 @@ async fn missing_or_invalid_tokens_are_401() {
     let basic = app.client.post(app.url("/api/bids")).basic_auth("a", Some("b")).json(&body).send().await.unwrap();
     assert_problem(basic, StatusCode::UNAUTHORIZED, "/problems/unauthorized").await;
 
-    // Expired: minted by hand with exp in the past.
-    let now = chrono::Utc::now().timestamp();
-    let claims = json!({"sub": "2", "role": "bidder", "iat": now - 120, "exp": now - 60, "iss": "gavel"});
-    let expired = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let expired = expired_token(2, "bidder");
     let response = app.post_json("/api/bids", &expired, &body).await;
     let problem = assert_problem(response, StatusCode::UNAUTHORIZED, "/problems/unauthorized").await;
     assert!(problem["detail"].as_str().unwrap().contains("expired"));

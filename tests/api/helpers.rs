@@ -53,6 +53,7 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     let options = cluster.connect_options("gavel");
     gavel::db::ensure_database(&options, "gavel").await.expect("create database");
     gavel::db::migrate(&options).await.expect("migrate");
+    seed_accounts(&options).await;
     let mut args = vec!["--listen", "127.0.0.1:0", "--cores", "2", "--lifecycle-tick", "50ms"];
     args.extend_from_slice(flags);
     let config = Serve::from_flags(args).expect("test flags parse");
@@ -69,6 +70,23 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
         server: Some(server),
         cluster: Some(cluster),
     }
+}
+
+/// How many accounts every test database starts with (ids 1..=ACCOUNTS), so tokens
+/// minted for those ids name real accounts. The role in a token is what counts.
+pub const ACCOUNTS: i64 = 300;
+
+async fn seed_accounts(options: &PgConnectOptions) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect_with(options).await.expect("connect");
+    sqlx::query(
+        "insert into accounts (email, password_hash, role) \
+         select 'user' || g || '@test.invalid', 'not-a-hash', 'bidder' from generate_series(1, $1) g order by g",
+    )
+    .bind(ACCOUNTS)
+    .execute(&mut conn)
+    .await
+    .expect("seed accounts");
 }
 
 pub fn start_cluster() -> Cluster {
@@ -217,6 +235,18 @@ impl TestApp {
         all.reverse();
         all
     }
+}
+
+/// A token signed with the right secret whose expiry has passed.
+pub fn expired_token(account: i64, role: &str) -> String {
+    let now = Utc::now().timestamp();
+    let claims = json!({"sub": account.to_string(), "role": role, "iat": now - 120, "exp": now - 60, "iss": "gavel"});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
 }
 
 /// The `amount` of each item of a page.

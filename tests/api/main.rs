@@ -1,11 +1,15 @@
 //! Integration tests: a real multi-core gavel on port 0, a real PostgreSQL (a
 //! private cluster per test, migrated), a real HTTP client.
 
+mod accounts;
 mod bids;
 mod coherence;
 mod concurrency;
 mod errors;
 mod helpers;
 mod idempotency;
+mod inventory;
 mod lifecycle;
 mod operations;
+mod orders;
+mod shop;

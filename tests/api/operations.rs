@@ -174,8 +174,21 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
 
     let base = format!("http://{addr}");
     let keys = gavel::auth::Keys::new(crate::helpers::SECRET.as_bytes()).unwrap();
-    let seller = keys.mint(1, gavel::auth::Role::Seller, Duration::from_secs(60)).0;
     let client = reqwest::Client::new();
+    // Real accounts, registered through the API (ids 1..=9 on this fresh database).
+    for n in 0..9 {
+        let role = if n == 0 { "seller" } else { "bidder" };
+        let registered = client
+            .post(format!("{base}/api/accounts"))
+            .json(
+                &serde_json::json!({"email": format!("user{n}@example.com"), "password": "long enough", "role": role}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(registered.status(), StatusCode::CREATED);
+    }
+    let seller = keys.mint(1, gavel::auth::Role::Seller, Duration::from_secs(60)).0;
     let auction: Value = client
         .post(format!("{base}/api/auctions"))
         .bearer_auth(&seller)
@@ -193,7 +206,7 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
     let mut load = Vec::new();
     for n in 0..8i64 {
         let (base, stop) = (base.clone(), stop.clone());
-        let bidder = keys.mint(10 + n, gavel::auth::Role::Bidder, Duration::from_secs(60)).0;
+        let bidder = keys.mint(2 + n, gavel::auth::Role::Bidder, Duration::from_secs(60)).0;
         load.push(tokio::spawn(async move {
             let client = reqwest::Client::new();
             let (mut complete, mut server_errors) = (0u32, 0u32);

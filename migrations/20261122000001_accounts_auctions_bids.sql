@@ -1,10 +1,23 @@
--- Auctions, bids and idempotency keys. Money is bigint minor units.
+-- Accounts, auctions, bids and idempotency keys. Money is bigint minor units.
 -- Every change to an auction row bumps `version` and is announced on the
 -- `gavel_cache` channel with the row's new state, for the per-core caches.
 
+create table accounts (
+    id            bigint generated always as identity primary key,
+    email         text not null,
+    password_hash text not null,
+    role          text not null,
+    created_at    timestamptz not null default now(),
+    constraint accounts_role_known check (role in ('bidder', 'seller', 'admin')),
+    constraint accounts_email_length check (char_length(email) between 3 and 254)
+);
+
+-- E-mail addresses are unique regardless of case.
+create unique index accounts_email_key on accounts (lower(email));
+
 create table auctions (
     id            bigint generated always as identity primary key,
-    seller_id     bigint not null,
+    seller_id     bigint not null constraint auctions_seller_id_fkey references accounts (id),
     title         text not null,
     reserve       bigint not null,
     min_increment bigint not null,
@@ -39,7 +52,7 @@ create index auctions_seller_id_idx on auctions (seller_id, id);
 create table bids (
     id         bigint generated always as identity primary key,
     auction_id bigint not null constraint bids_auction_id_fkey references auctions (id),
-    bidder_id  bigint not null,
+    bidder_id  bigint not null constraint bids_bidder_id_fkey references accounts (id),
     amount     bigint not null,
     created_at timestamptz not null default now(),
     constraint bids_amount_positive check (amount > 0)
@@ -47,6 +60,7 @@ create table bids (
 
 -- Bid history, newest first, keyset-paginated by id.
 create index bids_auction_id_id_idx on bids (auction_id, id desc);
+create index bids_bidder_id_idx on bids (bidder_id);
 
 -- The outcome of a request sent with an Idempotency-Key, written in the same
 -- transaction as the request's own write, so a replay returns exactly what the
@@ -103,7 +117,9 @@ create trigger auctions_notify
 -- per bid, tagged with its position in the batch. Bids are visited by auction id
 -- and, within an auction, in arrival order: every batch then locks auction rows
 -- in the same order, so two cores' batches can never deadlock, and the order
--- that matters (between bids on one auction) is the order they arrived in. The conditional update is the only thing that
+-- that matters (between bids on one auction) is the order they arrived in.
+-- A bid from a token whose account does not exist gets its own outcome instead
+-- of failing the whole batch on the foreign key. The conditional update is the only thing that
 -- accepts a bid: the amount must reach the minimum and the auction must be open
 -- by the database's clock. A bid in the last extend_secs seconds pushes ends_at
 -- out by extend_secs. With a key, the outcome is stored beside the write; a
@@ -137,6 +153,12 @@ begin
         min_next_bid := null;
         ends_at := null;
         auction := null;
+
+        if not exists (select 1 from accounts a where a.id = p_bidder[i]) then
+            outcome := 'unknown_account';
+            return next;
+            continue;
+        end if;
 
         if p_key[i] is not null then
             if not pg_try_advisory_xact_lock(hashtextextended(p_bidder[i]::text || '/bid/' || p_key[i], 0)) then

@@ -1,0 +1,215 @@
+-- Inventory and orders. Stock moves from available to reserved when ordered, and
+-- out of reserved when fulfilled; it never goes negative.
+
+create table inventory (
+    sku        text primary key,
+    seller_id  bigint not null constraint inventory_seller_id_fkey references accounts (id),
+    title      text not null,
+    available  bigint not null,
+    reserved   bigint not null default 0,
+    version    bigint not null default 1,
+    created_at timestamptz not null default now(),
+    updated_at timestamptz not null default now(),
+    constraint inventory_sku_format check (sku ~ '^[A-Za-z0-9._-]{1,64}$'),
+    constraint inventory_title_length check (char_length(title) between 1 and 200),
+    -- Stock can never go negative: the conditional updates keep it so, and these
+    -- checks make any bug that would oversell fail instead.
+    constraint inventory_available_nonnegative check (available >= 0),
+    constraint inventory_reserved_nonnegative check (reserved >= 0),
+    constraint inventory_version_positive check (version > 0)
+);
+
+create index inventory_seller_id_sku_idx on inventory (seller_id, sku);
+
+create table orders (
+    id         bigint generated always as identity primary key,
+    buyer_id   bigint not null constraint orders_buyer_id_fkey references accounts (id),
+    status     text not null default 'reserved',
+    created_at timestamptz not null default now(),
+    updated_at timestamptz not null default now(),
+    constraint orders_status_known check (status in ('reserved', 'cancelled', 'fulfilled'))
+);
+
+create index orders_buyer_id_idx on orders (buyer_id, id);
+
+create table order_lines (
+    order_id  bigint not null constraint order_lines_order_id_fkey references orders (id),
+    sku       text not null constraint order_lines_sku_fkey references inventory (sku),
+    seller_id bigint not null,
+    quantity  bigint not null,
+    constraint order_lines_pkey primary key (order_id, sku),
+    constraint order_lines_quantity_positive check (quantity > 0)
+);
+
+-- An inventory row as the caches read it (the same channel as auctions).
+create function inventory_json(i inventory) returns text
+language sql stable as $$
+    select json_build_object(
+        'kind', 'inventory',
+        'at_us', (extract(epoch from clock_timestamp()) * 1000000)::bigint,
+        'sku', i.sku,
+        'seller_id', i.seller_id,
+        'title', i.title,
+        'available', i.available,
+        'reserved', i.reserved,
+        'version', i.version
+    )::text
+$$;
+
+create function inventory_notify() returns trigger
+language plpgsql as $$
+begin
+    perform pg_notify('gavel_cache', inventory_json(new));
+    return null;
+end
+$$;
+
+create trigger inventory_notify
+    after insert or update on inventory
+    for each row execute function inventory_notify();
+
+-- Reserves stock for every line of an order, or for none. The rows are locked in
+-- sku order (so concurrent orders cannot deadlock), checked all at once, and only
+-- then changed: nothing is written unless every line can be met. With a key, the
+-- outcome is stored beside the write, as for bids.
+create function place_order(
+    p_buyer       bigint,
+    p_skus        text[],
+    p_quantities  bigint[],
+    p_key         text,
+    p_fingerprint text
+) returns table (outcome text, order_id bigint, failed_sku text, available bigint, replayed boolean)
+language plpgsql as $$
+declare
+    k idempotency_keys;
+    line record;
+begin
+    order_id := null;
+    failed_sku := null;
+    available := null;
+    replayed := false;
+    if not exists (select 1 from accounts a where a.id = p_buyer) then
+        outcome := 'unknown_account';
+        return next;
+        return;
+    end if;
+    if p_key is not null then
+        if not pg_try_advisory_xact_lock(hashtextextended(p_buyer::text || '/order/' || p_key, 0)) then
+            outcome := 'key_in_use';
+            return next;
+            return;
+        end if;
+        select * into k from idempotency_keys
+         where account_id = p_buyer and scope = 'order' and key = p_key;
+        if found then
+            if k.fingerprint <> p_fingerprint then
+                outcome := 'key_mismatch';
+            else
+                outcome := k.outcome;
+                replayed := true;
+                order_id := (k.result ->> 'order_id')::bigint;
+                failed_sku := k.result ->> 'failed_sku';
+                available := (k.result ->> 'available')::bigint;
+            end if;
+            return next;
+            return;
+        end if;
+    end if;
+
+    outcome := 'reserved';
+    for line in
+        select l.sku, l.quantity, i.available as have, i.sku is null as missing
+          from unnest(p_skus, p_quantities) as l(sku, quantity)
+          left join lateral (
+              select inv.sku, inv.available from inventory inv where inv.sku = l.sku for update
+          ) i on true
+         order by l.sku
+    loop
+        if line.missing then
+            outcome := 'unknown_sku';
+            failed_sku := line.sku;
+            exit;
+        elsif line.have < line.quantity then
+            outcome := 'insufficient_stock';
+            failed_sku := line.sku;
+            available := line.have;
+            exit;
+        end if;
+    end loop;
+
+    if outcome = 'reserved' then
+        insert into orders (buyer_id) values (p_buyer) returning id into order_id;
+        insert into order_lines (order_id, sku, seller_id, quantity)
+        select order_id, l.sku, inv.seller_id, l.quantity
+          from unnest(p_skus, p_quantities) as l(sku, quantity)
+          join inventory inv on inv.sku = l.sku;
+        update inventory inv
+           set available = inv.available - l.quantity,
+               reserved = inv.reserved + l.quantity,
+               version = inv.version + 1,
+               updated_at = now()
+          from unnest(p_skus, p_quantities) as l(sku, quantity)
+         where inv.sku = l.sku;
+    end if;
+
+    if p_key is not null then
+        insert into idempotency_keys (account_id, scope, key, fingerprint, outcome, result)
+        values (p_buyer, 'order', p_key, p_fingerprint, outcome,
+                jsonb_build_object('order_id', order_id, 'failed_sku', failed_sku, 'available', available));
+    end if;
+    return next;
+end
+$$;
+
+-- Moves an order out of 'reserved': cancel (by its buyer) returns the stock to
+-- available; fulfil (by a seller of every line) lets it leave reserved. The order
+-- row is locked first, then its inventory rows in sku order. Outcomes: done,
+-- not_found (also for someone else's order: existence does not leak), forbidden
+-- (a seller of only some lines), or the order's current status.
+create function finish_order(p_order bigint, p_actor bigint, p_action text)
+returns text
+language plpgsql as $$
+declare
+    o orders;
+    lines_total integer;
+    lines_mine integer;
+begin
+    select * into o from orders where id = p_order for update;
+    if not found then
+        return 'not_found';
+    end if;
+    if p_action = 'cancel' then
+        if o.buyer_id <> p_actor then
+            return 'not_found';
+        end if;
+    else
+        select count(*), count(*) filter (where seller_id = p_actor) into lines_total, lines_mine
+          from order_lines where order_id = p_order;
+        if lines_mine = 0 then
+            return 'not_found';
+        elsif lines_mine < lines_total then
+            return 'forbidden';
+        end if;
+    end if;
+    if o.status <> 'reserved' then
+        return o.status;
+    end if;
+
+    perform 1 from inventory
+     where sku in (select sku from order_lines where order_id = p_order)
+     order by sku
+     for update;
+    update inventory inv
+       set available = inv.available + case when p_action = 'cancel' then l.quantity else 0 end,
+           reserved = inv.reserved - l.quantity,
+           version = inv.version + 1,
+           updated_at = now()
+      from order_lines l
+     where l.order_id = p_order and inv.sku = l.sku;
+    update orders
+       set status = case when p_action = 'cancel' then 'cancelled' else 'fulfilled' end,
+           updated_at = now()
+     where id = p_order;
+    return 'done';
+end
+$$;
