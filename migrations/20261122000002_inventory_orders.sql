@@ -68,96 +68,132 @@ create trigger inventory_notify
     after insert or update on inventory
     for each row execute function inventory_notify();
 
--- Reserves stock for every line of an order, or for none. The rows are locked in
--- sku order (so concurrent orders cannot deadlock), checked all at once, and only
--- then changed: nothing is written unless every line can be met. With a key, the
--- outcome is stored beside the write, as for bids.
-create function place_order(
-    p_buyer       bigint,
-    p_skus        text[],
-    p_quantities  bigint[],
-    p_key         text,
-    p_fingerprint text
-) returns table (outcome text, order_id bigint, failed_sku text, available bigint, replayed boolean)
+-- An order as clients see it, built here so that every route answers with the
+-- same bytes. With p_original, as it was when placed (what an idempotent retry
+-- must answer): reserved, unchanged since creation.
+create function order_json(p_id bigint, p_original boolean) returns text
+language sql stable as $$
+    select json_build_object(
+        'id', o.id,
+        'buyer_id', o.buyer_id,
+        'status', case when p_original then 'reserved' else o.status end,
+        'lines', (select json_agg(json_build_object('sku', l.sku, 'quantity', l.quantity, 'seller_id', l.seller_id)
+                                  order by l.sku)
+                    from order_lines l where l.order_id = o.id),
+        'created_at', to_char(o.created_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'updated_at', to_char(case when p_original then o.created_at else o.updated_at end at time zone 'UTC',
+                              'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+    )::text
+      from orders o
+     where o.id = p_id
+$$;
+
+-- Places a batch of orders, each reserving stock for every line or for none,
+-- and returns one outcome per order. Every sku of the batch is locked first, in
+-- sku order, so batches from different cores cannot deadlock; then each order,
+-- in arrival order, is checked line by line and only written if every line can
+-- be met. Lines arrive flattened: p_line_order[j] is the order line j belongs to.
+-- With a key, the outcome is stored beside the write, as for bids.
+create function place_orders(
+    p_buyer       bigint[],
+    p_key         text[],
+    p_fingerprint text[],
+    p_line_order  integer[],
+    p_sku         text[],
+    p_quantity    bigint[]
+) returns table (ord integer, outcome text, order_id bigint, failed_sku text, available bigint, body text)
 language plpgsql as $$
 declare
     k idempotency_keys;
     line record;
+    new_id bigint;
+    i integer;
 begin
-    order_id := null;
-    failed_sku := null;
-    available := null;
-    replayed := false;
-    if not exists (select 1 from accounts a where a.id = p_buyer) then
-        outcome := 'unknown_account';
-        return next;
-        return;
-    end if;
-    if p_key is not null then
-        if not pg_try_advisory_xact_lock(hashtextextended(p_buyer::text || '/order/' || p_key, 0)) then
-            outcome := 'key_in_use';
+    perform 1 from inventory inv where inv.sku = any(p_sku) order by inv.sku for update;
+
+    for i in 1 .. coalesce(array_length(p_buyer, 1), 0) loop
+        ord := i;
+        outcome := null;
+        order_id := null;
+        failed_sku := null;
+        available := null;
+        body := null;
+
+        if not exists (select 1 from accounts a where a.id = p_buyer[i]) then
+            outcome := 'unknown_account';
             return next;
-            return;
+            continue;
         end if;
-        select * into k from idempotency_keys
-         where account_id = p_buyer and scope = 'order' and key = p_key;
-        if found then
-            if k.fingerprint <> p_fingerprint then
-                outcome := 'key_mismatch';
-            else
-                outcome := k.outcome;
-                replayed := true;
-                order_id := (k.result ->> 'order_id')::bigint;
-                failed_sku := k.result ->> 'failed_sku';
-                available := (k.result ->> 'available')::bigint;
+
+        if p_key[i] is not null then
+            if not pg_try_advisory_xact_lock(hashtextextended(p_buyer[i]::text || '/order/' || p_key[i], 0)) then
+                outcome := 'key_in_use';
+                return next;
+                continue;
             end if;
-            return next;
-            return;
+            select * into k from idempotency_keys
+             where account_id = p_buyer[i] and scope = 'order' and key = p_key[i];
+            if found then
+                if k.fingerprint <> p_fingerprint[i] then
+                    outcome := 'key_mismatch';
+                else
+                    outcome := k.outcome;
+                    failed_sku := k.result ->> 'failed_sku';
+                    available := (k.result ->> 'available')::bigint;
+                    order_id := (k.result ->> 'order_id')::bigint;
+                    body := order_json(order_id, true);
+                end if;
+                return next;
+                continue;
+            end if;
         end if;
-    end if;
 
-    outcome := 'reserved';
-    for line in
-        select l.sku, l.quantity, i.available as have, i.sku is null as missing
-          from unnest(p_skus, p_quantities) as l(sku, quantity)
-          left join lateral (
-              select inv.sku, inv.available from inventory inv where inv.sku = l.sku for update
-          ) i on true
-         order by l.sku
-    loop
-        if line.missing then
-            outcome := 'unknown_sku';
-            failed_sku := line.sku;
-            exit;
-        elsif line.have < line.quantity then
-            outcome := 'insufficient_stock';
-            failed_sku := line.sku;
-            available := line.have;
-            exit;
+        outcome := 'reserved';
+        for line in
+            select l.sku, l.quantity, inv.available as have, inv.sku is null as missing
+              from unnest(p_line_order, p_sku, p_quantity) as l(o, sku, quantity)
+              left join inventory inv on inv.sku = l.sku
+             where l.o = i
+             order by l.sku
+        loop
+            if line.missing then
+                outcome := 'unknown_sku';
+                failed_sku := line.sku;
+                exit;
+            elsif line.have < line.quantity then
+                outcome := 'insufficient_stock';
+                failed_sku := line.sku;
+                available := line.have;
+                exit;
+            end if;
+        end loop;
+
+        new_id := null;
+        if outcome = 'reserved' then
+            insert into orders (buyer_id) values (p_buyer[i]) returning id into new_id;
+            insert into order_lines (order_id, sku, seller_id, quantity)
+            select new_id, l.sku, inv.seller_id, l.quantity
+              from unnest(p_line_order, p_sku, p_quantity) as l(o, sku, quantity)
+              join inventory inv on inv.sku = l.sku
+             where l.o = i;
+            update inventory inv
+               set available = inv.available - l.quantity,
+                   reserved = inv.reserved + l.quantity,
+                   version = inv.version + 1,
+                   updated_at = now()
+              from unnest(p_line_order, p_sku, p_quantity) as l(o, sku, quantity)
+             where l.o = i and inv.sku = l.sku;
+            order_id := new_id;
+            body := order_json(new_id, false);
         end if;
+
+        if p_key[i] is not null then
+            insert into idempotency_keys (account_id, scope, key, fingerprint, outcome, result)
+            values (p_buyer[i], 'order', p_key[i], p_fingerprint[i], outcome,
+                    jsonb_build_object('order_id', new_id, 'failed_sku', failed_sku, 'available', available));
+        end if;
+        return next;
     end loop;
-
-    if outcome = 'reserved' then
-        insert into orders (buyer_id) values (p_buyer) returning id into order_id;
-        insert into order_lines (order_id, sku, seller_id, quantity)
-        select order_id, l.sku, inv.seller_id, l.quantity
-          from unnest(p_skus, p_quantities) as l(sku, quantity)
-          join inventory inv on inv.sku = l.sku;
-        update inventory inv
-           set available = inv.available - l.quantity,
-               reserved = inv.reserved + l.quantity,
-               version = inv.version + 1,
-               updated_at = now()
-          from unnest(p_skus, p_quantities) as l(sku, quantity)
-         where inv.sku = l.sku;
-    end if;
-
-    if p_key is not null then
-        insert into idempotency_keys (account_id, scope, key, fingerprint, outcome, result)
-        values (p_buyer, 'order', p_key, p_fingerprint, outcome,
-                jsonb_build_object('order_id', order_id, 'failed_sku', failed_sku, 'available', available));
-    end if;
-    return next;
 end
 $$;
 

@@ -115,6 +115,16 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_MAX_BID_BATCH", default_value_t = 256)]
     pub max_bid_batch: usize,
 
+    /// Orders a core may hold waiting for their database write; past it new orders
+    /// get 503.
+    #[arg(long, env = "GAVEL_ORDER_QUEUE_DEPTH", default_value_t = 1024)]
+    pub order_queue_depth: usize,
+
+    /// Most orders sent to the database in one statement. Smaller than for bids:
+    /// an order locks several rows, and a batch holds every lock until it commits.
+    #[arg(long, env = "GAVEL_MAX_ORDER_BATCH", default_value_t = 64)]
+    pub max_order_batch: usize,
+
     /// How often core 0 opens and closes auctions whose time has come. Reads derive
     /// the status from the clock anyway; this bounds how late a winner is recorded.
     #[arg(long, env = "GAVEL_LIFECYCLE_TICK", default_value = "200ms", value_parser = humantime::parse_duration)]

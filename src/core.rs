@@ -12,7 +12,9 @@ use sqlx::PgPool;
 
 use crate::auth::Keys;
 use crate::cache::Caches;
-use crate::db::bids::Batcher;
+use crate::db::batch::Batcher;
+use crate::db::bids::Bids;
+use crate::db::orders::Orders;
 
 /// Limits the HTTP layer enforces per request.
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +67,8 @@ pub struct Core {
     pub id: usize,
     pub pool: PgPool,
     pub caches: Arc<Caches>,
-    pub bids: Batcher,
+    pub bids: Batcher<Bids>,
+    pub orders: Batcher<Orders>,
     pub keys: Arc<Keys>,
     pub limits: Limits,
     pub health: Arc<Health>,

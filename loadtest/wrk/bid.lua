@@ -1,5 +1,5 @@
 -- wrk script: POST /api/bids with amounts that rise, over auctions 1..AUCTIONS.
--- Needs BIDDER_TOKEN (gavel token --sub N --role bidder).
+-- Needs BIDDER_TOKEN (seed.sh prints it).
 -- wrk -t2 -c64 -d10s -s loadtest/wrk/bid.lua http://127.0.0.1:8080
 local auctions = tonumber(os.getenv("AUCTIONS") or "1000")
 local token = os.getenv("BIDDER_TOKEN") or error("set BIDDER_TOKEN")

@@ -1,16 +1,20 @@
-//! Bids: the per-core write batcher and the bid history.
+//! Bids: the batched write (`place_bids`) and the bid history.
 //!
-//! Each core runs one [`Batcher`]. Bids that arrive while the core's previous batch
-//! is in the database queue up and go together as one call of `place_bids` — one
-//! statement, one transaction, one commit — and each bid gets its own outcome back,
-//! in arrival order. A batch of one behaves exactly the same; batching only changes
-//! how many round trips and commits the bids share.
+//! Bids that arrive on a core while its previous batch is in the database go
+//! together as one call of `place_bids` (see [`super::batch`]), and each bid gets
+//! its own outcome back.
+//!
+//! Measured side by side in one run (2 cores shared by server, PostgreSQL and
+//! wrk; `wrk -t2 -c64 -d10s -s loadtest/wrk/bid.lua` over 1000 auctions):
+//! `--max-bid-batch 1` gave 976 requests/s and 496 accepted bids/s (mean latency
+//! 127 ms); batches of up to 256 gave 4248 requests/s and 2140 accepted/s (15 ms):
+//! 4.3× the accepted bids, because a batch shares one commit.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
 
 use super::DbError;
+use super::batch::BatchWrite;
 use crate::domain::bid::{NewBid, Outcome};
 
 /// One bid waiting for the database.
@@ -32,89 +36,15 @@ pub struct BidResult {
     pub auction_json: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    /// The core's queue is full: shed the bid with 503.
-    #[error("the bid queue is full")]
-    QueueFull,
-    /// The batcher has stopped (the core is shutting down).
-    #[error("the bid batcher has stopped")]
-    Stopped,
-    #[error(transparent)]
-    Db(#[from] DbError),
-}
+/// Bids, as a batched write: one `place_bids` call per batch.
+pub struct Bids;
 
-struct Pending {
-    request: BidRequest,
-    reply: oneshot::Sender<Result<BidResult, DbError>>,
-}
+impl BatchWrite for Bids {
+    type Request = BidRequest;
+    type Outcome = BidResult;
 
-/// Sends one core's bids to the database in batches. Cheap to clone.
-#[derive(Clone)]
-pub struct Batcher {
-    tx: mpsc::Sender<Pending>,
-}
-
-impl std::fmt::Debug for Batcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Batcher").field("queued", &(self.tx.max_capacity() - self.tx.capacity())).finish()
-    }
-}
-
-/// What a batcher reports after each batch (for metrics).
-pub type BatchObserver = Box<dyn Fn(usize) + Send + 'static>;
-
-impl Batcher {
-    /// Starts the batcher task on the current runtime (the core's own).
-    pub fn spawn(pool: PgPool, queue_depth: usize, max_batch: usize, observe: BatchObserver) -> Batcher {
-        let (tx, rx) = mpsc::channel(queue_depth.max(1));
-        tokio::spawn(run(pool, rx, max_batch.max(1), observe));
-        Batcher { tx }
-    }
-
-    /// Queues a bid and waits for its outcome. Never waits for queue space: a full
-    /// queue is overload, answered at once.
-    pub async fn submit(&self, request: BidRequest) -> Result<BidResult, SubmitError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Pending { request, reply }).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-        })?;
-        match rx.await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(SubmitError::Stopped),
-        }
-    }
-}
-
-async fn run(pool: PgPool, mut rx: mpsc::Receiver<Pending>, max_batch: usize, observe: BatchObserver) {
-    let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
-    loop {
-        // Wait for the first bid, then take whatever else queued up meanwhile.
-        if rx.recv_many(&mut batch, max_batch).await == 0 {
-            return;
-        }
-        observe(batch.len());
-        let requests: Vec<&BidRequest> = batch.iter().map(|p| &p.request).collect();
-        match place(&pool, &requests).await {
-            Ok(results) => {
-                for (pending, result) in batch.drain(..).zip(results) {
-                    // The caller may have gone (client gone, timeout): the bid stands.
-                    let _ = pending.reply.send(Ok(result));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, bids = batch.len(), "bid batch failed");
-                for pending in batch.drain(..) {
-                    let _ = pending.reply.send(Err(match &e {
-                        DbError::Unavailable(_) => DbError::Unavailable(sqlx::Error::PoolTimedOut),
-                        DbError::UnknownAccount => DbError::UnknownAccount,
-                        DbError::Other(_) => DbError::Other(sqlx::Error::Protocol("bid batch failed".into())),
-                    }));
-                }
-            }
-        }
-        batch.clear();
+    async fn write(pool: &PgPool, requests: &[&BidRequest]) -> Result<Vec<BidResult>, DbError> {
+        place(pool, requests).await
     }
 }
 
@@ -129,26 +59,9 @@ struct OutcomeRow {
     auction: Option<String>,
 }
 
-/// How often a batch aborted by a deadlock or serialisation failure is retried.
-/// `place_bids` takes its locks in a fixed order, so this is a safety net.
-const TRANSIENT_RETRIES: usize = 3;
-
 /// Places `requests` in one statement; returns their outcomes in the same order.
-/// A batch the database aborted as a whole (deadlock, serialisation failure) had
-/// no effect, so it is sent again.
 pub async fn place(pool: &PgPool, requests: &[&BidRequest]) -> Result<Vec<BidResult>, DbError> {
-    let mut attempt = 0;
-    loop {
-        match place_once(pool, requests).await {
-            Err(DbError::Other(sqlx::Error::Database(e)))
-                if attempt < TRANSIENT_RETRIES && matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
-            {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "bid batch aborted by the database; retrying");
-            }
-            other => return other,
-        }
-    }
+    super::batch::retry_transient(|| place_once(pool, requests)).await
 }
 
 async fn place_once(pool: &PgPool, requests: &[&BidRequest]) -> Result<Vec<BidResult>, DbError> {

@@ -2,6 +2,7 @@
 
 pub mod accounts;
 pub mod auctions;
+pub mod batch;
 pub mod bids;
 pub mod embedded;
 pub mod inventory;

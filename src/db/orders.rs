@@ -1,27 +1,37 @@
-//! Order queries. Each write is one call of a PL/pgSQL function: one round trip,
-//! one transaction.
+//! Order queries.
 //!
-//! Orders are not batched the way bids are. A bid batch shares one commit among
-//! many cheap single-row updates; an order already locks several rows and holds
-//! them while checking all of them, so merging orders into one transaction would
-//! make unrelated orders wait on each other's locks and turn one order's conflict
-//! into a longer hold for the rest. Measured with the wrk scripts in
-//! `loadtest/wrk/` (see the README's Performance notes), a single order is one
-//! round trip already.
+//! Orders are batched like bids (see [`super::batch`]): orders that arrive on a
+//! core while its previous batch is in the database go together as one call of
+//! `place_orders`, sharing one commit. Measured side by side in one run (2 cores
+//! shared by server, PostgreSQL and wrk; `wrk -t2 -c64 -d10s -s
+//! loadtest/wrk/order.lua`, one-line orders over 1000 skus): `--max-order-batch 1`
+//! placed 995 orders/s (mean latency 64 ms), batches of up to 64 placed 3314/s
+//! (19 ms): 3.3×. The commit is the cost, and a batch shares it.
+//!
+//! Every body an order route returns is built by `order_json` in the database, so
+//! creating, reading, cancelling and fulfilling answer with the same shape.
 
-use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::DbError;
+use super::batch::BatchWrite;
 use crate::domain::stock::{NewOrder, OrderStatus};
+
+/// One order waiting for the database.
+#[derive(Debug, Clone)]
+pub struct OrderRequest {
+    pub buyer: i64,
+    pub order: NewOrder,
+    pub idempotency_key: Option<String>,
+}
 
 /// The outcome of placing an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placed {
-    /// Reserved now (`replayed` false), or by the first request with this key.
+    /// Reserved; the body is the order (as first placed, for a retry).
     Reserved {
         id: i64,
-        replayed: bool,
+        body: String,
     },
     InsufficientStock {
         sku: String,
@@ -33,67 +43,95 @@ pub enum Placed {
     KeyInUse,
 }
 
-pub async fn place(pool: &PgPool, buyer: i64, order: &NewOrder, key: Option<&str>) -> Result<Placed, DbError> {
-    type Row = (String, Option<i64>, Option<String>, Option<i64>, bool);
-    let (outcome, order_id, failed_sku, available, replayed): Row = sqlx::query_as(
-        "select outcome, order_id, failed_sku, available, replayed from place_order($1, $2, $3, $4, $5)",
+/// Orders, as a batched write: one `place_orders` call per batch.
+pub struct Orders;
+
+impl BatchWrite for Orders {
+    type Request = OrderRequest;
+    type Outcome = Placed;
+
+    async fn write(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
+        super::batch::retry_transient(|| place(pool, requests)).await
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct OutcomeRow {
+    ord: i32,
+    outcome: String,
+    order_id: Option<i64>,
+    failed_sku: Option<String>,
+    available: Option<i64>,
+    body: Option<String>,
+}
+
+/// Places `requests` in one statement; returns their outcomes in the same order.
+async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
+    let mut buyers = Vec::with_capacity(requests.len());
+    let mut keys: Vec<Option<&str>> = Vec::with_capacity(requests.len());
+    let mut fingerprints: Vec<Option<String>> = Vec::with_capacity(requests.len());
+    let (mut line_orders, mut skus, mut quantities) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, r) in requests.iter().enumerate() {
+        buyers.push(r.buyer);
+        keys.push(r.idempotency_key.as_deref());
+        fingerprints.push(r.idempotency_key.as_ref().map(|_| r.order.fingerprint()));
+        for (sku, quantity) in r.order.skus.iter().zip(&r.order.quantities) {
+            line_orders.push(i as i32 + 1);
+            skus.push(sku.as_str());
+            quantities.push(*quantity);
+        }
+    }
+    let rows: Vec<OutcomeRow> = sqlx::query_as(
+        "select ord, outcome, order_id, failed_sku, available, body from place_orders($1, $2, $3, $4, $5, $6)",
     )
-    .bind(buyer)
-    .bind(&order.skus)
-    .bind(&order.quantities)
-    .bind(key)
-    .bind(key.map(|_| order.fingerprint()))
-    .fetch_one(pool)
+    .bind(&buyers)
+    .bind(&keys)
+    .bind(&fingerprints)
+    .bind(&line_orders)
+    .bind(&skus)
+    .bind(&quantities)
+    .fetch_all(pool)
     .await?;
-    let unexpected = || DbError::Other(sqlx::Error::Protocol(format!("unexpected order outcome {outcome}")));
-    Ok(match outcome.as_str() {
-        "reserved" => Placed::Reserved { id: order_id.ok_or_else(unexpected)?, replayed },
-        "insufficient_stock" => Placed::InsufficientStock {
-            sku: failed_sku.ok_or_else(unexpected)?,
-            available: available.unwrap_or_default(),
-        },
-        "unknown_sku" => Placed::UnknownSku(failed_sku.ok_or_else(unexpected)?),
-        "unknown_account" => Placed::UnknownAccount,
-        "key_mismatch" => Placed::KeyMismatch,
-        "key_in_use" => Placed::KeyInUse,
-        _ => return Err(unexpected()),
-    })
+    if rows.len() != requests.len() {
+        return Err(protocol(format!("place_orders returned {} outcomes for {} orders", rows.len(), requests.len())));
+    }
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            if row.ord as usize != i + 1 {
+                return Err(protocol(format!("place_orders answered out of order at {}", row.ord)));
+            }
+            let missing = || protocol(format!("order outcome {} without its details", row.outcome));
+            Ok(match row.outcome.as_str() {
+                "reserved" => Placed::Reserved {
+                    id: row.order_id.ok_or_else(missing)?,
+                    body: row.body.clone().ok_or_else(missing)?,
+                },
+                "insufficient_stock" => Placed::InsufficientStock {
+                    sku: row.failed_sku.clone().ok_or_else(missing)?,
+                    available: row.available.unwrap_or_default(),
+                },
+                "unknown_sku" => Placed::UnknownSku(row.failed_sku.clone().ok_or_else(missing)?),
+                "unknown_account" => Placed::UnknownAccount,
+                "key_mismatch" => Placed::KeyMismatch,
+                "key_in_use" => Placed::KeyInUse,
+                other => return Err(protocol(format!("unexpected order outcome {other}"))),
+            })
+        })
+        .collect()
 }
 
-/// An order with its lines.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Order {
-    pub id: i64,
-    pub buyer_id: i64,
-    pub status: OrderStatus,
-    pub lines: Vec<Line>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
+#[cold]
+fn protocol(message: String) -> DbError {
+    DbError::Other(sqlx::Error::Protocol(message))
 }
 
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
-pub struct Line {
-    pub sku: String,
-    pub quantity: i64,
-    pub seller_id: i64,
-}
-
-pub async fn get(pool: &PgPool, id: i64) -> Result<Option<Order>, DbError> {
-    type Head = (i64, i64, String, DateTime<Utc>, DateTime<Utc>);
-    let head: Option<Head> =
-        sqlx::query_as("select id, buyer_id, status, created_at, updated_at from orders where id = $1")
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
-    let Some((id, buyer_id, status, created_at, updated_at)) = head else { return Ok(None) };
-    let lines: Vec<Line> =
-        sqlx::query_as("select sku, quantity, seller_id from order_lines where order_id = $1 order by sku")
-            .bind(id)
-            .fetch_all(pool)
-            .await?;
-    let status = OrderStatus::parse(&status)
-        .ok_or_else(|| DbError::Other(sqlx::Error::Protocol(format!("unknown order status {status}"))))?;
-    Ok(Some(Order { id, buyer_id, status, lines, created_at, updated_at }))
+/// An order's buyer and its body, as `order_json` builds it.
+pub async fn get(pool: &PgPool, id: i64) -> Result<Option<(i64, String)>, DbError> {
+    Ok(sqlx::query_as("select buyer_id, order_json(id, false) from orders where id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?)
 }
 
 /// What an order can be asked to do.

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::request_id;
 use super::respond;
 use crate::db::DbError;
-use crate::db::bids::SubmitError;
+use crate::db::batch::SubmitError;
 use crate::domain::FieldError;
 
 /// The media type of every error body.

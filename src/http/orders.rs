@@ -13,7 +13,7 @@ use super::error::{Error, Result};
 use super::extract::{Bidder, Caller, Id, IdempotencyKey, Json, Seller};
 use super::respond;
 use crate::core::Core;
-use crate::db::{self, orders::Action, orders::Finished, orders::Placed};
+use crate::db::{self, orders::Action, orders::Finished, orders::OrderRequest, orders::Placed};
 use crate::domain::stock::{NewOrder, OrderStatus};
 
 pub(crate) fn router() -> Router<Arc<Core>> {
@@ -37,21 +37,6 @@ struct LineRequest {
     quantity: i64,
 }
 
-/// Reads an order back for its response; it exists, having just been written.
-async fn order_response(core: &Core, id: i64, status: StatusCode) -> Result<Response> {
-    let order = db::orders::get(&core.pool, id).await?.ok_or(Error::NotFound("no such order"))?;
-    Ok(respond::json(status, &order))
-}
-
-/// The body the first request with an idempotency key got: the order as it was
-/// when placed (reserved, unchanged since), whatever happened to it since.
-async fn original_order_response(core: &Core, id: i64) -> Result<Response> {
-    let mut order = db::orders::get(&core.pool, id).await?.ok_or(Error::NotFound("no such order"))?;
-    order.status = OrderStatus::Reserved;
-    order.updated_at = order.created_at;
-    Ok(respond::json(StatusCode::CREATED, &order))
-}
-
 /// Reserves stock for every line, or for none. Honours `Idempotency-Key`.
 async fn create_order(
     State(core): State<Arc<Core>>,
@@ -60,12 +45,10 @@ async fn create_order(
     Json(body): Json<CreateOrder>,
 ) -> Result<Response> {
     let order = NewOrder::parse(body.lines.iter().map(|l| (l.sku.as_str(), l.quantity))).map_err(Error::Validation)?;
-    match db::orders::place(&core.pool, buyer.account_id, &order, key.as_deref()).await? {
-        Placed::Reserved { id, replayed } => {
-            let mut response = match replayed {
-                false => order_response(&core, id, StatusCode::CREATED).await?,
-                true => original_order_response(&core, id).await?,
-            };
+    let request = OrderRequest { buyer: buyer.account_id, order, idempotency_key: key };
+    match core.orders.submit(request).await? {
+        Placed::Reserved { id, body } => {
+            let mut response = respond::raw_json(StatusCode::CREATED, body);
             if let Ok(location) = HeaderValue::try_from(format!("/api/orders/{id}")) {
                 response.headers_mut().insert(header::LOCATION, location);
             }
@@ -82,14 +65,17 @@ async fn create_order(
 /// Only the buyer sees an order; to anyone else it does not exist.
 async fn get_order(State(core): State<Arc<Core>>, Caller(caller): Caller, Id(id): Id) -> Result<Response> {
     match db::orders::get(&core.pool, id).await? {
-        Some(order) if order.buyer_id == caller.account_id => Ok(respond::json(StatusCode::OK, &order)),
+        Some((buyer, body)) if buyer == caller.account_id => Ok(respond::raw_json(StatusCode::OK, body)),
         _ => Err(Error::NotFound("no such order")),
     }
 }
 
 async fn finish(core: &Core, id: i64, actor: i64, action: Action) -> Result<Response> {
     match db::orders::finish(&core.pool, id, actor, action).await? {
-        Finished::Done => order_response(core, id, StatusCode::OK).await,
+        Finished::Done => {
+            let (_, body) = db::orders::get(&core.pool, id).await?.ok_or(Error::NotFound("no such order"))?;
+            Ok(respond::raw_json(StatusCode::OK, body))
+        }
         Finished::NotFound => Err(Error::NotFound("no such order")),
         Finished::Forbidden => Err(Error::Forbidden("only a seller of every line may fulfil an order")),
         Finished::AlreadyIs(status) => Err(Error::OrderState(match status {

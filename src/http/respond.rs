@@ -48,6 +48,14 @@ pub fn json_with<T: Serialize + ?Sized>(status: StatusCode, value: &T, content_t
     response
 }
 
+/// A response whose JSON body was built elsewhere (by the database).
+pub fn raw_json(status: StatusCode, body: String) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(APPLICATION_JSON));
+    response
+}
+
 /// An `application/json` response.
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
     json_with(status, value, APPLICATION_JSON)

@@ -18,7 +18,7 @@ use crate::auth::Keys;
 use crate::cache::{self, Caches};
 use crate::config::Serve;
 use crate::core::{Core, Health, Limits};
-use crate::db::{self, bids::Batcher};
+use crate::db::{self, batch::Batcher};
 use crate::http;
 
 /// How long a core waits for its first database connection before giving up.
@@ -75,11 +75,13 @@ async fn core_main(start: Start) {
 
     let caches = Arc::new(Caches::new());
     let bids = Batcher::spawn(pool.clone(), config.bid_queue_depth, config.max_bid_batch, Box::new(|_| {}));
+    let orders = Batcher::spawn(pool.clone(), config.order_queue_depth, config.max_order_batch, Box::new(|_| {}));
     let core = Arc::new(Core {
         id: index,
         pool: pool.clone(),
         caches: caches.clone(),
         bids,
+        orders,
         keys,
         limits: Limits {
             body_limit: config.body_limit,
