@@ -122,6 +122,18 @@ async fn missing_or_invalid_tokens_are_401() {
     assert!(problem["detail"].as_str().unwrap().contains("expired"));
 }
 
+/// Log-in bodies get the same 400/415/422 treatment as every other body.
+#[tokio::test]
+async fn bad_log_in_bodies_are_rejected_before_any_lookup() {
+    let app = spawn_app().await;
+    let malformed = app.post_raw("/api/sessions", "", Some("application/json"), "{\"email\":".into()).await;
+    assert_problem(malformed, StatusCode::BAD_REQUEST, "/problems/malformed-json").await;
+    let missing = app.post_raw("/api/sessions", "", Some("application/json"), "{\"email\":\"a@b.io\"}".into()).await;
+    assert_problem(missing, StatusCode::UNPROCESSABLE_ENTITY, "/problems/invalid-body").await;
+    let form = app.post_raw("/api/sessions", "", Some("application/x-www-form-urlencoded"), "email=a".into()).await;
+    assert_problem(form, StatusCode::UNSUPPORTED_MEDIA_TYPE, "/problems/unsupported-media-type").await;
+}
+
 #[tokio::test]
 async fn the_wrong_role_is_403() {
     let app = spawn_app().await;
@@ -143,9 +155,18 @@ async fn the_wrong_role_is_403() {
 #[tokio::test]
 async fn bad_query_parameters_are_422() {
     let app = spawn_app().await;
-    for path in
-        ["/api/auctions?limit=0", "/api/auctions?limit=101", "/api/auctions?limit=ten", "/api/auctions?status=sold"]
-    {
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let history_zero = format!("/api/auctions/{id}/bids?limit=0");
+    let history_cursor = format!("/api/auctions/{id}/bids?after=newest");
+    for path in [
+        "/api/auctions?limit=0",
+        "/api/auctions?limit=101",
+        "/api/auctions?limit=ten",
+        "/api/auctions?status=sold",
+        "/api/auctions?after=-",
+        history_zero.as_str(),
+        history_cursor.as_str(),
+    ] {
         assert_problem(app.get(path).await, StatusCode::UNPROCESSABLE_ENTITY, "/problems/invalid-query").await;
     }
     assert_problem(
