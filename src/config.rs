@@ -65,6 +65,16 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
+    /// Admin address serving GET /metrics (Prometheus text format). Loopback by
+    /// default and never the public port: metrics are for the operator's scraper.
+    #[arg(long, env = "GAVEL_ADMIN_ADDR", default_value = "127.0.0.1:9100")]
+    pub admin_addr: SocketAddr,
+
+    /// Record metrics. Off, every recording call is a no-op and the admin
+    /// listener is not started (for measuring what metrics cost).
+    #[arg(long, env = "GAVEL_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
+
     /// Number of cores, each a pinned thread with its own runtime, listener and pool.
     /// Unset: every core this process may run on.
     #[arg(long, env = "GAVEL_CORES")]
@@ -134,6 +144,11 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_SESSION_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub session_ttl: Duration,
 
+    /// Log filter (tracing's EnvFilter syntax, e.g. `info,gavel=debug`). Unset:
+    /// `RUST_LOG`, else `info` — which logs no line per request on the hot path.
+    #[arg(long = "log", env = "GAVEL_LOG")]
+    pub log_filter: Option<String>,
+
     /// Log format: JSON for machines, human-readable for terminals; auto picks by
     /// whether standard error is a terminal.
     #[arg(long, env = "GAVEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
@@ -178,6 +193,16 @@ pub struct Token {
 }
 
 impl Serve {
+    /// This configuration with its secrets replaced, fit for a log line.
+    pub fn redacted(&self) -> Serve {
+        let mut shown = self.clone();
+        if shown.secret.jwt_secret.is_some() {
+            shown.secret.jwt_secret = Some("<redacted>".into());
+        }
+        shown.database.database_url = shown.database.database_url.as_deref().map(redact_url);
+        shown
+    }
+
     /// Builds the serve configuration from flags alone (the environment still
     /// applies); tests use it to get exactly the defaults `gavel serve` has.
     pub fn from_flags<I, T>(args: I) -> Result<Self, clap::Error>
@@ -206,6 +231,20 @@ impl Serve {
     }
 }
 
+/// A database URL without its password.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +261,21 @@ mod tests {
         assert_eq!(s.core_count(), 2);
         assert_eq!(s.body_limit, 64 * 1024);
         assert_eq!(s.db_acquire_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn redaction_hides_secrets_and_passwords_only() {
+        let s = Serve::from_flags([
+            "--jwt-secret",
+            "super-secret-super-secret-super-secret",
+            "--database-url",
+            "postgres://app:hunter2@db.internal:5432/gavel",
+        ])
+        .unwrap();
+        let shown = format!("{:?}", s.redacted());
+        assert!(!shown.contains("super-secret") && !shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("postgres://app:<redacted>@db.internal:5432/gavel"), "{shown}");
+        assert_eq!(redact_url("postgres:///gavel?host=/tmp"), "postgres:///gavel?host=/tmp");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod core;
 pub mod db;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod runtime;
 
 use std::io::IsTerminal;
@@ -44,11 +45,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(serve) => {
-            init_logging(serve.log_format);
+            init_logging(serve.log_format, serve.log_filter.as_deref());
             runtime::serve(*serve)
         }
         Command::Migrate(migrate) => {
-            init_logging(LogFormat::Auto);
+            init_logging(LogFormat::Auto, None);
             runtime::migrate(&migrate.database)
         }
         Command::Token(token) => {
@@ -64,10 +65,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Logs to standard error: JSON for machines, human-readable on a terminal. The
-/// level comes from `RUST_LOG` (default `info`).
-pub fn init_logging(format: LogFormat) {
+/// filter is `filter`, else `RUST_LOG`, else `info`.
+pub fn init_logging(format: LogFormat, filter: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = filter
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Pretty => false,

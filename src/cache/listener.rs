@@ -10,20 +10,10 @@ use tokio::sync::watch;
 
 use super::Caches;
 use crate::db::{self, CACHE_CHANNEL};
+use crate::metrics::CoreGauges;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-
-/// Counters the listener reports to (metrics hang off these).
-pub trait Observer: Send + 'static {
-    fn applied(&self, newer: bool, lag_us: Option<i64>);
-    fn reconnected(&self);
-}
-
-impl Observer for () {
-    fn applied(&self, _: bool, _: Option<i64>) {}
-    fn reconnected(&self) {}
-}
 
 /// The application name of core `core`'s LISTEN connection (tests look for it).
 pub fn application_name(core: usize) -> String {
@@ -36,7 +26,7 @@ pub async fn run(
     caches: Arc<Caches>,
     options: PgConnectOptions,
     pool: PgPool,
-    observer: impl Observer,
+    gauges: std::sync::Arc<CoreGauges>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // A pool of one, owned by this task: the listener's connection never competes
@@ -49,8 +39,9 @@ pub async fn run(
     while !*shutdown.borrow() {
         tokio::select! {
             _ = shutdown.changed() => break,
-            result = listen_once(&caches, &listen_pool, &pool, &observer) => {
+            result = listen_once(&caches, &listen_pool, &pool, &gauges) => {
                 caches.set_live(false);
+                gauges.cache_live.set(0.0);
                 match result {
                     Ok(()) => {
                         tracing::warn!(core, "cache listener connection lost; serving reads from the database until it is back");
@@ -76,7 +67,7 @@ async fn listen_once(
     caches: &Caches,
     listen_pool: &PgPool,
     pool: &PgPool,
-    observer: &impl Observer,
+    gauges: &CoreGauges,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(listen_pool).await?;
     listener.eager_reconnect(false);
@@ -86,11 +77,18 @@ async fn listen_once(
     // version rule sorts out any overlap.
     reload(caches, pool).await?;
     caches.set_live(true);
-    observer.reconnected();
+    gauges.cache_live.set(1.0);
+    gauges.reconnects.increment(1);
     loop {
         match listener.try_recv().await {
             Ok(Some(notification)) => match caches.apply_payload(notification.payload()) {
-                Ok(applied) => observer.applied(applied == super::Applied::Newer, lag_us(notification.payload())),
+                Ok((kind, applied)) => {
+                    let newer = applied == super::Applied::Newer;
+                    gauges.notifications[kind as usize][newer as usize].increment(1);
+                    if let Some(lag) = lag_us(notification.payload()) {
+                        gauges.lag.record(lag.max(0) as f64 / 1e6);
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "ignoring cache notification"),
             },
             Ok(None) => return Ok(()),

@@ -22,6 +22,13 @@ use serde::Deserialize;
 use crate::db::inventory::Item;
 use crate::domain::auction::Auction;
 
+/// The kinds of row the caches hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Auction,
+    Inventory,
+}
+
 /// What applying an update did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -139,11 +146,11 @@ impl Caches {
     }
 
     /// Applies one notification payload (the `auction_json` or `inventory_json`
-    /// format).
-    pub fn apply_payload(&self, payload: &str) -> Result<Applied, NoticeError> {
+    /// format); says what kind of row it was and whether it was newer.
+    pub fn apply_payload(&self, payload: &str) -> Result<(Kind, Applied), NoticeError> {
         Ok(match parse_notice(payload)? {
-            Notice::Auction(a) => self.apply_auction(a),
-            Notice::Inventory(i) => self.apply_item(i),
+            Notice::Auction(a) => (Kind::Auction, self.apply_auction(a)),
+            Notice::Inventory(i) => (Kind::Inventory, self.apply_item(i)),
         })
     }
 
@@ -264,11 +271,11 @@ mod tests {
     #[test]
     fn only_newer_versions_are_applied() {
         let c = Caches::new();
-        assert_eq!(c.apply_payload(&payload(2, Some(150))).unwrap(), Applied::Newer);
-        assert_eq!(c.apply_payload(&payload(1, None)).unwrap(), Applied::Stale);
-        assert_eq!(c.apply_payload(&payload(2, Some(150))).unwrap(), Applied::Stale);
+        assert_eq!(c.apply_payload(&payload(2, Some(150))).unwrap(), (Kind::Auction, Applied::Newer));
+        assert_eq!(c.apply_payload(&payload(1, None)).unwrap(), (Kind::Auction, Applied::Stale));
+        assert_eq!(c.apply_payload(&payload(2, Some(150))).unwrap(), (Kind::Auction, Applied::Stale));
         assert_eq!(c.with_any_auction(7, |a| a.high_bid), Some(Some(150)));
-        assert_eq!(c.apply_payload(&payload(3, Some(170))).unwrap(), Applied::Newer);
+        assert_eq!(c.apply_payload(&payload(3, Some(170))).unwrap(), (Kind::Auction, Applied::Newer));
         assert_eq!(c.with_any_auction(7, |a| (a.version, a.high_bid)), Some((3, Some(170))));
     }
 
@@ -299,8 +306,8 @@ mod tests {
                 "available": available, "reserved": 0, "version": version})
             .to_string()
         };
-        assert_eq!(c.apply_payload(&item(2, 5)).unwrap(), Applied::Newer);
-        assert_eq!(c.apply_payload(&item(1, 9)).unwrap(), Applied::Stale);
+        assert_eq!(c.apply_payload(&item(2, 5)).unwrap(), (Kind::Inventory, Applied::Newer));
+        assert_eq!(c.apply_payload(&item(1, 9)).unwrap(), (Kind::Inventory, Applied::Stale));
         assert_eq!(c.with_live_item("A-1", |i| i.available), Some(5));
     }
 

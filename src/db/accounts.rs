@@ -5,6 +5,7 @@ use sqlx::PgPool;
 
 use super::DbError;
 use crate::auth::Role;
+use crate::metrics::{self, Query};
 
 /// An account as stored, without its password hash.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -25,6 +26,7 @@ pub enum CreateError {
 }
 
 pub async fn insert(pool: &PgPool, email: &str, password_hash: &str, role: Role) -> Result<Account, CreateError> {
+    let _timer = metrics::time_query(Query::Account);
     sqlx::query_as(
         r#"
         insert into accounts (email, password_hash, role) values ($1, $2, $3)
@@ -51,6 +53,7 @@ pub struct Credentials {
 }
 
 pub async fn credentials(pool: &PgPool, email: &str) -> Result<Option<Credentials>, DbError> {
+    let _timer = metrics::time_query(Query::Account);
     Ok(sqlx::query_as("select id, password_hash, role from accounts where lower(email) = lower($1)")
         .bind(email.trim())
         .fetch_optional(pool)

@@ -5,6 +5,7 @@ use sqlx::PgPool;
 
 use super::DbError;
 use crate::domain::auction::{Auction, NewAuction, Status};
+use crate::metrics::{self, Query};
 
 #[derive(sqlx::FromRow)]
 struct Row {
@@ -57,6 +58,7 @@ macro_rules! select_auctions {
 }
 
 pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<Auction, DbError> {
+    let _timer = metrics::time_query(Query::AuctionWrite);
     let row: Row = sqlx::query_as(
         r#"
         insert into auctions (seller_id, title, reserve, min_increment, extend_secs, starts_at, ends_at, status)
@@ -78,12 +80,14 @@ pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<A
 }
 
 pub async fn get(pool: &PgPool, id: i64) -> Result<Option<Auction>, DbError> {
+    let _timer = metrics::time_query(Query::AuctionRead);
     let row: Option<Row> = sqlx::query_as(select_auctions!("where id = $1")).bind(id).fetch_optional(pool).await?;
     Ok(row.map(Into::into))
 }
 
 /// The current state of each of `ids` that exists (for a cache reload).
 pub async fn get_many(pool: &PgPool, ids: &[i64]) -> Result<Vec<Auction>, DbError> {
+    let _timer = metrics::time_query(Query::AuctionRead);
     let rows: Vec<Row> = sqlx::query_as(select_auctions!("where id = any($1)")).bind(ids).fetch_all(pool).await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
@@ -91,6 +95,7 @@ pub async fn get_many(pool: &PgPool, ids: &[i64]) -> Result<Vec<Auction>, DbErro
 /// One page of auctions by ascending id, after `after`, optionally of one status
 /// (as the clock decides it, like a single read does).
 pub async fn list(pool: &PgPool, status: Option<Status>, after: i64, limit: i64) -> Result<Vec<Auction>, DbError> {
+    let _timer = metrics::time_query(Query::AuctionList);
     let rows: Vec<Row> = sqlx::query_as(select_auctions!(
         r#"
          where id > $1
@@ -114,5 +119,6 @@ pub async fn list(pool: &PgPool, status: Option<Status>, after: i64, limit: i64)
 
 /// Opens and closes the auctions whose time has come; returns how many changed.
 pub async fn advance(pool: &PgPool) -> Result<i32, DbError> {
+    let _timer = metrics::time_query(Query::Lifecycle);
     Ok(sqlx::query_scalar("select advance_auctions()").fetch_one(pool).await?)
 }

@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use super::DbError;
 use super::batch::BatchWrite;
 use crate::domain::bid::{NewBid, Outcome};
+use crate::metrics::{self, Query};
 
 /// One bid waiting for the database.
 #[derive(Debug, Clone)]
@@ -65,6 +66,7 @@ pub async fn place(pool: &PgPool, requests: &[&BidRequest]) -> Result<Vec<BidRes
 }
 
 async fn place_once(pool: &PgPool, requests: &[&BidRequest]) -> Result<Vec<BidResult>, DbError> {
+    let _timer = metrics::time_query(Query::PlaceBids);
     let n = requests.len();
     let mut auctions = Vec::with_capacity(n);
     let mut bidders = Vec::with_capacity(n);
@@ -132,6 +134,7 @@ pub async fn history(
     before: Option<i64>,
     limit: i64,
 ) -> Result<Option<Vec<BidRecord>>, DbError> {
+    let _timer = metrics::time_query(Query::BidHistory);
     let rows: Vec<BidRecord> = sqlx::query_as(
         r#"
         select id, auction_id, bidder_id, amount, created_at

@@ -4,6 +4,7 @@ use sqlx::PgPool;
 
 use super::DbError;
 use crate::domain::stock::Restock;
+use crate::metrics::{self, Query};
 
 /// One sku's stock.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -28,6 +29,7 @@ pub enum Restocked {
 /// Creates the sku for `seller`, or sets its title and available stock if it is
 /// already theirs. One statement: the conflict clause's condition is the owner check.
 pub async fn restock(pool: &PgPool, seller: i64, r: &Restock) -> Result<Restocked, DbError> {
+    let _timer = metrics::time_query(Query::InventoryWrite);
     #[derive(sqlx::FromRow)]
     struct Row {
         #[sqlx(flatten)]
@@ -60,6 +62,7 @@ pub async fn restock(pool: &PgPool, seller: i64, r: &Restock) -> Result<Restocke
 }
 
 pub async fn get(pool: &PgPool, sku: &str) -> Result<Option<Item>, DbError> {
+    let _timer = metrics::time_query(Query::InventoryRead);
     Ok(sqlx::query_as("select sku, seller_id, title, available, reserved, version from inventory where sku = $1")
         .bind(sku)
         .fetch_optional(pool)
@@ -68,6 +71,7 @@ pub async fn get(pool: &PgPool, sku: &str) -> Result<Option<Item>, DbError> {
 
 /// The current state of each of `skus` that exists (for a cache reload).
 pub async fn get_many(pool: &PgPool, skus: &[String]) -> Result<Vec<Item>, DbError> {
+    let _timer = metrics::time_query(Query::InventoryRead);
     Ok(sqlx::query_as("select sku, seller_id, title, available, reserved, version from inventory where sku = any($1)")
         .bind(skus)
         .fetch_all(pool)
@@ -76,6 +80,7 @@ pub async fn get_many(pool: &PgPool, skus: &[String]) -> Result<Vec<Item>, DbErr
 
 /// One page by ascending sku after `after`, optionally of one seller.
 pub async fn list(pool: &PgPool, seller: Option<i64>, after: &str, limit: i64) -> Result<Vec<Item>, DbError> {
+    let _timer = metrics::time_query(Query::InventoryList);
     Ok(sqlx::query_as(
         r#"
         select sku, seller_id, title, available, reserved, version

@@ -16,6 +16,7 @@ use sqlx::PgPool;
 use super::DbError;
 use super::batch::BatchWrite;
 use crate::domain::stock::{NewOrder, OrderStatus};
+use crate::metrics::{self, Query};
 
 /// One order waiting for the database.
 #[derive(Debug, Clone)]
@@ -67,6 +68,7 @@ struct OutcomeRow {
 
 /// Places `requests` in one statement; returns their outcomes in the same order.
 async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
+    let _timer = metrics::time_query(Query::PlaceOrders);
     let mut buyers = Vec::with_capacity(requests.len());
     let mut keys: Vec<Option<&str>> = Vec::with_capacity(requests.len());
     let mut fingerprints: Vec<Option<String>> = Vec::with_capacity(requests.len());
@@ -128,6 +130,7 @@ fn protocol(message: String) -> DbError {
 
 /// An order's buyer and its body, as `order_json` builds it.
 pub async fn get(pool: &PgPool, id: i64) -> Result<Option<(i64, String)>, DbError> {
+    let _timer = metrics::time_query(Query::OrderRead);
     Ok(sqlx::query_as("select buyer_id, order_json(id, false) from orders where id = $1")
         .bind(id)
         .fetch_optional(pool)
@@ -156,6 +159,7 @@ pub enum Finished {
 }
 
 pub async fn finish(pool: &PgPool, id: i64, actor: i64, action: Action) -> Result<Finished, DbError> {
+    let _timer = metrics::time_query(Query::FinishOrder);
     let name = match action {
         Action::Cancel => "cancel",
         Action::Fulfil => "fulfil",

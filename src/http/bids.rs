@@ -16,6 +16,7 @@ use super::respond;
 use crate::core::Core;
 use crate::db::bids::BidRequest;
 use crate::domain::bid::{LocalVerdict, NewBid, Outcome, check_locally};
+use crate::metrics::{self, BidOutcome};
 
 pub(crate) fn router() -> Router<Arc<Core>> {
     Router::new().route("/api/bids", post(place_bid))
@@ -52,13 +53,32 @@ async fn place_bid(
     if key.is_none() {
         match core.caches.with_any_auction(bid.auction_id, |a| check_locally(a, bid.amount)) {
             Some(LocalVerdict::TooLow { min_next_bid }) => {
+                metrics::bid(BidOutcome::TooLowLocal);
                 return Err(Error::BidTooLow { min_next_bid });
             }
-            Some(LocalVerdict::Closed) => return Err(Error::AuctionClosed),
+            Some(LocalVerdict::Closed) => {
+                metrics::bid(BidOutcome::ClosedLocal);
+                return Err(Error::AuctionClosed);
+            }
             Some(LocalVerdict::AskDatabase) | None => {}
         }
     }
-    let result = core.bids.submit(BidRequest { bid, idempotency_key: key }).await?;
+    let result = match core.bids.submit(BidRequest { bid, idempotency_key: key }).await {
+        Ok(result) => result,
+        Err(e) => {
+            metrics::bid(BidOutcome::Shed);
+            return Err(e.into());
+        }
+    };
+    metrics::bid(match result.outcome {
+        Outcome::Accepted => BidOutcome::Accepted,
+        Outcome::TooLow => BidOutcome::TooLowDb,
+        Outcome::Closed => BidOutcome::Closed,
+        Outcome::NotFound => BidOutcome::NotFound,
+        Outcome::KeyMismatch => BidOutcome::KeyMismatch,
+        Outcome::KeyInUse => BidOutcome::KeyInUse,
+        Outcome::UnknownAccount => BidOutcome::UnknownAccount,
+    });
     match result.outcome {
         Outcome::Accepted => {
             if let Some(state) = &result.auction_json

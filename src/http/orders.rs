@@ -15,6 +15,7 @@ use super::respond;
 use crate::core::Core;
 use crate::db::{self, orders::Action, orders::Finished, orders::OrderRequest, orders::Placed};
 use crate::domain::stock::{NewOrder, OrderStatus};
+use crate::metrics::{self, OrderOutcome};
 
 pub(crate) fn router() -> Router<Arc<Core>> {
     Router::new()
@@ -46,7 +47,22 @@ async fn create_order(
 ) -> Result<Response> {
     let order = NewOrder::parse(body.lines.iter().map(|l| (l.sku.as_str(), l.quantity))).map_err(Error::Validation)?;
     let request = OrderRequest { buyer: buyer.account_id, order, idempotency_key: key };
-    match core.orders.submit(request).await? {
+    let placed = match core.orders.submit(request).await {
+        Ok(placed) => placed,
+        Err(e) => {
+            metrics::order(OrderOutcome::Shed);
+            return Err(e.into());
+        }
+    };
+    metrics::order(match &placed {
+        Placed::Reserved { .. } => OrderOutcome::Reserved,
+        Placed::InsufficientStock { .. } => OrderOutcome::InsufficientStock,
+        Placed::UnknownSku(_) => OrderOutcome::UnknownSku,
+        Placed::UnknownAccount => OrderOutcome::UnknownAccount,
+        Placed::KeyMismatch => OrderOutcome::KeyMismatch,
+        Placed::KeyInUse => OrderOutcome::KeyInUse,
+    });
+    match placed {
         Placed::Reserved { id, body } => {
             let mut response = respond::raw_json(StatusCode::CREATED, body);
             if let Ok(location) = HeaderValue::try_from(format!("/api/orders/{id}")) {

@@ -7,13 +7,14 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::Error;
 use crate::core::Core;
+use crate::metrics;
 
 pub const HEADER: &str = "x-request-id";
 /// Longest client-supplied id echoed back; longer ones are replaced.
@@ -56,8 +57,14 @@ pub fn current() -> String {
     CURRENT.try_with(|v| v.to_str().unwrap_or_default().to_owned()).unwrap_or_default()
 }
 
-/// Sets the request id, bounds the request's time, and echoes the id.
+/// Sets the request id, bounds the request's time, echoes the id, and records
+/// the request's metrics.
 pub async fn middleware(State(core): State<Arc<Core>>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = metrics::method_label(request.method());
+    // The matched route template (fixed by the router), never the raw path.
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    metrics::request_started();
     let id = match request.headers().get(HEADER) {
         Some(v) if acceptable(v) => v.clone(),
         _ => generate(),
@@ -72,6 +79,8 @@ pub async fn middleware(State(core): State<Arc<Core>>, request: Request, next: N
         })
         .await;
     response.headers_mut().insert(HEADER, id);
+    let route = route.as_ref().map_or("unmatched", |r| r.as_str());
+    metrics::request_finished(route, method, response.status().as_u16(), started.elapsed());
     response
 }
 

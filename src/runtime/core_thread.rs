@@ -20,6 +20,7 @@ use crate::config::Serve;
 use crate::core::{Core, Health, Limits};
 use crate::db::{self, batch::Batcher};
 use crate::http;
+use crate::metrics::{self, CoreGauges};
 
 /// How long a core waits for its first database connection before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,6 +46,7 @@ pub(super) fn run(start: Start) {
         tracing::warn!(core = start.index, cpu = id.id, "could not pin the core thread");
     }
     http::request_id::init_core(start.index);
+    metrics::init_core(start.index);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -74,8 +76,9 @@ async fn core_main(start: Start) {
     };
 
     let caches = Arc::new(Caches::new());
-    let bids = Batcher::spawn(pool.clone(), config.bid_queue_depth, config.max_bid_batch, Box::new(|_| {}));
-    let orders = Batcher::spawn(pool.clone(), config.order_queue_depth, config.max_order_batch, Box::new(|_| {}));
+    let bids = Batcher::spawn(pool.clone(), config.bid_queue_depth, config.max_bid_batch, Box::new(metrics::bid_batch));
+    let orders =
+        Batcher::spawn(pool.clone(), config.order_queue_depth, config.max_order_batch, Box::new(metrics::order_batch));
     let core = Arc::new(Core {
         id: index,
         pool: pool.clone(),
@@ -91,7 +94,10 @@ async fn core_main(start: Start) {
         health: health.clone(),
         hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });
-    let listen_task = tokio::spawn(cache::listener::run(index, caches, database, pool.clone(), (), shutdown.clone()));
+    let gauges = Arc::new(CoreGauges::new(index));
+    let listen_task =
+        tokio::spawn(cache::listener::run(index, caches, database, pool.clone(), gauges.clone(), shutdown.clone()));
+    let pool_task = tokio::spawn(sample_pool(pool.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
     let lifecycle_task =
         (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), config.lifecycle_tick, shutdown.clone())));
 
@@ -101,6 +107,7 @@ async fn core_main(start: Start) {
     serve(listener, http::router(core), &config, shutdown).await;
 
     let _ = listen_task.await;
+    let _ = pool_task.await;
     if let Some(task) = lifecycle_task {
         let _ = task.await;
     }
@@ -165,6 +172,25 @@ async fn accept_failed(e: std::io::Error) {
     // of spinning; the connection stays in the backlog.
     tracing::warn!(error = %e, "accept failed");
     tokio::time::sleep(Duration::from_millis(20)).await;
+}
+
+/// How often a core samples its pool's connection counts.
+const POOL_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes the core's pool usage, off the hot path.
+async fn sample_pool(pool: PgPool, max: u32, gauges: Arc<CoreGauges>, mut shutdown: watch::Receiver<bool>) {
+    gauges.pool_max.set(f64::from(max));
+    let mut interval = tokio::time::interval(POOL_SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = interval.tick() => {
+                let (size, idle) = (pool.size(), pool.num_idle() as u32);
+                gauges.pool_idle.set(f64::from(idle));
+                gauges.pool_in_use.set(f64::from(size.saturating_sub(idle)));
+            }
+        }
+    }
 }
 
 /// Opens and closes auctions as their times come (core 0 only).

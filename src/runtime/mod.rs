@@ -1,6 +1,7 @@
 //! The per-core engine: thread pinning, runtimes, listeners, start and shutdown;
 //! and the `serve` and `migrate` commands that drive it.
 
+mod admin;
 mod core_thread;
 pub mod socket;
 
@@ -28,6 +29,7 @@ pub const EMBEDDED_DATABASE: &str = "gavel";
 /// A running server: one thread per core.
 pub struct Server {
     local_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
     health: Arc<Health>,
@@ -38,6 +40,15 @@ impl Server {
     /// core's error (after stopping the others).
     pub fn start(config: &Serve, database: PgConnectOptions, keys: Arc<Keys>) -> anyhow::Result<Server> {
         let cores = config.core_count();
+        let metrics = crate::metrics::install(config.metrics);
+        let admin = match metrics {
+            Some(_) => Some(
+                std::net::TcpListener::bind(config.admin_addr)
+                    .with_context(|| format!("cannot listen on the admin address {}", config.admin_addr))?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
         let listeners =
             socket::bind_all(config.listen, cores).with_context(|| format!("cannot listen on {}", config.listen))?;
         let local_addr = listeners[0].local_addr()?;
@@ -65,8 +76,16 @@ impl Server {
                 .context("cannot spawn a core thread")?;
             threads.push(thread);
         }
+        if let Some(listener) = admin {
+            let shutdown = shutdown_rx.clone();
+            let thread = std::thread::Builder::new()
+                .name("gavel-admin".into())
+                .spawn(move || admin::run(listener, shutdown))
+                .context("cannot spawn the admin thread")?;
+            threads.push(thread);
+        }
         drop(started_tx);
-        let server = Server { local_addr, shutdown, threads, health };
+        let server = Server { local_addr, admin_addr, shutdown, threads, health };
         for _ in 0..cores {
             match started_rx.recv_timeout(START_TIMEOUT) {
                 Ok(Ok(_)) => {}
@@ -86,6 +105,11 @@ impl Server {
     /// The address every core listens on (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The admin listener's address (serving /metrics), if metrics are on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn health(&self) -> &Arc<Health> {
@@ -124,6 +148,12 @@ impl Database {
     pub fn open(config: &config::Database, max_connections: u32) -> anyhow::Result<Database> {
         if let Some(url) = &config.database_url {
             let options = PgConnectOptions::from_str(url).context("DATABASE_URL is not a valid PostgreSQL URL")?;
+            tracing::info!(
+                host = options.get_host(),
+                port = options.get_port(),
+                database = options.get_database().unwrap_or_default(),
+                "using the PostgreSQL at DATABASE_URL"
+            );
             return Ok(Database { options, cluster: None });
         }
         let cluster = embedded::Cluster::start(&embedded::Options {
@@ -177,6 +207,7 @@ pub fn serve(config: Serve) -> anyhow::Result<()> {
             Keys::new(Keys::generate_secret().as_bytes())?
         }
     };
+    tracing::info!(config = ?config.redacted(), "starting with this configuration");
     let cores = config.core_count();
     // Each core: its pool and its LISTEN connection; plus migrations, psql, headroom.
     let max_connections = cores as u32 * (config.db_conns_per_core + 1) + 20;

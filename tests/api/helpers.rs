@@ -19,6 +19,8 @@ pub const SECRET: &str = "integration-tests-secret-0123456789abcdef";
 /// A running server, its database and a client; everything stops on drop.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin listener (GET /metrics).
+    pub admin_addr: SocketAddr,
     pub client: reqwest::Client,
     /// A pool on the same database, for inspecting and breaking things.
     pub db: PgPool,
@@ -54,7 +56,8 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     gavel::db::ensure_database(&options, "gavel").await.expect("create database");
     gavel::db::migrate(&options).await.expect("migrate");
     seed_accounts(&options).await;
-    let mut args = vec!["--listen", "127.0.0.1:0", "--cores", "2", "--lifecycle-tick", "50ms"];
+    let mut args =
+        vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2", "--lifecycle-tick", "50ms"];
     args.extend_from_slice(flags);
     let config = Serve::from_flags(args).expect("test flags parse");
     let keys = Keys::new(SECRET.as_bytes()).unwrap();
@@ -63,6 +66,7 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     let db = PgPoolOptions::new().max_connections(4).connect_with(options.clone()).await.expect("test pool");
     TestApp {
         addr: server.local_addr(),
+        admin_addr: server.admin_addr().expect("metrics are on by default"),
         client: reqwest::Client::new(),
         db,
         keys,
@@ -115,6 +119,13 @@ pub fn at(secs: f64) -> String {
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The admin listener's `/metrics`, as text.
+    pub async fn scrape(&self) -> String {
+        let response = self.client.get(format!("http://{}/metrics", self.admin_addr)).send().await.expect("scrape");
+        assert_eq!(response.status(), StatusCode::OK);
+        response.text().await.unwrap()
     }
 
     /// Begins the server's shutdown (readiness turns 503, listeners close).

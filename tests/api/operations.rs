@@ -136,7 +136,17 @@ async fn ready_is_503_while_draining() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_drains_and_exits_cleanly() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gavel"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--cores", "2", "--log-format", "json"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--cores",
+            "2",
+            "--log-format",
+            "json",
+        ])
         .env("GAVEL_JWT_SECRET", crate::helpers::SECRET)
         .env_remove("DATABASE_URL")
         .env_remove("GAVEL_DATA_DIR")

@@ -1,0 +1,446 @@
+//! Metric names and per-core handles.
+//!
+//! A leaf: anything may record here. Every name is a constant in this file, every
+//! label comes from a fixed set, and every per-core family carries a `core` label.
+//!
+//! Recording on the hot path touches only handles this core created (each core is a
+//! thread, so they live in a thread-local): no key is built or hashed per request
+//! once a core has seen a route, and no value is shared with another core — every
+//! handle's atomics are this core's own series. Without an installed recorder
+//! (`--metrics false`, or a thread that is not a core) every call is a no-op.
+
+use std::cell::RefCell;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
+pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
+pub const BIDS_TOTAL: &str = "gavel_bids_total";
+pub const BID_BATCH_SIZE: &str = "gavel_bid_batch_size";
+pub const ORDERS_TOTAL: &str = "gavel_orders_total";
+pub const ORDER_BATCH_SIZE: &str = "gavel_order_batch_size";
+pub const DB_QUERY_DURATION_SECONDS: &str = "gavel_db_query_duration_seconds";
+pub const DB_POOL_CONNECTIONS: &str = "gavel_db_pool_connections";
+pub const CACHE_NOTIFICATIONS_TOTAL: &str = "gavel_cache_notifications_total";
+pub const CACHE_NOTIFY_LAG_SECONDS: &str = "gavel_cache_notify_lag_seconds";
+pub const CACHE_LISTENER_RECONNECTS_TOTAL: &str = "gavel_cache_listener_reconnects_total";
+pub const CACHE_LIVE: &str = "gavel_cache_live";
+pub const BUILD_INFO: &str = "gavel_build_info";
+
+/// Latency buckets, in seconds: from 50 µs (a cached read) to 10 s (a request
+/// timeout's order of magnitude).
+pub const LATENCY_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Batch size buckets: powers of two up to the largest batch allowed by default.
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+
+/// How a bid ended, as `gavel_bids_total{outcome}` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BidOutcome {
+    Accepted,
+    TooLowLocal,
+    TooLowDb,
+    ClosedLocal,
+    Closed,
+    NotFound,
+    KeyMismatch,
+    KeyInUse,
+    UnknownAccount,
+    Shed,
+}
+
+impl BidOutcome {
+    const ALL: [BidOutcome; 10] = [
+        BidOutcome::Accepted,
+        BidOutcome::TooLowLocal,
+        BidOutcome::TooLowDb,
+        BidOutcome::ClosedLocal,
+        BidOutcome::Closed,
+        BidOutcome::NotFound,
+        BidOutcome::KeyMismatch,
+        BidOutcome::KeyInUse,
+        BidOutcome::UnknownAccount,
+        BidOutcome::Shed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            BidOutcome::Accepted => "accepted",
+            BidOutcome::TooLowLocal => "too_low_local",
+            BidOutcome::TooLowDb => "too_low_db",
+            BidOutcome::ClosedLocal => "closed_local",
+            BidOutcome::Closed => "closed",
+            BidOutcome::NotFound => "not_found",
+            BidOutcome::KeyMismatch => "key_mismatch",
+            BidOutcome::KeyInUse => "key_in_use",
+            BidOutcome::UnknownAccount => "unknown_account",
+            BidOutcome::Shed => "shed",
+        }
+    }
+}
+
+/// How an order ended, as `gavel_orders_total{outcome}` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderOutcome {
+    Reserved,
+    InsufficientStock,
+    UnknownSku,
+    KeyMismatch,
+    KeyInUse,
+    UnknownAccount,
+    Shed,
+}
+
+impl OrderOutcome {
+    const ALL: [OrderOutcome; 7] = [
+        OrderOutcome::Reserved,
+        OrderOutcome::InsufficientStock,
+        OrderOutcome::UnknownSku,
+        OrderOutcome::KeyMismatch,
+        OrderOutcome::KeyInUse,
+        OrderOutcome::UnknownAccount,
+        OrderOutcome::Shed,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            OrderOutcome::Reserved => "reserved",
+            OrderOutcome::InsufficientStock => "insufficient_stock",
+            OrderOutcome::UnknownSku => "unknown_sku",
+            OrderOutcome::KeyMismatch => "key_mismatch",
+            OrderOutcome::KeyInUse => "key_in_use",
+            OrderOutcome::UnknownAccount => "unknown_account",
+            OrderOutcome::Shed => "shed",
+        }
+    }
+}
+
+/// The queries `gavel_db_query_duration_seconds{query}` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    PlaceBids,
+    PlaceOrders,
+    FinishOrder,
+    AuctionRead,
+    AuctionList,
+    AuctionWrite,
+    BidHistory,
+    InventoryRead,
+    InventoryList,
+    InventoryWrite,
+    OrderRead,
+    Account,
+    Lifecycle,
+}
+
+impl Query {
+    const ALL: [Query; 13] = [
+        Query::PlaceBids,
+        Query::PlaceOrders,
+        Query::FinishOrder,
+        Query::AuctionRead,
+        Query::AuctionList,
+        Query::AuctionWrite,
+        Query::BidHistory,
+        Query::InventoryRead,
+        Query::InventoryList,
+        Query::InventoryWrite,
+        Query::OrderRead,
+        Query::Account,
+        Query::Lifecycle,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Query::PlaceBids => "place_bids",
+            Query::PlaceOrders => "place_orders",
+            Query::FinishOrder => "finish_order",
+            Query::AuctionRead => "auction_read",
+            Query::AuctionList => "auction_list",
+            Query::AuctionWrite => "auction_write",
+            Query::BidHistory => "bid_history",
+            Query::InventoryRead => "inventory_read",
+            Query::InventoryList => "inventory_list",
+            Query::InventoryWrite => "inventory_write",
+            Query::OrderRead => "order_read",
+            Query::Account => "account",
+            Query::Lifecycle => "lifecycle",
+        }
+    }
+}
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the
+/// first result). `None` when disabled or when another recorder is installed.
+pub fn install(enabled: bool) -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            if !enabled {
+                return None;
+            }
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), BATCH_BUCKETS))
+                .ok()?;
+            let handle = builder.install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The installed recorder's handle, if any.
+pub fn handle() -> Option<&'static PrometheusHandle> {
+    HANDLE.get().and_then(Option::as_ref)
+}
+
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(HTTP_REQUESTS_TOTAL, "HTTP requests answered, by route template and status");
+    describe_histogram!(HTTP_REQUEST_DURATION_SECONDS, Unit::Seconds, "Time to answer an HTTP request");
+    describe_gauge!(HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being handled now");
+    describe_counter!(BIDS_TOTAL, "Bids by outcome (too_low_local and closed_local never reached the database)");
+    describe_histogram!(BID_BATCH_SIZE, "Bids sent to the database in one statement");
+    describe_counter!(ORDERS_TOTAL, "Orders by outcome");
+    describe_histogram!(ORDER_BATCH_SIZE, "Orders sent to the database in one statement");
+    describe_histogram!(DB_QUERY_DURATION_SECONDS, Unit::Seconds, "Time of a database round trip, by query");
+    describe_gauge!(DB_POOL_CONNECTIONS, "Connections of the core's pool, by state (idle, in_use, max)");
+    describe_counter!(CACHE_NOTIFICATIONS_TOTAL, "Cache notifications received, by kind and whether they were newer");
+    describe_histogram!(
+        CACHE_NOTIFY_LAG_SECONDS,
+        Unit::Seconds,
+        "From the database writing a change to a core applying it"
+    );
+    describe_counter!(CACHE_LISTENER_RECONNECTS_TOTAL, "Times a core's LISTEN connection came (back) up");
+    describe_gauge!(CACHE_LIVE, "1 while the core serves reads from its cache, 0 while it recovers");
+    describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs");
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    process_collector().describe();
+}
+
+/// The metrics in Prometheus text format, with process metrics read now.
+pub fn render() -> Option<String> {
+    let handle = handle()?;
+    process_collector().collect();
+    Some(handle.render())
+}
+
+/// Drains histogram samples into their buckets, so memory stays flat when nobody
+/// scrapes. Call every few seconds.
+pub fn run_upkeep() {
+    if let Some(handle) = handle() {
+        handle.run_upkeep();
+    }
+}
+
+/// One route's (and method's) handles on one core.
+struct RouteMetrics {
+    route: Box<str>,
+    method: &'static str,
+    duration: Histogram,
+    /// Few statuses per route: a short list beats a map.
+    statuses: Vec<(u16, Counter)>,
+}
+
+/// One core's handles.
+struct CoreMetrics {
+    core: String,
+    in_flight: Gauge,
+    routes: Vec<RouteMetrics>,
+    bids: Vec<Counter>,
+    orders: Vec<Counter>,
+    queries: Vec<Histogram>,
+    bid_batch: Histogram,
+    order_batch: Histogram,
+}
+
+thread_local! {
+    static CORE: RefCell<Option<CoreMetrics>> = const { RefCell::new(None) };
+}
+
+/// Creates this thread's (this core's) handles. Called once when a core starts.
+pub fn init_core(core: usize) {
+    let label = core.to_string();
+    let per_core = |name: &'static str, key: &'static str, value: &'static str| metrics::counter!(name, "core" => label.clone(), key => value);
+    let metrics = CoreMetrics {
+        in_flight: metrics::gauge!(HTTP_REQUESTS_IN_FLIGHT, "core" => label.clone()),
+        routes: Vec::new(),
+        bids: BidOutcome::ALL.iter().map(|o| per_core(BIDS_TOTAL, "outcome", o.label())).collect(),
+        orders: OrderOutcome::ALL.iter().map(|o| per_core(ORDERS_TOTAL, "outcome", o.label())).collect(),
+        queries: Query::ALL
+            .iter()
+            .map(|q| metrics::histogram!(DB_QUERY_DURATION_SECONDS, "core" => label.clone(), "query" => q.label()))
+            .collect(),
+        bid_batch: metrics::histogram!(BID_BATCH_SIZE, "core" => label.clone()),
+        order_batch: metrics::histogram!(ORDER_BATCH_SIZE, "core" => label.clone()),
+        core: label,
+    };
+    CORE.with_borrow_mut(|c| *c = Some(metrics));
+}
+
+fn with_core(f: impl FnOnce(&mut CoreMetrics)) {
+    CORE.with_borrow_mut(|c| {
+        if let Some(core) = c {
+            f(core)
+        }
+    });
+}
+
+/// The label of an HTTP method: the common ones by name, the rest as "other".
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    match *method {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::HEAD => "HEAD",
+        _ => "other",
+    }
+}
+
+/// A request has started on this core.
+pub fn request_started() {
+    with_core(|c| c.in_flight.increment(1.0));
+}
+
+/// A request has been answered. `route` is the matched route template, or
+/// "unmatched"; the set is fixed by the router, so the label is bounded.
+pub fn request_finished(route: &str, method: &'static str, status: u16, elapsed: Duration) {
+    with_core(|c| {
+        c.in_flight.decrement(1.0);
+        let index = match c.routes.iter().position(|r| r.method == method && &*r.route == route) {
+            Some(i) => i,
+            None => new_route(c, route, method),
+        };
+        let entry = &mut c.routes[index];
+        entry.duration.record(elapsed.as_secs_f64());
+        match entry.statuses.iter().find(|(s, _)| *s == status) {
+            Some((_, counter)) => counter.increment(1),
+            None => {
+                let counter = metrics::counter!(HTTP_REQUESTS_TOTAL,
+                    "core" => c.core.clone(), "method" => method, "route" => entry.route.to_string(),
+                    "status" => status.to_string());
+                counter.increment(1);
+                entry.statuses.push((status, counter));
+            }
+        }
+    });
+}
+
+/// Creates the handles of a route this core sees for the first time.
+#[cold]
+fn new_route(c: &mut CoreMetrics, route: &str, method: &'static str) -> usize {
+    c.routes.push(RouteMetrics {
+        route: route.into(),
+        method,
+        duration: metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS,
+            "core" => c.core.clone(), "method" => method, "route" => route.to_owned()),
+        statuses: Vec::new(),
+    });
+    c.routes.len() - 1
+}
+
+pub fn bid(outcome: BidOutcome) {
+    with_core(|c| c.bids[outcome as usize].increment(1));
+}
+
+pub fn order(outcome: OrderOutcome) {
+    with_core(|c| c.orders[outcome as usize].increment(1));
+}
+
+pub fn bid_batch(size: usize) {
+    with_core(|c| c.bid_batch.record(size as f64));
+}
+
+pub fn order_batch(size: usize) {
+    with_core(|c| c.order_batch.record(size as f64));
+}
+
+/// Times a database round trip; records when dropped.
+pub struct QueryTimer {
+    query: Query,
+    started: Instant,
+}
+
+impl Drop for QueryTimer {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let query = self.query;
+        with_core(|c| c.queries[query as usize].record(elapsed));
+    }
+}
+
+/// Starts timing `query` on this core.
+pub fn time_query(query: Query) -> QueryTimer {
+    QueryTimer { query, started: Instant::now() }
+}
+
+/// Handles for the per-core values sampled off the hot path (pool, cache).
+pub struct CoreGauges {
+    pub pool_idle: Gauge,
+    pub pool_in_use: Gauge,
+    pub pool_max: Gauge,
+    pub cache_live: Gauge,
+    pub reconnects: Counter,
+    pub lag: Histogram,
+    /// `[kind][newer]`: auction/inventory × stale/applied.
+    pub notifications: [[Counter; 2]; 2],
+}
+
+impl CoreGauges {
+    pub fn new(core: usize) -> Self {
+        let core = core.to_string();
+        let pool = |state: &'static str| metrics::gauge!(DB_POOL_CONNECTIONS, "core" => core.clone(), "state" => state);
+        let notice = |kind: &'static str, result: &'static str| metrics::counter!(CACHE_NOTIFICATIONS_TOTAL, "core" => core.clone(), "kind" => kind, "result" => result);
+        CoreGauges {
+            pool_idle: pool("idle"),
+            pool_in_use: pool("in_use"),
+            pool_max: pool("max"),
+            cache_live: metrics::gauge!(CACHE_LIVE, "core" => core.clone()),
+            reconnects: metrics::counter!(CACHE_LISTENER_RECONNECTS_TOTAL, "core" => core.clone()),
+            lag: metrics::histogram!(CACHE_NOTIFY_LAG_SECONDS, "core" => core.clone()),
+            notifications: [
+                [notice("auction", "stale"), notice("auction", "applied")],
+                [notice("inventory", "stale"), notice("inventory", "applied")],
+            ],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_sets_are_complete_and_distinct() {
+        let bids: std::collections::HashSet<_> = BidOutcome::ALL.iter().map(|o| o.label()).collect();
+        assert_eq!(bids.len(), BidOutcome::ALL.len());
+        assert!(BidOutcome::ALL.iter().enumerate().all(|(i, o)| *o as usize == i));
+        assert!(OrderOutcome::ALL.iter().enumerate().all(|(i, o)| *o as usize == i));
+        assert!(Query::ALL.iter().enumerate().all(|(i, q)| *q as usize == i));
+    }
+
+    #[test]
+    fn unusual_methods_share_one_label() {
+        assert_eq!(method_label(&axum::http::Method::GET), "GET");
+        assert_eq!(method_label(&axum::http::Method::from_bytes(b"BREW").unwrap()), "other");
+    }
+
+    #[test]
+    fn recording_without_a_core_is_a_no_op() {
+        request_started();
+        request_finished("/x", "GET", 200, Duration::from_millis(1));
+        bid(BidOutcome::Accepted);
+        drop(time_query(Query::PlaceBids));
+    }
+}
