@@ -10,6 +10,7 @@ mod helpers;
 mod idempotency;
 mod inventory;
 mod lifecycle;
+mod openapi;
 mod operations;
 mod orders;
 mod shop;
