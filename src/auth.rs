@@ -16,7 +16,7 @@ pub const ISSUER: &str = "gavel";
 pub const MIN_SECRET_LEN: usize = 32;
 
 /// What an account may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Bidder,

@@ -14,7 +14,7 @@
 //! - [`runtime`]: the per-core engine (pinning, runtimes, listeners, shutdown) and
 //!   the `serve` / `migrate` commands.
 //! - [`http`]: axum routers, one module per resource; problem+json errors;
-//!   extractors.
+//!   extractors; the OpenAPI document the routers' attributes generate.
 //! - [`core`]: one core's state — pool, caches, batcher, limits.
 //! - [`cache`]: per-core caches and the LISTEN/NOTIFY applier.
 //! - [`db`]: queries per resource, the bid batcher, the embedded PostgreSQL,

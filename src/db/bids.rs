@@ -117,7 +117,8 @@ async fn place_once(pool: &PgPool, requests: &[&BidRequest]) -> Result<Vec<BidRe
 }
 
 /// One accepted bid, as the history lists it.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Bid)]
 pub struct BidRecord {
     pub id: i64,
     pub auction_id: i64,

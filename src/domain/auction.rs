@@ -13,8 +13,10 @@ pub const MAX_EXTEND_SECS: i32 = 3600;
 /// Longest title, in characters.
 pub const MAX_TITLE_CHARS: usize = 200;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+/// Where an auction stands: scheduled until `starts_at`, open, closed from `ends_at`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
+#[schema(as = AuctionStatus)]
 pub enum Status {
     Scheduled,
     Open,

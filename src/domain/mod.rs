@@ -8,7 +8,7 @@ pub mod money;
 pub mod stock;
 
 /// One invalid field of a request, reported back to the client in a 422 problem.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: &'static str,
     pub message: &'static str,

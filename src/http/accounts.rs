@@ -2,35 +2,38 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::routing::post;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::{Error, Result};
-use super::extract::{Json, SESSION_COOKIE};
+use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
+use super::extract::{Json, JsonProblems, SESSION_COOKIE};
 use super::respond;
 use crate::auth::{self, Role};
 use crate::core::Core;
 use crate::db::{self, accounts::CreateError};
 use crate::domain::account::NewAccount;
 
-pub(crate) fn router() -> Router<Arc<Core>> {
-    Router::new().route("/api/accounts", post(create_account)).route("/api/sessions", post(create_session))
+pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
+    OpenApiRouter::default().routes(routes!(create_account)).routes(routes!(create_session))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Register {
     email: String,
     password: String,
+    /// `bidder` or `seller`.
     role: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Account)]
 struct AccountView {
     id: i64,
     email: String,
@@ -46,6 +49,19 @@ async fn off_core<T: Send + 'static>(core: &Core, work: impl FnOnce() -> T + Sen
     tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(format!("password hashing failed: {e}")))
 }
 
+/// Registers an account; anyone may.
+#[utoipa::path(
+    post, path = "/api/accounts", tag = "accounts",
+    request_body = Register,
+    responses(
+        (status = 201, description = "Registered", body = AccountView),
+        JsonProblems, ServerProblems,
+        (status = 409, description = "An account with this e-mail address exists", body = Problem,
+         content_type = PROBLEM_JSON),
+        (status = 422, description = "The body has the wrong shape, or invalid field values (listed in `errors`)",
+         body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn create_account(State(core): State<Arc<Core>>, Json(body): Json<Register>) -> Result<Response> {
     let new = NewAccount::parse(&body.email, &body.password, &body.role).map_err(Error::Validation)?;
     let password = new.password.clone();
@@ -58,14 +74,15 @@ async fn create_account(State(core): State<Arc<Core>>, Json(body): Json<Register
     Ok(respond::json(StatusCode::CREATED, &view))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LogIn {
     email: String,
     password: String,
 }
 
-#[derive(Serialize)]
+/// A session: its token goes in `Authorization: Bearer`, or rides in the cookie.
+#[derive(Serialize, ToSchema)]
 struct Session {
     token: String,
     expires_at: DateTime<Utc>,
@@ -73,7 +90,21 @@ struct Session {
     role: Role,
 }
 
+/// Logs in.
+///
 /// Wrong password and unknown e-mail get the same answer, after the same work.
+#[utoipa::path(
+    post, path = "/api/sessions", tag = "accounts",
+    request_body = LogIn,
+    responses(
+        (status = 200, description = "Logged in", body = Session, headers(
+            ("Set-Cookie" = String, description = "The session cookie, `gavel_session`, holding the same token"),
+        )),
+        JsonProblems, ServerProblems,
+        (status = 401, description = "The e-mail address or password is wrong", body = Problem,
+         content_type = PROBLEM_JSON),
+    )
+)]
 async fn create_session(State(core): State<Arc<Core>>, Json(body): Json<LogIn>) -> Result<Response> {
     let found = db::accounts::credentials(&core.pool, &body.email).await?;
     let stored = found.as_ref().map(|c| c.password_hash.clone());

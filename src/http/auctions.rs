@@ -2,19 +2,22 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::routing::get;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::{Error, Result};
-use super::extract::{Id, Json, Params, Seller};
+use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
+use super::extract::{Id, Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller};
 use super::respond;
 use crate::core::Core;
 use crate::db;
+use crate::db::bids::BidRecord;
 use crate::domain::auction::{Auction, NewAuction, Status};
 
 /// Largest page a list returns.
@@ -22,15 +25,16 @@ pub const MAX_PAGE: i64 = 100;
 /// Page size when `limit` is not given.
 pub const DEFAULT_PAGE: i64 = 20;
 
-pub(crate) fn router() -> Router<Arc<Core>> {
-    Router::new()
-        .route("/api/auctions", get(list_auctions).post(create_auction))
-        .route("/api/auctions/{id}", get(get_auction))
-        .route("/api/auctions/{id}/bids", get(list_bids))
+pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
+    OpenApiRouter::default()
+        .routes(routes!(list_auctions, create_auction))
+        .routes(routes!(get_auction))
+        .routes(routes!(list_bids))
 }
 
 /// An auction as clients see it.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = Auction)]
 pub struct AuctionView<'a> {
     id: i64,
     seller_id: i64,
@@ -77,7 +81,7 @@ fn auction_response(status: StatusCode, a: &Auction, now: DateTime<Utc>) -> Resp
     respond::with_etag(respond::json(status, &AuctionView::of(a, now)), a.version)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateAuction {
     title: String,
@@ -88,6 +92,21 @@ struct CreateAuction {
     extend_secs: Option<i64>,
 }
 
+/// Creates an auction whose seller is the caller.
+#[utoipa::path(
+    post, path = "/api/auctions", tag = "auctions",
+    request_body = CreateAuction,
+    security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 201, description = "Created", body = AuctionView, headers(
+            ("Location" = String, description = "The new auction's URL"),
+            ("ETag" = String, description = "The auction's version"),
+        )),
+        JsonProblems, RoleProblems, ServerProblems,
+        (status = 422, description = "The body has the wrong shape, or invalid field values (listed in `errors`)",
+         body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn create_auction(
     State(core): State<Arc<Core>>,
     Seller(seller): Seller,
@@ -114,15 +133,30 @@ async fn create_auction(
 }
 
 /// `?consistent=true`: read the database, not the core's cache.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ReadQuery {
+    /// Read the database rather than this core's cache, which may lag it briefly.
     #[serde(default)]
     pub(crate) consistent: bool,
 }
 
+/// An auction.
+///
 /// From the core's cache while it is live; from the database with
 /// `?consistent=true`, on a miss, or while the cache is recovering.
+#[utoipa::path(
+    get, path = "/api/auctions/{id}", tag = "auctions",
+    params(Id, ReadQuery),
+    responses(
+        (status = 200, description = "The auction", body = AuctionView, headers(
+            ("ETag" = String, description = "The auction's version"),
+        )),
+        QueryProblems, ServerProblems,
+        (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn get_auction(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<ReadQuery>) -> Result<Response> {
     let now = Utc::now();
     if !q.consistent
@@ -136,20 +170,31 @@ async fn get_auction(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Param
     Ok(response)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only auctions in this state.
     status: Option<Status>,
+    /// The `next_after` of the previous page: auctions with a greater id.
     after: Option<i64>,
+    /// Page size, 1 to 100; 20 when not given.
     limit: Option<i64>,
 }
 
 /// One page of a keyset-paginated list.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub(crate) struct Page<T, A> {
     pub(crate) items: Vec<T>,
     /// Pass as `after` to get the next page; null on the last page.
+    // utoipa drops the null from an `Option` of a type parameter, so say it here.
+    #[schema(schema_with = nullable::<A>)]
     pub(crate) next_after: Option<A>,
+}
+
+/// `A`'s schema, or null.
+fn nullable<A: PartialSchema>() -> Schema {
+    OneOfBuilder::new().item(A::schema()).item(ObjectBuilder::new().schema_type(Type::Null)).into()
 }
 
 pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64> {
@@ -161,6 +206,14 @@ pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64> {
 }
 
 /// Auctions by ascending id; keyset pagination with `after`.
+#[utoipa::path(
+    get, path = "/api/auctions", tag = "auctions",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page of auctions", body = Page<AuctionView, i64>),
+        QueryProblems, ServerProblems,
+    )
+)]
 async fn list_auctions(State(core): State<Arc<Core>>, Params(q): Params<ListQuery>) -> Result<Response> {
     let limit = page_limit(q.limit)?;
     let after = q.after.unwrap_or(0);
@@ -171,15 +224,28 @@ async fn list_auctions(State(core): State<Arc<Core>>, Params(q): Params<ListQuer
     Ok(respond::json(StatusCode::OK, &Page { items, next_after }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct BidsQuery {
+    /// The `next_after` of the previous page: bids older than it.
     after: Option<i64>,
+    /// Page size, 1 to 100; 20 when not given.
     limit: Option<i64>,
 }
 
-/// An auction's accepted bids, newest first; `after` is the `next_after` of the
-/// previous page (bids older than it).
+/// An auction's accepted bids, newest first.
+///
+/// `after` is the `next_after` of the previous page (bids older than it).
+#[utoipa::path(
+    get, path = "/api/auctions/{id}/bids", tag = "auctions",
+    params(Id, BidsQuery),
+    responses(
+        (status = 200, description = "One page of bids, newest first", body = Page<BidRecord, i64>),
+        QueryProblems, ServerProblems,
+        (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn list_bids(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<BidsQuery>) -> Result<Response> {
     let limit = page_limit(q.limit)?;
     let bids = db::bids::history(&core.pool, id, q.after, limit).await?.ok_or(Error::NotFound("no such auction"))?;

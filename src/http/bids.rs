@@ -2,34 +2,37 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::post;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::{Error, Result};
-use super::extract::{Bidder, IdempotencyKey, Json};
+use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
+use super::extract::{Bidder, IdempotencyKey, Json, JsonProblems, RoleProblems};
 use super::respond;
 use crate::core::Core;
 use crate::db::bids::BidRequest;
 use crate::domain::bid::{LocalVerdict, NewBid, Outcome, check_locally};
 use crate::metrics::{self, BidOutcome};
 
-pub(crate) fn router() -> Router<Arc<Core>> {
-    Router::new().route("/api/bids", post(place_bid))
+pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
+    OpenApiRouter::default().routes(routes!(place_bid))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PlaceBid {
     auction_id: i64,
     amount: i64,
 }
 
-#[derive(Serialize)]
+/// An accepted bid: it leads the auction.
+#[derive(Serialize, ToSchema)]
+#[schema(as = PlacedBid)]
 struct Placed {
     bid_id: i64,
     auction_id: i64,
@@ -39,9 +42,27 @@ struct Placed {
     ends_at: Option<DateTime<Utc>>,
 }
 
+/// Places a bid.
+///
 /// The bidder is the token's subject, never the body. A bid below this core's
 /// cached minimum is rejected here; everything else goes to the database, which
 /// alone accepts.
+#[utoipa::path(
+    post, path = "/api/bids", tag = "bids",
+    params(IdempotencyKey),
+    request_body = PlaceBid,
+    security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 201, description = "Accepted: the bid leads", body = Placed),
+        JsonProblems, RoleProblems, ServerProblems,
+        (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "Below the minimum next bid (`min_next_bid` says it), the auction is not open, \
+         or this Idempotency-Key's first request is still in progress", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "The body has the wrong shape, invalid field values (listed in `errors`), \
+         an invalid Idempotency-Key, or one used before with a different request",
+         body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn place_bid(
     State(core): State<Arc<Core>>,
     Bidder(bidder): Bidder,

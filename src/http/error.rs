@@ -4,9 +4,13 @@
 //! its status. Database and internal errors are logged with the request id, and the
 //! client gets a generic body — never the error's text.
 
+use std::collections::BTreeMap;
+
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::openapi::{self, ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::{IntoResponses, ToSchema};
 
 use super::request_id;
 use super::respond;
@@ -93,22 +97,65 @@ pub enum Error {
     Internal(String),
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An RFC 9457 problem: the body of every error. The optional members appear only
+/// with the problems that carry them.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Problem<'a> {
+    /// Names the kind of problem, e.g. `/problems/bid-too-low`.
     #[serde(rename = "type")]
     kind: &'static str,
+    /// A short summary of the kind of problem.
     title: &'static str,
+    /// The HTTP status code.
     status: u16,
+    /// What went wrong with this request.
     detail: String,
+    /// The request's `x-request-id`: quote it when reporting a problem.
     request_id: &'a str,
+    /// `/problems/bid-too-low`: the smallest bid that would be accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     min_next_bid: Option<i64>,
+    /// `/problems/validation`: each invalid field and why.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     errors: Option<&'a [FieldError]>,
+    /// `/problems/insufficient-stock` and `/problems/unknown-sku`: the sku at fault.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     sku: Option<&'a str>,
+    /// `/problems/insufficient-stock`: how many of the sku are available.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     available: Option<i64>,
+}
+
+/// Problem responses for the API document, each status with its description, for
+/// the `IntoResponses` impls that sit beside the code answering them.
+pub(crate) fn problem_responses(list: &[(StatusCode, &str)]) -> BTreeMap<String, RefOr<openapi::Response>> {
+    list.iter()
+        .map(|(status, description)| {
+            let body = ContentBuilder::new().schema(Some(Ref::from_schema_name(Problem::name()))).build();
+            let response = ResponseBuilder::new().description(*description).content(PROBLEM_JSON, body).build();
+            (status.as_str().to_owned(), response.into())
+        })
+        .collect()
+}
+
+/// What any route that reaches the database, a queue or the request timeout may
+/// answer: 500 ([`Error::Internal`]) and 503 ([`Error::Overloaded`], [`Error::Timeout`]).
+pub(crate) struct ServerProblems;
+
+impl IntoResponses for ServerProblems {
+    fn responses() -> BTreeMap<String, RefOr<openapi::Response>> {
+        problem_responses(&[
+            (StatusCode::INTERNAL_SERVER_ERROR, "An internal error; quote the request_id when reporting it"),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Overloaded, the database does not answer, or the request took too long: retry after Retry-After",
+            ),
+        ])
+    }
 }
 
 impl Error {

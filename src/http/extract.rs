@@ -1,14 +1,19 @@
 //! Extractors that turn every bad input into the right problem.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
-use axum::http::header;
 use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use serde::de::DeserializeOwned;
+use utoipa::openapi::path::{Parameter, ParameterBuilder, ParameterIn};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+use utoipa::openapi::{RefOr, Required, Response};
+use utoipa::{IntoParams, IntoResponses};
 
-use super::error::Error;
+use super::error::{Error, problem_responses};
 use crate::auth::{Principal, Role, TokenError};
 use crate::core::Core;
 
@@ -45,6 +50,21 @@ impl<T: DeserializeOwned> FromRequest<Arc<Core>> for Json<T> {
         }
         let bytes = read_body(request.into_body(), limit).await?;
         parse(&bytes).map(Json)
+    }
+}
+
+/// What [`Json`] answers, for the API document. A route whose own checks also
+/// answer 422 lists its own 422 after this, naming every cause.
+pub struct JsonProblems;
+
+impl IntoResponses for JsonProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[
+            (StatusCode::BAD_REQUEST, "The body is not JSON"),
+            (StatusCode::PAYLOAD_TOO_LARGE, "The body is larger than the limit"),
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, "The body is not declared as application/json"),
+            (StatusCode::UNPROCESSABLE_ENTITY, "The body is JSON of the wrong shape or types"),
+        ])
     }
 }
 
@@ -156,6 +176,17 @@ impl FromRequestParts<Arc<Core>> for Caller {
     }
 }
 
+/// What [`Caller`] answers, for the API document.
+pub struct CallerProblems;
+
+impl IntoResponses for CallerProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[(StatusCode::UNAUTHORIZED, UNAUTHENTICATED)])
+    }
+}
+
+const UNAUTHENTICATED: &str = "No Bearer token or session cookie, or one that does not verify";
+
 /// The session cookie's value, if the request carries one.
 fn session_cookie(headers: &header::HeaderMap) -> Option<&str> {
     headers
@@ -189,6 +220,18 @@ macro_rules! role_extractor {
 role_extractor!(Bidder, Role::Bidder, "only bidders may do this");
 role_extractor!(Seller, Role::Seller, "only sellers may do this");
 
+/// What [`Bidder`] and [`Seller`] answer, for the API document.
+pub struct RoleProblems;
+
+impl IntoResponses for RoleProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[
+            (StatusCode::UNAUTHORIZED, UNAUTHENTICATED),
+            (StatusCode::FORBIDDEN, "The caller does not have the role this route needs"),
+        ])
+    }
+}
+
 /// The `Idempotency-Key` header, if sent: 422 if empty, over 255 characters or not
 /// visible ASCII.
 pub struct IdempotencyKey(pub Option<String>);
@@ -208,6 +251,23 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     }
 }
 
+impl IntoParams for IdempotencyKey {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let key =
+            ObjectBuilder::new().schema_type(Type::String).min_length(Some(1)).max_length(Some(MAX_IDEMPOTENCY_KEY));
+        let description = "Makes a retry safe: a repeat with the same key and request answers as the first did";
+        vec![
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(description))
+                .schema(Some(key))
+                .build(),
+        ]
+    }
+}
+
 /// A numeric id from the path; anything else is 404 (no resource has that id).
 pub struct Id(pub i64);
 
@@ -222,6 +282,24 @@ impl<S: Send + Sync> FromRequestParts<S> for Id {
     }
 }
 
+impl IntoParams for Id {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let id = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(1));
+        vec![
+            ParameterBuilder::new()
+                .name("id")
+                .parameter_in(ParameterIn::Path)
+                .required(Required::True)
+                .description(Some("The resource's id; anything but a positive integer is 404"))
+                .schema(Some(id))
+                .build(),
+        ]
+    }
+}
+
 /// Query parameters: 422 with the reason when they do not parse.
 pub struct Params<T>(pub T);
 
@@ -233,6 +311,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
             .await
             .map(|Query(q)| Params(q))
             .map_err(|e| Error::InvalidQuery(e.body_text()))
+    }
+}
+
+/// What [`Params`] answers, for the API document.
+pub struct QueryProblems;
+
+impl IntoResponses for QueryProblems {
+    fn responses() -> BTreeMap<String, RefOr<Response>> {
+        problem_responses(&[(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "A query parameter is unknown, of the wrong type or out of range",
+        )])
     }
 }
 

@@ -3,29 +3,30 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::auctions::{Page, ReadQuery, page_limit};
-use super::error::{Error, Result};
-use super::extract::{Json, Params, Seller};
+use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
+use super::extract::{Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller};
 use super::respond;
 use crate::core::Core;
 use crate::db::{self, inventory::Item, inventory::Restocked};
 use crate::domain::FieldError;
 use crate::domain::stock::{Restock, valid_sku};
 
-pub(crate) fn router() -> Router<Arc<Core>> {
-    Router::new()
-        .route("/api/inventory", get(list_inventory))
-        .route("/api/inventory/{sku}", get(get_item).put(put_item))
+pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
+    OpenApiRouter::default().routes(routes!(list_inventory)).routes(routes!(get_item, put_item))
 }
 
-#[derive(Serialize)]
+/// A sku's stock.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Item)]
 struct ItemView<'a> {
     sku: &'a str,
     seller_id: i64,
@@ -52,14 +53,35 @@ fn item_response(status: StatusCode, item: &Item) -> Response {
     respond::with_etag(respond::json(status, &ItemView::from(item)), item.version)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PutItem {
     title: String,
     available: i64,
 }
 
+/// Creates or restocks a sku.
+///
 /// 201 when created, 200 when restocked; 403 if another seller owns the sku.
+#[utoipa::path(
+    put, path = "/api/inventory/{sku}", tag = "inventory",
+    params(("sku" = String, Path, description = "The sku")),
+    request_body = PutItem,
+    security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 200, description = "Restocked", body = ItemView, headers(
+            ("ETag" = String, description = "The item's version"),
+        )),
+        (status = 201, description = "Created", body = ItemView, headers(
+            ("ETag" = String, description = "The item's version"),
+        )),
+        JsonProblems, RoleProblems, ServerProblems,
+        (status = 403, description = "The caller is not a seller, or another seller owns the sku", body = Problem,
+         content_type = PROBLEM_JSON),
+        (status = 422, description = "The body has the wrong shape, or invalid values (listed in `errors`)",
+         body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn put_item(
     State(core): State<Arc<Core>>,
     Seller(seller): Seller,
@@ -77,8 +99,21 @@ async fn put_item(
     Ok(response)
 }
 
+/// A sku's stock.
+///
 /// From the core's cache while it is live; from the database with
 /// `?consistent=true`, on a miss, or while the cache is recovering.
+#[utoipa::path(
+    get, path = "/api/inventory/{sku}", tag = "inventory",
+    params(("sku" = String, Path, description = "The sku"), ReadQuery),
+    responses(
+        (status = 200, description = "The item", body = ItemView, headers(
+            ("ETag" = String, description = "The item's version"),
+        )),
+        QueryProblems, ServerProblems,
+        (status = 404, description = "No such sku", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn get_item(
     State(core): State<Arc<Core>>,
     Path(sku): Path<String>,
@@ -98,15 +133,27 @@ async fn get_item(
     Ok(response)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only this seller's stock.
     seller: Option<i64>,
+    /// The `next_after` of the previous page: skus after it.
     after: Option<String>,
+    /// Page size, 1 to 100; 20 when not given.
     limit: Option<i64>,
 }
 
 /// Stock by ascending sku, optionally of one seller; keyset pagination with `after`.
+#[utoipa::path(
+    get, path = "/api/inventory", tag = "inventory",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "One page of items", body = Page<ItemView, String>),
+        QueryProblems, ServerProblems,
+    )
+)]
 async fn list_inventory(State(core): State<Arc<Core>>, Params(q): Params<ListQuery>) -> Result<Response> {
     let limit = page_limit(q.limit)?;
     let after = q.after.unwrap_or_default();

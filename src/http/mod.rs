@@ -1,7 +1,9 @@
-//! The public HTTP API: one router per resource, merged here.
+//! The public HTTP API: one router per resource, merged here, and the OpenAPI
+//! document the same `#[utoipa::path]` attributes generate (see [`openapi`]).
 
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod request_id;
 pub mod respond;
 
@@ -16,23 +18,36 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::middleware::from_fn_with_state;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::core::Core;
 pub use error::Error;
 
 /// The whole public API for one core.
 pub fn router(core: Arc<Core>) -> Router {
-    Router::new()
+    let (api, document) = documented().split_for_parts();
+    api.merge(openapi::router(&document))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(from_fn_with_state(core.clone(), request_id::middleware))
+        .with_state(core)
+}
+
+/// The OpenAPI document [`router`] serves, built without a server.
+pub fn document() -> utoipa::openapi::OpenApi {
+    documented().into_openapi()
+}
+
+/// Every route, each added to the router and to the document by one attribute.
+fn documented() -> OpenApiRouter<Arc<Core>> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(health::router())
         .merge(auctions::router())
         .merge(bids::router())
         .merge(accounts::router())
         .merge(inventory::router())
         .merge(orders::router())
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(from_fn_with_state(core.clone(), request_id::middleware))
-        .with_state(core)
 }
 
 async fn not_found() -> Error {

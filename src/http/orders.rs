@@ -2,43 +2,86 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
-use axum::routing::{get, post};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::{Error, Result};
-use super::extract::{Bidder, Caller, Id, IdempotencyKey, Json, Seller};
+use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
+use super::extract::{Bidder, Caller, CallerProblems, Id, IdempotencyKey, Json, JsonProblems, RoleProblems, Seller};
 use super::respond;
 use crate::core::Core;
 use crate::db::{self, orders::Action, orders::Finished, orders::OrderRequest, orders::Placed};
 use crate::domain::stock::{NewOrder, OrderStatus};
 use crate::metrics::{self, OrderOutcome};
 
-pub(crate) fn router() -> Router<Arc<Core>> {
-    Router::new()
-        .route("/api/orders", post(create_order))
-        .route("/api/orders/{id}", get(get_order))
-        .route("/api/orders/{id}/cancel", post(cancel_order))
-        .route("/api/orders/{id}/fulfil", post(fulfil_order))
+pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
+    OpenApiRouter::default()
+        .routes(routes!(create_order))
+        .routes(routes!(get_order))
+        .routes(routes!(cancel_order))
+        .routes(routes!(fulfil_order))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateOrder {
     lines: Vec<LineRequest>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = OrderLineRequest)]
 struct LineRequest {
     sku: String,
     quantity: i64,
 }
 
+/// An order: reserved, then cancelled by its buyer or fulfilled by its sellers.
+// Every order route answers with the body `order_json` builds in the database, so
+// nothing here builds one: this type only documents it (a test compares the two).
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "documents a body built in SQL; never constructed")]
+struct Order {
+    id: i64,
+    buyer_id: i64,
+    status: OrderStatus,
+    /// By sku.
+    lines: Vec<OrderLine>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(ToSchema)]
+#[expect(dead_code, reason = "documents a body built in SQL; never constructed")]
+struct OrderLine {
+    sku: String,
+    quantity: i64,
+    seller_id: i64,
+}
+
 /// Reserves stock for every line, or for none. Honours `Idempotency-Key`.
+#[utoipa::path(
+    post, path = "/api/orders", tag = "orders",
+    params(IdempotencyKey),
+    request_body = CreateOrder,
+    security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 201, description = "Reserved", body = Order, headers(
+            ("Location" = String, description = "The new order's URL"),
+        )),
+        JsonProblems, RoleProblems, ServerProblems,
+        (status = 409, description = "A line is short of stock (`sku` and `available` say which and how many), \
+         or this Idempotency-Key's first request is still in progress", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "The body has the wrong shape, invalid field values (listed in `errors`), \
+         a line names no existing sku (`sku`), an invalid Idempotency-Key, or one used before with a different \
+         request", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn create_order(
     State(core): State<Arc<Core>>,
     Bidder(buyer): Bidder,
@@ -79,6 +122,16 @@ async fn create_order(
 }
 
 /// Only the buyer sees an order; to anyone else it does not exist.
+#[utoipa::path(
+    get, path = "/api/orders/{id}", tag = "orders",
+    params(Id),
+    security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 200, description = "The order", body = Order),
+        CallerProblems, ServerProblems,
+        (status = 404, description = "No such order, or not the caller's", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn get_order(State(core): State<Arc<Core>>, Caller(caller): Caller, Id(id): Id) -> Result<Response> {
     match db::orders::get(&core.pool, id).await? {
         Some((buyer, body)) if buyer == caller.account_id => Ok(respond::raw_json(StatusCode::OK, body)),
@@ -103,11 +156,36 @@ async fn finish(core: &Core, id: i64, actor: i64, action: Action) -> Result<Resp
 }
 
 /// The buyer cancels: reserved stock returns to available.
+#[utoipa::path(
+    post, path = "/api/orders/{id}/cancel", tag = "orders",
+    params(Id),
+    security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 200, description = "Cancelled", body = Order),
+        RoleProblems, ServerProblems,
+        (status = 404, description = "No such order, or not the caller's", body = Problem, content_type = PROBLEM_JSON),
+        (status = 409, description = "The order is no longer reserved", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn cancel_order(State(core): State<Arc<Core>>, Bidder(buyer): Bidder, Id(id): Id) -> Result<Response> {
     finish(&core, id, buyer.account_id, Action::Cancel).await
 }
 
 /// The seller of every line fulfils: the stock leaves `reserved`.
+#[utoipa::path(
+    post, path = "/api/orders/{id}/fulfil", tag = "orders",
+    params(Id),
+    security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 200, description = "Fulfilled", body = Order),
+        RoleProblems, ServerProblems,
+        (status = 403, description = "The caller is not a seller, or not the seller of every line", body = Problem,
+         content_type = PROBLEM_JSON),
+        (status = 404, description = "No such order, or none of its lines is the caller's", body = Problem,
+         content_type = PROBLEM_JSON),
+        (status = 409, description = "The order is no longer reserved", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
 async fn fulfil_order(State(core): State<Arc<Core>>, Seller(seller): Seller, Id(id): Id) -> Result<Response> {
     finish(&core, id, seller.account_id, Action::Fulfil).await
 }

@@ -48,9 +48,10 @@ pub fn json_with<T: Serialize + ?Sized>(status: StatusCode, value: &T, content_t
     response
 }
 
-/// A response whose JSON body was built elsewhere (by the database).
-pub fn raw_json(status: StatusCode, body: String) -> Response {
-    let mut response = Response::new(Body::from(body));
+/// A response whose JSON body was built elsewhere (by the database, or once at
+/// start-up).
+pub fn raw_json(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = Response::new(body.into());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(APPLICATION_JSON));
     response

@@ -12,6 +12,7 @@ mod idempotency;
 mod inventory;
 mod lifecycle;
 mod metrics;
+mod openapi;
 mod operations;
 mod orders;
 mod shop;
