@@ -268,6 +268,23 @@ impl IntoParams for IdempotencyKey {
     }
 }
 
+/// A sku from the path. One that cannot even be decoded (not UTF-8) is a 422
+/// naming the field, like any other invalid sku — never axum's plain-text 400.
+pub struct SkuPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SkuPath {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Error> {
+        Path::<String>::from_request_parts(parts, state).await.map(|Path(sku)| SkuPath(sku)).map_err(|_| {
+            Error::Validation(vec![crate::domain::FieldError::new(
+                "sku",
+                "must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+            )])
+        })
+    }
+}
+
 /// A numeric id from the path; anything else is 404 (no resource has that id).
 pub struct Id(pub i64);
 

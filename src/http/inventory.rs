@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use super::auctions::{Page, ReadQuery, page_limit};
 use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
-use super::extract::{Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller};
+use super::extract::{Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller, SkuPath};
 use super::respond;
 use crate::core::Core;
 use crate::db::{self, inventory::Item, inventory::Restocked};
@@ -85,7 +85,7 @@ struct PutItem {
 async fn put_item(
     State(core): State<Arc<Core>>,
     Seller(seller): Seller,
-    Path(sku): Path<String>,
+    SkuPath(sku): SkuPath,
     Json(body): Json<PutItem>,
 ) -> Result<Response> {
     let restock = Restock::parse(&sku, &body.title, body.available).map_err(Error::Validation)?;
@@ -112,11 +112,13 @@ async fn put_item(
         )),
         QueryProblems, ServerProblems,
         (status = 404, description = "No such sku", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Invalid query parameters, or a sku in the path that is not UTF-8",
+            body = Problem, content_type = PROBLEM_JSON),
     )
 )]
 async fn get_item(
     State(core): State<Arc<Core>>,
-    Path(sku): Path<String>,
+    SkuPath(sku): SkuPath,
     Params(q): Params<ReadQuery>,
 ) -> Result<Response> {
     if !q.consistent

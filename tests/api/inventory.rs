@@ -169,6 +169,19 @@ async fn invalid_skus_stock_levels_and_titles_are_422() {
     }
 }
 
+/// A path sku that is not even UTF-8 is a 422 problem naming the field, on reads
+/// and writes alike — never a plain-text 400.
+#[tokio::test]
+async fn an_undecodable_sku_in_the_path_is_a_422_problem() {
+    let app = spawn_app().await;
+    let read = app.get("/api/inventory/%FF%FE").await;
+    let body = assert_problem(read, StatusCode::UNPROCESSABLE_ENTITY, "/problems/validation").await;
+    assert_eq!(body["errors"][0]["field"], "sku");
+    let write = app.put_inventory(&app.seller(), "%FF%FE", "t", 1).await;
+    let body = assert_problem(write, StatusCode::UNPROCESSABLE_ENTITY, "/problems/validation").await;
+    assert_eq!(body["errors"][0]["field"], "sku");
+}
+
 #[tokio::test]
 async fn an_unknown_sku_is_404() {
     let app = spawn_app().await;
