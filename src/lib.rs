@@ -2,25 +2,26 @@
 //!
 //! Each core is a pinned OS thread running its own current-thread Tokio runtime,
 //! with its own `SO_REUSEPORT` listener, its own small PostgreSQL pool, its own
-//! read caches (kept coherent by LISTEN/NOTIFY) and its own bid batcher. No
-//! per-request work crosses cores. PostgreSQL is the one source of truth: it alone
-//! accepts bids.
+//! read caches (kept coherent by LISTEN/NOTIFY) and its own write batchers (bids,
+//! orders). No per-request work crosses cores. PostgreSQL is the one source of
+//! truth: it alone accepts bids and reserves stock.
 //!
 //! # Layout
 //!
 //! Dependencies point downwards only: `runtime` → `http` → `core` → `cache` → `db`
-//! → `domain`; `config` and `auth` are leaves anything may use.
+//! → `domain`; `config`, `auth` and `metrics` are leaves anything may use.
 //!
-//! - [`runtime`]: the per-core engine (pinning, runtimes, listeners, shutdown) and
-//!   the `serve` / `migrate` commands.
+//! - [`runtime`]: the per-core engine (pinning, runtimes, listeners, shutdown), the
+//!   admin listener (`/metrics`) and the `serve` / `migrate` commands.
 //! - [`http`]: axum routers, one module per resource; problem+json errors;
 //!   extractors; the OpenAPI document the routers' attributes generate.
-//! - [`core`]: one core's state — pool, caches, batcher, limits.
+//! - [`core`]: one core's state — pool, caches, batchers, limits.
 //! - [`cache`]: per-core caches and the LISTEN/NOTIFY applier.
-//! - [`db`]: queries per resource, the bid batcher, the embedded PostgreSQL,
-//!   migrations.
-//! - [`domain`]: pure rules — money, auction lifecycle, bid checks.
-//! - [`config`]: the clap command line; [`auth`]: tokens and roles.
+//! - [`db`]: queries per resource, the generic write batcher, the embedded
+//!   PostgreSQL, migrations.
+//! - [`domain`]: pure rules — money, auction lifecycle, bid checks, accounts, stock.
+//! - [`config`]: the clap command line; [`auth`]: tokens, roles, password hashes;
+//!   [`metrics`]: metric names and per-core handles.
 
 pub mod auth;
 pub mod cache;
