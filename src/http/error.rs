@@ -251,7 +251,10 @@ impl From<DbError> for Error {
     fn from(e: DbError) -> Self {
         match e {
             DbError::Unavailable(cause) => {
-                tracing::warn!(error = %cause, "shedding a request: database unavailable");
+                // Per request, so debug: during an outage a WARN each would flood the
+                // logs. Sheds show in http_requests_total{status="503"}, and the
+                // listener and /ready report the outage itself.
+                tracing::debug!(error = %cause, "shedding a request: database unavailable");
                 Error::Overloaded
             }
             DbError::UnknownAccount => Error::Unauthorized("the token's account does not exist"),
