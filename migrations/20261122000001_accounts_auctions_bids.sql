@@ -77,6 +77,47 @@ create table idempotency_keys (
     constraint idempotency_keys_key_length check (char_length(key) between 1 and 255)
 );
 
+-- Claims an idempotency key for the rest of the transaction. A key is per account
+-- and scope ('bid', 'order'). Returns a null outcome when the request is new (run
+-- it, then remember_idempotency_key its outcome in the same transaction);
+-- 'key_in_use' while another transaction holds the key; 'key_mismatch' when the
+-- key was used with another request; else the stored outcome and result, to
+-- replay. The advisory lock is taken without waiting, so a retry racing its first
+-- attempt is told so at once.
+create function claim_idempotency_key(
+    p_account bigint, p_scope text, p_key text, p_fingerprint text,
+    out claimed_outcome text, out claimed_result jsonb
+)
+language plpgsql as $$
+declare
+    k idempotency_keys;
+begin
+    if not pg_try_advisory_xact_lock(hashtextextended(p_account::text || '/' || p_scope || '/' || p_key, 0)) then
+        claimed_outcome := 'key_in_use';
+        return;
+    end if;
+    select * into k from idempotency_keys
+     where account_id = p_account and scope = p_scope and key = p_key;
+    if not found then
+        return;
+    elsif k.fingerprint <> p_fingerprint then
+        claimed_outcome := 'key_mismatch';
+    else
+        claimed_outcome := k.outcome;
+        claimed_result := k.result;
+    end if;
+end
+$$;
+
+-- Stores the outcome of a request made with a key, in the request's transaction.
+create function remember_idempotency_key(
+    p_account bigint, p_scope text, p_key text, p_fingerprint text, p_outcome text, p_result jsonb
+) returns void
+language sql as $$
+    insert into idempotency_keys (account_id, scope, key, fingerprint, outcome, result)
+    values (p_account, p_scope, p_key, p_fingerprint, p_outcome, p_result)
+$$;
+
 -- The state of an auction as the caches read it. Timestamps travel as epoch
 -- microseconds, cheaper to parse than text and free of time zone settings.
 create function auction_json(a auctions) returns text
@@ -142,7 +183,7 @@ create function place_bids(
 language plpgsql as $$
 declare
     r auctions;
-    k idempotency_keys;
+    c record;
     i integer;
 begin
     for i in select s from generate_subscripts(p_auction, 1) as s order by p_auction[s], s loop
@@ -161,23 +202,13 @@ begin
         end if;
 
         if p_key[i] is not null then
-            if not pg_try_advisory_xact_lock(hashtextextended(p_bidder[i]::text || '/bid/' || p_key[i], 0)) then
-                outcome := 'key_in_use';
-                return next;
-                continue;
-            end if;
-            select * into k from idempotency_keys
-             where account_id = p_bidder[i] and scope = 'bid' and key = p_key[i];
-            if found then
-                if k.fingerprint <> p_fingerprint[i] then
-                    outcome := 'key_mismatch';
-                else
-                    outcome := k.outcome;
-                    bid_id := (k.result ->> 'bid_id')::bigint;
-                    amount := (k.result ->> 'amount')::bigint;
-                    min_next_bid := (k.result ->> 'min_next_bid')::bigint;
-                    ends_at := (k.result ->> 'ends_at')::timestamptz;
-                end if;
+            select * into c from claim_idempotency_key(p_bidder[i], 'bid', p_key[i], p_fingerprint[i]);
+            if c.claimed_outcome is not null then
+                outcome := c.claimed_outcome;
+                bid_id := (c.claimed_result ->> 'bid_id')::bigint;
+                amount := coalesce((c.claimed_result ->> 'amount')::bigint, amount);
+                min_next_bid := (c.claimed_result ->> 'min_next_bid')::bigint;
+                ends_at := (c.claimed_result ->> 'ends_at')::timestamptz;
                 return next;
                 continue;
             end if;
@@ -223,10 +254,9 @@ begin
         end if;
 
         if p_key[i] is not null then
-            insert into idempotency_keys (account_id, scope, key, fingerprint, outcome, result)
-            values (p_bidder[i], 'bid', p_key[i], p_fingerprint[i], outcome,
-                    jsonb_build_object('bid_id', bid_id, 'amount', amount,
-                                       'min_next_bid', min_next_bid, 'ends_at', ends_at));
+            perform remember_idempotency_key(p_bidder[i], 'bid', p_key[i], p_fingerprint[i], outcome,
+                jsonb_build_object('bid_id', bid_id, 'amount', amount,
+                                   'min_next_bid', min_next_bid, 'ends_at', ends_at));
         end if;
         return next;
     end loop;

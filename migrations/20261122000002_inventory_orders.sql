@@ -104,7 +104,7 @@ create function place_orders(
 ) returns table (ord integer, outcome text, order_id bigint, failed_sku text, available bigint, body text)
 language plpgsql as $$
 declare
-    k idempotency_keys;
+    c record;
     line record;
     new_id bigint;
     i integer;
@@ -126,23 +126,13 @@ begin
         end if;
 
         if p_key[i] is not null then
-            if not pg_try_advisory_xact_lock(hashtextextended(p_buyer[i]::text || '/order/' || p_key[i], 0)) then
-                outcome := 'key_in_use';
-                return next;
-                continue;
-            end if;
-            select * into k from idempotency_keys
-             where account_id = p_buyer[i] and scope = 'order' and key = p_key[i];
-            if found then
-                if k.fingerprint <> p_fingerprint[i] then
-                    outcome := 'key_mismatch';
-                else
-                    outcome := k.outcome;
-                    failed_sku := k.result ->> 'failed_sku';
-                    available := (k.result ->> 'available')::bigint;
-                    order_id := (k.result ->> 'order_id')::bigint;
-                    body := order_json(order_id, true);
-                end if;
+            select * into c from claim_idempotency_key(p_buyer[i], 'order', p_key[i], p_fingerprint[i]);
+            if c.claimed_outcome is not null then
+                outcome := c.claimed_outcome;
+                failed_sku := c.claimed_result ->> 'failed_sku';
+                available := (c.claimed_result ->> 'available')::bigint;
+                order_id := (c.claimed_result ->> 'order_id')::bigint;
+                body := order_json(order_id, true);
                 return next;
                 continue;
             end if;
@@ -188,9 +178,8 @@ begin
         end if;
 
         if p_key[i] is not null then
-            insert into idempotency_keys (account_id, scope, key, fingerprint, outcome, result)
-            values (p_buyer[i], 'order', p_key[i], p_fingerprint[i], outcome,
-                    jsonb_build_object('order_id', new_id, 'failed_sku', failed_sku, 'available', available));
+            perform remember_idempotency_key(p_buyer[i], 'order', p_key[i], p_fingerprint[i], outcome,
+                jsonb_build_object('order_id', new_id, 'failed_sku', failed_sku, 'available', available));
         end if;
         return next;
     end loop;
