@@ -22,6 +22,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::core::Core;
+pub use auctions::AuctionView;
 pub use error::Error;
 
 /// The whole public API for one core.

@@ -95,7 +95,12 @@ mod tests {
         let b = generate();
         assert_ne!(a, b);
         assert!(acceptable(&a));
-        assert!(a.to_str().unwrap().ends_with("-0") || a.to_str().unwrap().contains('-'));
+        // `<8 hex digits: boot and core>-<hex counter>`, counting from 0 on this core.
+        let (prefix, counter) = a.to_str().unwrap().split_once('-').unwrap();
+        assert_eq!(prefix.len(), 8);
+        assert!(prefix.ends_with("03"), "the core number is in the prefix: {prefix}");
+        assert_eq!(counter, "0");
+        assert_eq!(b.to_str().unwrap(), format!("{prefix}-1"));
     }
 
     #[test]
