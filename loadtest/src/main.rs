@@ -1,7 +1,13 @@
-//! gavel-loadtest: the load generator. Its scenarios arrive with the load-test work;
-//! for now it only states that.
+//! `gavel-loadtest`: see the library's documentation.
 
-fn main() {
-    eprintln!("gavel-loadtest: no scenarios yet");
-    std::process::exit(2);
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    match gavel_loadtest::main(gavel_loadtest::Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gavel-loadtest: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,396 @@
+//! The engine: pinned threads, each with its own current-thread runtime and its share
+//! of the connections, driving them closed loop or open loop.
+//!
+//! **Closed loop** (no `--rate`): each connection sends its next request as soon as
+//! the last response is in; latency runs from the send. This finds the maximum
+//! throughput, and — like every closed-loop tool — under-reports stalls, because a
+//! stalled connection simply stops sending.
+//!
+//! **Open loop** (`--rate R`, the wrk2 method): requests are due at fixed times,
+//! `R` per second in all. A free connection claims the next due time; if it is
+//! already past (every connection was busy, e.g. the server stalled), the request is
+//! sent at once and its latency runs from the time it was *due*, so the stall is
+//! counted in every request it delayed — coordinated omission cannot hide it. If the
+//! due time is ahead, the connection sleeps until then and latency runs from the
+//! actual send: tokio's timer fires up to a millisecond late, and that lateness is the
+//! generator's, not the server's.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::{Arc, Barrier, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::task::LocalSet;
+
+use crate::http::{Conn, Target};
+use crate::scenario::{Generator, Workload};
+use crate::stats::Recorder;
+
+/// How hard and how long to drive the target.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub target: Target,
+    pub connections: usize,
+    pub threads: usize,
+    /// Every run stops after this long…
+    pub duration: Duration,
+    /// …or after this many requests, whichever comes first.
+    pub requests: Option<u64>,
+    /// Requests per second in all (open loop); `None`: closed loop.
+    pub rate: Option<f64>,
+    /// How long one exchange may take before it counts as a timeout.
+    pub timeout: Duration,
+    /// Pin thread `i` to core `i`.
+    pub pin: bool,
+    /// Seed of the connections' random numbers.
+    pub seed: u64,
+}
+
+/// What a run measured, and over how long.
+#[derive(Debug)]
+pub struct Outcome {
+    pub recorder: Recorder,
+    pub elapsed: Duration,
+    /// Threads actually used: never more than connections.
+    pub threads: usize,
+}
+
+/// Runs `plan`, drawing requests from `work`; returns when every thread is done.
+pub fn run(plan: &Plan, work: Arc<Workload>) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(plan.connections > 0, "at least one connection is needed");
+    anyhow::ensure!(plan.rate.is_none_or(|r| r > 0.0 && r.is_finite()), "the rate must be above zero");
+    let threads = plan.threads.clamp(1, plan.connections);
+    let cores = if plan.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+    let barrier = Arc::new(Barrier::new(threads));
+    let start = Arc::new(OnceLock::new());
+    let mut handles = Vec::with_capacity(threads);
+    let mut first_conn = 0;
+    for t in 0..threads {
+        let conns = share(plan.connections as u64, threads, t) as usize;
+        let share_of_plan = ThreadPlan {
+            index: t,
+            first_conn,
+            conns,
+            budget: plan.requests.map(|n| share(n, threads, t)),
+            // Rate in proportion to connections, so each connection is equally loaded.
+            rate: plan.rate.map(|r| r * conns as f64 / plan.connections as f64),
+            // Spreads the threads' schedules so their sends interleave.
+            phase: t as f64 / threads as f64,
+        };
+        first_conn += conns;
+        let plan = plan.clone();
+        let work = Arc::clone(&work);
+        let barrier = Arc::clone(&barrier);
+        let start = Arc::clone(&start);
+        let core = if cores.is_empty() { None } else { Some(cores[t % cores.len()]) };
+        let handle = std::thread::Builder::new()
+            .name(format!("loadtest-{t}"))
+            .spawn(move || {
+                if let Some(core) = core {
+                    core_affinity::set_for_current(core);
+                }
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                LocalSet::new().block_on(&rt, drive_thread(plan, share_of_plan, work, barrier, start))
+            })
+            .context("cannot start a load thread")?;
+        handles.push(handle);
+    }
+    let mut recorder = Recorder::default();
+    let mut elapsed = Duration::ZERO;
+    let mut failure = None;
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok((r, e))) => {
+                recorder.merge(r);
+                elapsed = elapsed.max(e);
+            }
+            Ok(Err(e)) => failure = Some(e),
+            Err(_) => failure = Some(anyhow::anyhow!("a load thread panicked")),
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(Outcome { recorder, elapsed, threads }),
+    }
+}
+
+/// Thread `t`'s part of `total` split over `threads`, the remainder to the first.
+fn share(total: u64, threads: usize, t: usize) -> u64 {
+    let threads = threads as u64;
+    total / threads + u64::from((t as u64) < total % threads)
+}
+
+struct ThreadPlan {
+    index: usize,
+    first_conn: usize,
+    conns: usize,
+    budget: Option<u64>,
+    rate: Option<f64>,
+    /// Offset of this thread's schedule, as a fraction of its interval.
+    phase: f64,
+}
+
+/// What a thread's connections share. Single-threaded, so `Cell`s and no locks.
+struct Shared {
+    target: Target,
+    timeout: Duration,
+    deadline: Instant,
+    budget: Option<Cell<u64>>,
+    pacer: Option<Pacer>,
+    recorder: RefCell<Recorder>,
+}
+
+impl Shared {
+    /// Takes one request from the budget; false once it is spent.
+    fn take(&self) -> bool {
+        match &self.budget {
+            None => true,
+            Some(left) if left.get() > 0 => {
+                left.set(left.get() - 1);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+}
+
+/// The open-loop schedule of one thread: request `k` is due at `start + (k + phase) ×
+/// interval`, and no request is due at or after `end`.
+struct Pacer {
+    start: Instant,
+    interval_ns: f64,
+    phase: f64,
+    next: Cell<u64>,
+    end: Instant,
+}
+
+impl Pacer {
+    fn claim(&self) -> Option<Instant> {
+        let k = self.next.get();
+        self.next.set(k + 1);
+        let due = self.start + Duration::from_nanos(((k as f64 + self.phase) * self.interval_ns) as u64);
+        (due < self.end).then_some(due)
+    }
+}
+
+async fn drive_thread(
+    plan: Plan,
+    part: ThreadPlan,
+    work: Arc<Workload>,
+    barrier: Arc<Barrier>,
+    start: Arc<OnceLock<Instant>>,
+) -> anyhow::Result<(Recorder, Duration)> {
+    // Connect before the clock starts: a run measures requests, not handshakes.
+    let mut conns = Vec::with_capacity(part.conns);
+    let mut refused = None;
+    for _ in 0..part.conns {
+        match Conn::connect(plan.target.addr).await {
+            Ok(conn) => conns.push(conn),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    // Every thread reaches the barrier, failed or not, so none waits for ever.
+    barrier.wait();
+    if let Some(e) = refused {
+        return Err(e).with_context(|| format!("cannot connect to {}", plan.target.addr));
+    }
+    let start = *start.get_or_init(Instant::now);
+    let shared = Rc::new(Shared {
+        target: plan.target.clone(),
+        timeout: plan.timeout,
+        deadline: start + plan.duration,
+        budget: part.budget.map(Cell::new),
+        pacer: part.rate.map(|rate| Pacer {
+            start,
+            interval_ns: 1e9 / rate,
+            phase: part.phase,
+            next: Cell::new(0),
+            end: start + plan.duration,
+        }),
+        recorder: RefCell::new(Recorder::default()),
+    });
+    let mut tasks = Vec::with_capacity(conns.len());
+    for (i, conn) in conns.into_iter().enumerate() {
+        let generator = work.generator(part.first_conn + i, plan.seed ^ part.index as u64);
+        tasks.push(tokio::task::spawn_local(drive_connection(Rc::clone(&shared), conn, generator)));
+    }
+    for task in tasks {
+        task.await.context("a connection task panicked")?;
+    }
+    let elapsed = start.elapsed();
+    let recorder = shared.recorder.take();
+    Ok((recorder, elapsed))
+}
+
+/// One connection's loop: claim, (wait,) send, receive, record, until the run ends.
+async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut generator: Generator) {
+    let mut conn = Some(conn);
+    let mut request = Vec::with_capacity(512);
+    loop {
+        if !shared.take() {
+            break;
+        }
+        // When latency starts: the due time if the request is late, else the send.
+        let mut late_since = None;
+        if let Some(pacer) = &shared.pacer {
+            let Some(due) = pacer.claim() else { break };
+            if due > Instant::now() {
+                tokio::time::sleep_until(due.into()).await;
+            } else {
+                late_since = Some(due);
+            }
+        } else if Instant::now() >= shared.deadline {
+            break;
+        }
+        request.clear();
+        let kind = generator.next(&shared.target.authority, &mut request);
+        let sent = Instant::now();
+        if conn.is_none() {
+            match Conn::connect(shared.target.addr).await {
+                Ok(c) => conn = Some(c),
+                Err(_) => {
+                    shared.recorder.borrow_mut().errors.connect += 1;
+                    // Not a busy loop against a target that is down.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        match c.exchange(&request, shared.timeout).await {
+            Ok(response) => {
+                let latency = late_since.unwrap_or(sent).elapsed();
+                let status = response.status;
+                shared.recorder.borrow_mut().record(kind, status, latency);
+                if c.closing() {
+                    conn = None;
+                }
+            }
+            Err(fault) => {
+                shared.recorder.borrow_mut().fault(&fault);
+                conn = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::scenario::Lot;
+    use crate::stats::Kind;
+
+    /// A keep-alive HTTP stub that answers every request at once, except request
+    /// number `stall_at` (from 1), which it holds for `stall` first.
+    fn stalling_stub(stall_at: usize, stall: Duration) -> Target {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        seen += 1;
+                        if seen == stall_at {
+                            std::thread::sleep(stall);
+                        }
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                    }
+                }
+            }
+        });
+        Target { addr, authority: addr.to_string() }
+    }
+
+    fn plan(target: Target, rate: Option<f64>, requests: Option<u64>) -> Plan {
+        Plan {
+            target,
+            connections: 1,
+            threads: 1,
+            duration: Duration::from_secs(1),
+            requests,
+            rate,
+            timeout: Duration::from_secs(5),
+            pin: false,
+            seed: 1,
+        }
+    }
+
+    fn reads() -> Arc<Workload> {
+        Arc::new(Workload::new(vec![(Kind::AuctionRead, 1)], vec![Lot { id: 1, min_next_bid: 1 }], 0, 1, Vec::new()))
+    }
+
+    /// Requests whose latency was at least `floor`.
+    fn at_least(outcome: &Outcome, floor: Duration) -> u64 {
+        let h = outcome.recorder.latency_ns(Kind::AuctionRead).unwrap();
+        h.count_between(floor.as_nanos() as u64, h.max())
+    }
+
+    #[test]
+    fn open_loop_latency_includes_the_stall_for_every_request_it_delayed() {
+        // 1000 requests/s on one connection; request 100 (due at ~100 ms) is held
+        // 300 ms, so the ~300 requests due meanwhile wait behind it. Measured from
+        // their scheduled times, ~200 of them took 100 ms or more.
+        let stall = Duration::from_millis(300);
+        let outcome = run(&plan(stalling_stub(100, stall), Some(1000.0), None), reads()).unwrap();
+        let h = outcome.recorder.latency_ns(Kind::AuctionRead).unwrap();
+        assert!(h.max() >= stall.as_nanos() as u64, "max {} ns hides the stall", h.max());
+        let delayed = at_least(&outcome, Duration::from_millis(100));
+        assert!(delayed >= 150, "only {delayed} requests include the stall");
+        // The rate was held: the delayed requests were sent late, not dropped.
+        assert!((900..=1000).contains(&h.len()), "{} requests at 1000/s for 1 s", h.len());
+        assert_eq!(outcome.recorder.errors.total(), 0);
+    }
+
+    #[test]
+    fn closed_loop_latency_counts_the_stall_once() {
+        // The contrast that shows why open loop matters: a closed loop simply stops
+        // sending while stalled, so the stall appears in one request only.
+        let outcome = run(&plan(stalling_stub(100, Duration::from_millis(300)), None, Some(500)), reads()).unwrap();
+        let h = outcome.recorder.latency_ns(Kind::AuctionRead).unwrap();
+        assert_eq!(h.len(), 500, "the request budget bounds the run");
+        assert!(h.max() >= 300_000_000);
+        assert!(at_least(&outcome, Duration::from_millis(100)) <= 3);
+    }
+
+    #[test]
+    fn an_unreachable_target_fails_the_run_before_it_starts() {
+        let addr = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let err = run(&plan(Target { addr, authority: addr.to_string() }, None, None), reads()).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot connect"), "{err:#}");
+    }
+
+    #[test]
+    fn shares_add_up_to_the_total() {
+        for (total, threads) in [(10u64, 3usize), (1, 2), (64, 2), (0, 4)] {
+            let parts: Vec<u64> = (0..threads).map(|t| share(total, threads, t)).collect();
+            assert_eq!(parts.iter().sum::<u64>(), total, "{parts:?}");
+            assert!(parts.iter().max().unwrap() - parts.iter().min().unwrap() <= 1, "{parts:?}");
+        }
+    }
+
+    #[test]
+    fn the_pacer_keeps_a_fixed_schedule_and_stops_at_the_end() {
+        let start = Instant::now();
+        let pacer =
+            Pacer { start, interval_ns: 1e6, phase: 0.5, next: Cell::new(0), end: start + Duration::from_millis(3) };
+        let due: Vec<Duration> = std::iter::from_fn(|| pacer.claim()).map(|t| t - start).collect();
+        assert_eq!(due, [500_000, 1_500_000, 2_500_000].map(Duration::from_nanos));
+    }
+}

@@ -1,0 +1,254 @@
+//! gavel-loadtest: the load generator gavel's figures are measured with.
+//!
+//! Thread-per-core like the server: one pinned thread per core, each with its own
+//! current-thread runtime and its share of the keep-alive connections, and nothing
+//! shared between threads while the clock runs. Closed loop finds the maximum
+//! throughput; open loop (`--rate`) holds a fixed arrival rate and measures latency
+//! from each request's scheduled send time, so stalls are not hidden (see
+//! [`engine`]). Latencies go into HdrHistogram.
+//!
+//! ```text
+//! gavel-loadtest seed --target URL [--auctions N] [--skus N] [--bidders N]
+//! gavel-loadtest run SCENARIO --target URL [--duration 10s] [--connections C] [--rate R] [--json]
+//! ```
+//!
+//! Every run stops by itself after `--duration` or `--requests`, and sends only to
+//! the target it is given.
+//!
+//! # Layout
+//! - [`http`]: the lean HTTP/1.1 client.
+//! - [`engine`]: threads, connections, the closed and open loops.
+//! - [`scenario`]: what each connection sends.
+//! - [`setup`]: accounts, tokens, seeding, finding the open auctions.
+//! - [`stats`]: histograms, counts and the report.
+
+pub mod engine;
+pub mod http;
+pub mod scenario;
+pub mod setup;
+pub mod stats;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use gavel::auth::Keys;
+use tokio::task::LocalSet;
+
+use crate::http::Target;
+use crate::scenario::{Lot, Mix, Scenario, Workload};
+use crate::stats::{Kind, Report, Shape};
+
+#[derive(Debug, Parser)]
+#[command(name = "gavel-loadtest", version, about = "Load generator for gavel")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create what the scenarios need: a seller, bidders, open auctions and stocked
+    /// skus. Idempotent: run it as often as you like.
+    Seed(SeedArgs),
+    /// Drive one scenario against the target and report throughput and latency.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// Base URL of the gavel to seed, e.g. http://127.0.0.1:8080.
+    #[arg(long, env = "GAVEL_TARGET")]
+    pub target: String,
+    /// Open auctions the load-test seller should have.
+    #[arg(long, default_value_t = 1000)]
+    pub auctions: usize,
+    /// Skus lt-1..lt-N to stock.
+    #[arg(long, default_value_t = 1000)]
+    pub skus: u32,
+    /// Bidder accounts to register.
+    #[arg(long, default_value_t = 16)]
+    pub bidders: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    pub scenario: Scenario,
+    /// Base URL of the server to drive, e.g. http://127.0.0.1:8080. Nothing else is
+    /// ever sent to.
+    #[arg(long, env = "GAVEL_TARGET")]
+    pub target: String,
+    /// How long the run lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Stop after this many requests, if that comes before the duration.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Keep-alive connections, spread over the threads.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Threads, each pinned to a core with its own runtime. Unset: one per core.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Open loop: requests per second in all, latency measured from each request's
+    /// scheduled time. Unset: closed loop, as fast as responses come back.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// How long one request may take before it counts as a timeout.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Use at most this many of the open auctions (reads and bids).
+    #[arg(long, default_value_t = 1000)]
+    pub auctions: usize,
+    /// Use these auction ids (`FIRST-LAST`) instead of listing the open ones: for
+    /// targets that are not gavel, e.g. a reference server answering any path.
+    #[arg(long, value_parser = parse_id_range)]
+    pub auction_ids: Option<(i64, i64)>,
+    /// Send every bid to one of the first N auctions: small N means contention on
+    /// the same rows. 0: spread over all of them.
+    #[arg(long, default_value_t = 0)]
+    pub hot_auctions: usize,
+    /// Skus lt-1..lt-N that reads and orders use (as seeded).
+    #[arg(long, default_value_t = 1000)]
+    pub skus: u32,
+    /// Bidder accounts the connections bid and order as, in turn.
+    #[arg(long, default_value_t = 16)]
+    pub bidders: usize,
+    /// Weights of the mixed scenario.
+    #[arg(long, default_value = "auction-read=75,bid=15,inventory-read=7,order=3")]
+    pub mix: Mix,
+    /// The server's token secret: with it, bidder tokens are minted here; without it,
+    /// the bidders log in through the API.
+    #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Do not pin threads to cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Print the report as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_id_range(s: &str) -> Result<(i64, i64), String> {
+    let (a, b) = s.split_once('-').ok_or("expected FIRST-LAST")?;
+    let (a, b) = (a.parse::<i64>().map_err(|e| e.to_string())?, b.parse::<i64>().map_err(|e| e.to_string())?);
+    if a < 1 || b < a {
+        return Err("expected 1 <= FIRST <= LAST".into());
+    }
+    Ok((a, b))
+}
+
+/// Runs one command line.
+pub fn main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Seed(args) => {
+            let plan = setup::SeedPlan {
+                target: Target::parse(&args.target)?,
+                auctions: args.auctions,
+                skus: args.skus,
+                bidders: args.bidders,
+            };
+            let seeded = block_on_local(setup::seed(&plan))?;
+            eprintln!(
+                "seeded {}: seller {} has {} open auctions ({} created), {} skus stocked, {} bidders",
+                plan.target.authority,
+                seeded.seller_id,
+                seeded.auctions_found + seeded.auctions_created,
+                seeded.auctions_created,
+                seeded.skus,
+                seeded.bidders
+            );
+            Ok(())
+        }
+        Command::Run(args) => {
+            let report = run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Prepares the workload `args` asks for, drives it and reports.
+pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
+    let target = Target::parse(&args.target)?;
+    let kinds = args.scenario.kinds(&args.mix);
+    let work = block_on_local(prepare(args, &target, &kinds))?;
+    let plan = engine::Plan {
+        target,
+        connections: args.connections,
+        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        duration: args.duration,
+        requests: args.requests,
+        rate: args.rate,
+        timeout: args.timeout,
+        pin: !args.no_pin,
+        seed: rand::random(),
+    };
+    let outcome = engine::run(&plan, Arc::new(work))?;
+    let shape = Shape {
+        scenario: args.scenario.name().to_owned(),
+        rate: args.rate,
+        connections: args.connections,
+        threads: outcome.threads,
+    };
+    Ok(Report::new(shape, &outcome.recorder, outcome.elapsed))
+}
+
+/// Finds what the scenario's requests refer to, before the clock starts.
+async fn prepare(args: &RunArgs, target: &Target, kinds: &[(Kind, u32)]) -> anyhow::Result<Workload> {
+    let uses = |k: Kind| kinds.iter().any(|(kind, _)| *kind == k);
+    let mut api = setup::Api::new(target.clone());
+    let bids = uses(Kind::Bid);
+
+    let mut lots = Vec::new();
+    if uses(Kind::AuctionRead) || bids {
+        lots = match args.auction_ids {
+            Some((first, last)) if bids => setup::lots(&mut api, &(first..=last).collect::<Vec<_>>()).await?,
+            Some((first, last)) => (first..=last).map(|id| Lot { id, min_next_bid: 1 }).collect(),
+            None => setup::open_auctions(&mut api, args.auctions).await?.into_iter().map(|a| a.lot).collect(),
+        };
+        if lots.is_empty() {
+            bail!(
+                "{} has no open auctions: run `gavel-loadtest seed --target {}` first",
+                target.authority,
+                args.target
+            );
+        }
+    }
+    if uses(Kind::InventoryRead) || uses(Kind::Order) {
+        anyhow::ensure!(args.skus > 0, "--skus must be at least 1");
+        let first = format!("/api/inventory/{}", scenario::sku_name(1));
+        let (status, _) = api.call("GET", &first, None, None).await?;
+        if status != 200 {
+            bail!(
+                "{} has no sku {} (got {status}): run `gavel-loadtest seed` first",
+                target.authority,
+                scenario::sku_name(1)
+            );
+        }
+    }
+    let mut tokens = Vec::new();
+    if bids || uses(Kind::Order) {
+        anyhow::ensure!(args.bidders > 0, "--bidders must be at least 1");
+        let keys = match &args.secret {
+            Some(secret) => Some(Keys::new(secret.as_bytes()).context("GAVEL_JWT_SECRET")?),
+            None => None,
+        };
+        // Tokens outlive the run by an hour whatever the server's session lifetime.
+        let ttl = args.duration + Duration::from_secs(3600);
+        tokens =
+            setup::bidders(&mut api, args.bidders, keys.as_ref(), ttl).await?.into_iter().map(|a| a.token).collect();
+    }
+    Ok(Workload::new(kinds.to_vec(), lots, args.hot_auctions, args.skus, tokens))
+}
+
+/// Runs set-up work on a current-thread runtime inside a `LocalSet`.
+fn block_on_local<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")?;
+    LocalSet::new().block_on(&rt, future)
+}

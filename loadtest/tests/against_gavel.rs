@@ -1,0 +1,161 @@
+//! The load generator against a real gavel on port 0 with its own PostgreSQL: seeding
+//! is idempotent, every scenario sends what it should, and what it counts is what
+//! the server did.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gavel::auth::Keys;
+use gavel::config::Serve;
+use gavel::db::embedded::{Cluster, Options};
+use gavel::runtime::Server;
+use gavel_loadtest::setup::{Api, SeedPlan, Seeded};
+use gavel_loadtest::stats::Report;
+use gavel_loadtest::{Cli, Command, http::Target};
+
+const SECRET: &str = "loadtest-tests-secret-of-at-least-32-bytes";
+
+/// A running gavel and its cluster, stopped on drop.
+struct Gavel {
+    addr: SocketAddr,
+    server: Option<Server>,
+    cluster: Option<Cluster>,
+}
+
+impl Drop for Gavel {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+        if let Some(cluster) = self.cluster.take() {
+            let _ = cluster.stop();
+        }
+    }
+}
+
+fn local<T>(future: impl Future<Output = T>) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, future)
+}
+
+fn start_gavel() -> Gavel {
+    let cluster = Cluster::start(&Options {
+        settings: vec![("fsync".into(), "off".into()), ("max_connections".into(), "100".into())],
+        ..Options::default()
+    })
+    .expect("start a private PostgreSQL (is postgresql-15 installed?)");
+    let options = cluster.connect_options("gavel");
+    local(async {
+        gavel::db::ensure_database(&options, "gavel").await.expect("create database");
+        gavel::db::migrate(&options).await.expect("migrate");
+    });
+    let config = Serve::from_flags(["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2"])
+        .expect("flags parse");
+    let server = Server::start(&config, options, Arc::new(Keys::new(SECRET.as_bytes()).unwrap())).expect("starts");
+    Gavel { addr: server.local_addr(), server: Some(server), cluster: Some(cluster) }
+}
+
+impl Gavel {
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn seed(&self, auctions: usize) -> Seeded {
+        let plan = SeedPlan { target: Target::parse(&self.url()).unwrap(), auctions, skus: 20, bidders: 4 };
+        local(gavel_loadtest::setup::seed(&plan)).expect("seeding succeeds")
+    }
+
+    /// `gavel-loadtest run SCENARIO --target … <extra>`, bounded by a request count.
+    fn run(&self, scenario: &str, extra: &[&str]) -> anyhow::Result<Report> {
+        let url = self.url();
+        let mut argv = vec!["gavel-loadtest", "run", scenario, "--target", &url];
+        argv.extend_from_slice(&["--connections", "8", "--skus", "20", "--bidders", "4", "--no-pin"]);
+        if !extra.contains(&"--duration") {
+            argv.extend_from_slice(&["--duration", "30s"]);
+        }
+        argv.extend_from_slice(extra);
+        let Command::Run(args) = <Cli as clap::Parser>::parse_from(argv).command else { unreachable!() };
+        gavel_loadtest::run(&args)
+    }
+
+    /// Sum of `bid_count` over the open auctions, through the API.
+    fn bids_recorded(&self) -> i64 {
+        local(async {
+            let mut api = Api::new(Target::parse(&self.url()).unwrap());
+            let (status, page) = api.call("GET", "/api/auctions?status=open&limit=100", None, None).await.unwrap();
+            assert_eq!(status, 200);
+            page["items"].as_array().unwrap().iter().map(|a| a["bid_count"].as_i64().unwrap()).sum()
+        })
+    }
+}
+
+fn only(report: &Report, status: &str) -> bool {
+    report.statuses.keys().all(|s| s == status) && report.errors.total() == 0
+}
+
+#[test]
+fn seeding_twice_creates_nothing_the_second_time() {
+    let gavel = start_gavel();
+    let first = gavel.seed(30);
+    assert_eq!((first.auctions_found, first.auctions_created), (0, 30));
+    let again = gavel.seed(30);
+    assert_eq!((again.auctions_found, again.auctions_created), (30, 0));
+    assert_eq!(again.seller_id, first.seller_id);
+    let more = gavel.seed(40);
+    assert_eq!((more.auctions_found, more.auctions_created), (30, 10));
+}
+
+#[test]
+fn every_scenario_sends_valid_requests_and_counts_what_the_server_did() {
+    let gavel = start_gavel();
+    gavel.seed(50);
+
+    let reads = gavel.run("auction-read", &["--requests", "300"]).unwrap();
+    assert_eq!(reads.requests, 300, "the request budget bounds the run");
+    assert!(only(&reads, "200"), "{:?} {:?}", reads.statuses, reads.errors);
+
+    // Bidders log in through the API (no secret); amounts rise, so bids are accepted.
+    let bids = gavel.run("bid-storm", &["--requests", "400"]).unwrap();
+    let accepted = bids.statuses.get("201").copied().unwrap_or(0);
+    assert!(accepted >= 300, "{:?}", bids.statuses);
+    assert!(bids.statuses.keys().all(|s| s == "201" || s == "409"), "{:?}", bids.statuses);
+    assert_eq!(gavel.bids_recorded(), accepted as i64, "every 201 is a bid in the database, and no more");
+
+    // Tokens minted with the server's secret work like logged-in ones…
+    let minted = gavel.run("bid-storm", &["--requests", "100", "--hot-auctions", "1", "--secret", SECRET]).unwrap();
+    assert!(minted.statuses.get("201").copied().unwrap_or(0) > 0, "{:?}", minted.statuses);
+    // …and tokens minted with another secret are refused, which the report shows.
+    let forged = gavel.run("bid-storm", &["--requests", "50", "--secret", &"x".repeat(40)]).unwrap();
+    assert!(only(&forged, "401"), "{:?}", forged.statuses);
+
+    let stock = gavel.run("inventory-read", &["--requests", "200"]).unwrap();
+    assert!(only(&stock, "200"), "{:?}", stock.statuses);
+
+    let orders = gavel.run("orders", &["--requests", "200"]).unwrap();
+    assert!(only(&orders, "201"), "{:?}", orders.statuses);
+
+    let mixed = gavel.run("mixed", &["--requests", "1000"]).unwrap();
+    assert_eq!(mixed.requests, 1000);
+    assert_eq!(mixed.by_kind.keys().copied().collect::<Vec<_>>(), ["auction-read", "bid", "inventory-read", "order"]);
+    assert_eq!(mixed.errors.total(), 0);
+}
+
+#[test]
+fn open_loop_runs_hold_their_rate_and_stop_by_themselves() {
+    let gavel = start_gavel();
+    gavel.seed(10);
+    let started = std::time::Instant::now();
+    let report = gavel.run("auction-read", &["--rate", "500", "--duration", "1s"]).unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(report.mode, "open");
+    assert!((450..=500).contains(&report.requests), "{} requests at 500/s for 1 s", report.requests);
+}
+
+#[test]
+fn a_run_against_an_unseeded_server_says_to_seed_first() {
+    let gavel = start_gavel();
+    let err = gavel.run("auction-read", &["--requests", "10"]).unwrap_err();
+    assert!(format!("{err:#}").contains("gavel-loadtest seed"), "{err:#}");
+    let err = gavel.run("inventory-read", &["--requests", "10"]).unwrap_err();
+    assert!(format!("{err:#}").contains("gavel-loadtest seed"), "{err:#}");
+}
