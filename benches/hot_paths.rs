@@ -6,25 +6,33 @@
 //!
 //! `cargo bench --bench hot_paths` (bench profile: fat LTO, one codegen unit; 30
 //! samples of 3 s) on the shared 2-core development machine under load average
-//! 1.2 to 2, 2026-11-22; the middle of criterion's interval, two runs for
-//! `json_parse`. Expect ±10 % between runs on that machine.
+//! 1.2 to 2, 2026-11-22; the middle of criterion's interval. Expect ±10 % between
+//! runs on that machine.
 //!
-//! | body (bytes)             | simd-json, reused buffer (`extract::parse`) | serde_json    | simd-json, fresh `Vec` |
-//! |--------------------------|---------------------------------------------|---------------|------------------------|
-//! | bid (32)                 | 122 / 116 ns                                | 87 / 77 ns    | 237 / 169 ns           |
-//! | order with 3 lines (104) | 331 / 347 ns                                | 317 / 320 ns  | 427 / 477 ns           |
+//! `json_parse`, second measurement (after choosing per size), `cargo bench --bench
+//! hot_paths -- json_parse`, same machine while another build ran:
 //!
-//! simd-json loses on both of the API's request bodies. On the 32-byte bid it is
-//! 1.4 to 1.5 times slower than serde_json (116–122 ns against 77–87 ns): its
-//! fixed costs (copying the body into the buffer, the structural-index pass)
-//! outweigh the whole parse of so small a body. On the 104-byte order it merely
-//! ties (331–347 ns against 317–320 ns, serde_json 4 to 8 % ahead, within the
-//! noise). The reused buffer is worth keeping while simd-json is used (1.3 to 2
-//! times faster than a fresh `Vec` per body). Per payload, then: serde_json for
-//! the bid; for the order either, serde_json by a hair. The gap narrows as the
-//! body grows; bodies larger than the order were not measured.
+//! | body (bytes)               | simd-json, reused buffer | serde_json | chosen by size |
+//! |----------------------------|--------------------------|------------|----------------|
+//! | bid (32)                   | 110 ns                   | 69 ns      | 70 ns          |
+//! | order with 3 lines (104)   | 353 ns                   | 357 ns     | 337 ns         |
+//! | order with 12 lines (407)  | 977 ns                   | 1007 ns    | 946 ns         |
+//! | order with 40 lines (1331) | 2.99 µs                  | 3.26 µs    | 3.45 µs ¹      |
 //!
-//! The other groups, same run:
+//! simd-json loses on the API's small bodies. On the 32-byte bid it is 1.4 to 1.6
+//! times slower than serde_json (first run: 116–122 ns against 77–87 ns; this run
+//! 110 against 69): its fixed costs (copying the body into the buffer, the
+//! structural-index pass) outweigh the whole parse of so small a body. From the
+//! 3-line order to the 12-line one they tie within the noise; at 1.3 KB simd-json
+//! is ~9 % ahead. So `extract::parse` chooses per payload by size: serde_json below
+//! `SIMD_JSON_MIN_BYTES` (512), which covers every bid and every usual order, and
+//! simd-json above. The reused buffer is worth keeping for the simd-json path (1.3
+//! to 2 times faster than a fresh `Vec` per body, first run).
+//!
+//! ¹ The same code path as the simd-json column; the gap is the shared machine's
+//! noise (the interval is 3.2–3.7 µs).
+//!
+//! The other groups, first run:
 //!
 //! - `serialise`, the 337-byte `GET /api/auctions/{id}` body: as a
 //!   `serde_json::Value`, `respond::to_bytes` 619 ns against `serde_json::to_vec`
@@ -100,29 +108,40 @@ fn json_parse(c: &mut Criterion) {
     let mut group = c.benchmark_group("json_parse");
     bench_parse::<PlaceBid>(&mut group, "bid", BID);
     bench_parse::<CreateOrder>(&mut group, "order_3_lines", ORDER);
+    // Larger orders than clients usually send, to find where simd-json starts to win.
+    for lines in [12, 40] {
+        let body = order_with(lines);
+        bench_parse::<CreateOrder>(&mut group, &format!("order_{lines}_lines"), body.leak());
+    }
     group.finish();
 }
 
-/// The three ways to parse `body` into a `T`, under one payload name.
+/// An order body of `lines` lines, like the real ones.
+fn order_with(lines: usize) -> Vec<u8> {
+    let lines: Vec<String> =
+        (0..lines).map(|i| format!(r#"{{"sku":"SKU-{i:05}","quantity":{}}}"#, i % 9 + 1)).collect();
+    format!(r#"{{"lines":[{}]}}"#, lines.join(",")).into_bytes()
+}
+
+/// The two parsers, and the per-size choice the server makes, on one payload.
 fn bench_parse<T: DeserializeOwned>(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
     body: &'static [u8],
 ) {
-    assert!(gavel::http::extract::parse::<T>(body).is_ok(), "the {name} body must parse");
-    assert!(serde_json::from_slice::<T>(body).is_ok(), "the {name} body must parse");
+    use gavel::http::extract::{parse, parse_with_serde_json, parse_with_simd_json};
+    assert!(parse_with_simd_json::<T>(body).is_ok(), "the {name} body must parse");
+    assert!(parse_with_serde_json::<T>(body).is_ok(), "the {name} body must parse");
+    let name = format!("{name}_{}B", body.len());
     group.throughput(criterion::Throughput::Bytes(body.len() as u64));
-    group.bench_with_input(BenchmarkId::new("simd_json_reused_buffer", name), body, |b, body| {
-        b.iter(|| gavel::http::extract::parse::<T>(black_box(body)))
+    group.bench_with_input(BenchmarkId::new("simd_json_reused_buffer", &name), body, |b, body| {
+        b.iter(|| parse_with_simd_json::<T>(black_box(body)))
     });
-    group.bench_with_input(BenchmarkId::new("serde_json", name), body, |b, body| {
-        b.iter(|| serde_json::from_slice::<T>(black_box(body)))
+    group.bench_with_input(BenchmarkId::new("serde_json", &name), body, |b, body| {
+        b.iter(|| parse_with_serde_json::<T>(black_box(body)))
     });
-    group.bench_with_input(BenchmarkId::new("simd_json_fresh_vec", name), body, |b, body| {
-        b.iter(|| {
-            let mut copy = black_box(body).to_vec();
-            simd_json::serde::from_slice::<T>(&mut copy)
-        })
+    group.bench_with_input(BenchmarkId::new("chosen_by_size", &name), body, |b, body| {
+        b.iter(|| parse::<T>(black_box(body)))
     });
 }
 
