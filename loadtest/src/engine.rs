@@ -139,6 +139,8 @@ struct Shared {
     budget: Option<Cell<u64>>,
     pacer: Option<Pacer>,
     recorder: RefCell<Recorder>,
+    /// When the last response came in: see [`measured`].
+    last_response: Cell<Option<Instant>>,
 }
 
 impl Shared {
@@ -212,6 +214,7 @@ async fn drive_thread(
             end: start + plan.duration,
         }),
         recorder: RefCell::new(Recorder::default()),
+        last_response: Cell::new(None),
     });
     let mut tasks = Vec::with_capacity(conns.len());
     for (i, conn) in conns.into_iter().enumerate() {
@@ -221,9 +224,18 @@ async fn drive_thread(
     for task in tasks {
         task.await.context("a connection task panicked")?;
     }
-    let elapsed = start.elapsed();
+    let elapsed = measured(start.elapsed(), plan.duration, shared.last_response.get().map(|t| t - start));
     let recorder = shared.recorder.take();
     Ok((recorder, elapsed))
+}
+
+/// The length a thread's rate is computed over. A run that ended within its
+/// duration (its request budget spent) lasted what it lasted. One that ran over was
+/// waiting for requests in flight at the end: their responses count, but not the
+/// wait for those that never came (they end as timeouts), which would dilute the
+/// rate by up to the request timeout.
+fn measured(elapsed: Duration, duration: Duration, last_response: Option<Duration>) -> Duration {
+    if elapsed <= duration { elapsed } else { last_response.unwrap_or(duration).clamp(duration, elapsed) }
 }
 
 /// One connection's loop: claim, (wait,) send, receive, record, until the run ends.
@@ -263,7 +275,9 @@ async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut generator: Generat
         let Some(c) = conn.as_mut() else { continue };
         match c.exchange(&request, shared.timeout).await {
             Ok(response) => {
-                let latency = late_since.unwrap_or(sent).elapsed();
+                let done = Instant::now();
+                shared.last_response.set(Some(done));
+                let latency = done - late_since.unwrap_or(sent);
                 let status = response.status;
                 shared.recorder.borrow_mut().record(kind, status, latency);
                 if c.closing() {
@@ -367,6 +381,20 @@ mod tests {
         assert_eq!(h.len(), 500, "the request budget bounds the run");
         assert!(h.max() >= 300_000_000);
         assert!(at_least(&outcome, Duration::from_millis(100)) <= 3);
+    }
+
+    #[test]
+    fn a_request_stuck_past_the_end_does_not_stretch_the_run() {
+        // Request 50 is held 3 s and times out after 500 ms; the stub, busy holding
+        // it, answers nothing else, so the reconnected connection times out too.
+        let mut p = plan(stalling_stub(50, Duration::from_secs(3)), None, None);
+        p.timeout = Duration::from_millis(500);
+        let outcome = run(&p, reads()).unwrap();
+        assert!(outcome.recorder.errors.timeout >= 1);
+        assert_eq!(outcome.elapsed, p.duration, "the rate is over the run's duration, not the timeouts' tail");
+        assert_eq!(measured(Duration::from_millis(300), p.duration, None), Duration::from_millis(300));
+        let late = measured(Duration::from_secs(3), p.duration, Some(Duration::from_millis(1200)));
+        assert_eq!(late, Duration::from_millis(1200), "responses after the end still count");
     }
 
     #[test]

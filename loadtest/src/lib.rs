@@ -33,7 +33,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use gavel::auth::Keys;
 use tokio::task::LocalSet;
 
 use crate::http::Target;
@@ -235,10 +234,7 @@ async fn prepare(args: &RunArgs, target: &Target, kinds: &[(Kind, u32)]) -> anyh
     let mut tokens = Vec::new();
     if bids || uses(Kind::Order) {
         anyhow::ensure!(args.bidders > 0, "--bidders must be at least 1");
-        let keys = match &args.secret {
-            Some(secret) => Some(Keys::new(secret.as_bytes()).context("GAVEL_JWT_SECRET")?),
-            None => None,
-        };
+        let keys = args.secret.as_deref().map(setup::Minter::new);
         // Tokens outlive the run by an hour whatever the server's session lifetime.
         let ttl = args.duration + Duration::from_secs(3600);
         tokens =

@@ -10,10 +10,55 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use gavel::auth::{Keys, Role};
 use serde_json::{Value, json};
 
 use crate::http::{Conn, Fault, Target, write_request};
+
+/// The roles the generator acts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Bidder,
+    Seller,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Bidder => "bidder",
+            Role::Seller => "seller",
+        }
+    }
+}
+
+/// Mints tokens as gavel does (HS256 with the issuer and claims its `auth` module
+/// checks), given the server's secret.
+pub struct Minter(jsonwebtoken::EncodingKey);
+
+impl Minter {
+    pub fn new(secret: &str) -> Minter {
+        Minter(jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()))
+    }
+
+    pub fn mint(&self, account_id: i64, role: Role, ttl: Duration) -> anyhow::Result<String> {
+        #[derive(serde::Serialize)]
+        struct Claims<'a> {
+            sub: String,
+            role: &'a str,
+            iat: u64,
+            exp: u64,
+            iss: &'a str,
+        }
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+        let claims = Claims {
+            sub: account_id.to_string(),
+            role: role.as_str(),
+            iat: now,
+            exp: now + ttl.as_secs(),
+            iss: "gavel",
+        };
+        Ok(jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &self.0)?)
+    }
+}
 use crate::scenario::{Lot, sku_name};
 
 /// Password of every account the generator registers.
@@ -98,7 +143,7 @@ pub async fn account(
     api: &mut Api,
     email: &str,
     role: Role,
-    keys: Option<&Keys>,
+    keys: Option<&Minter>,
     ttl: Duration,
 ) -> anyhow::Result<Account> {
     let credentials = json!({ "email": email, "password": PASSWORD });
@@ -119,14 +164,14 @@ pub async fn account(
         bail!("{email} exists with role {}, not {}", session["role"], role.as_str());
     }
     let token = match keys {
-        Some(keys) => keys.mint(id, role, ttl).0,
+        Some(keys) => keys.mint(id, role, ttl)?,
         None => session["token"].as_str().context("the session has no token")?.to_owned(),
     };
     Ok(Account { id, token })
 }
 
 /// The bidders `0..n`.
-pub async fn bidders(api: &mut Api, n: usize, keys: Option<&Keys>, ttl: Duration) -> anyhow::Result<Vec<Account>> {
+pub async fn bidders(api: &mut Api, n: usize, keys: Option<&Minter>, ttl: Duration) -> anyhow::Result<Vec<Account>> {
     let mut accounts = Vec::with_capacity(n);
     for i in 0..n {
         accounts.push(account(api, &bidder_email(i), Role::Bidder, keys, ttl).await?);
