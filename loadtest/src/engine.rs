@@ -26,6 +26,7 @@ use tokio::task::LocalSet;
 use crate::http::{Conn, Target};
 use crate::scenario::{Generator, Workload};
 use crate::stats::Recorder;
+use crate::ticker::Ticker;
 
 /// How hard and how long to drive the target.
 #[derive(Debug, Clone)]
@@ -138,6 +139,8 @@ struct Shared {
     deadline: Instant,
     budget: Option<Cell<u64>>,
     pacer: Option<Pacer>,
+    /// The open loop's timer.
+    ticker: Option<Rc<Ticker>>,
     recorder: RefCell<Recorder>,
     /// When the last response came in: see [`measured`].
     last_response: Cell<Option<Instant>>,
@@ -200,6 +203,11 @@ async fn drive_thread(
     if let Some(e) = refused {
         return Err(e).with_context(|| format!("cannot connect to {}", plan.target.addr));
     }
+    let ticker = match part.rate {
+        Some(_) => Some(Ticker::new().context("cannot create the open loop's timer")?),
+        None => None,
+    };
+    let driver = ticker.as_ref().map(|t| tokio::task::spawn_local(Rc::clone(t).drive()));
     let start = *start.get_or_init(Instant::now);
     let shared = Rc::new(Shared {
         target: plan.target.clone(),
@@ -213,6 +221,7 @@ async fn drive_thread(
             next: Cell::new(0),
             end: start + plan.duration,
         }),
+        ticker,
         recorder: RefCell::new(Recorder::default()),
         last_response: Cell::new(None),
     });
@@ -223,6 +232,9 @@ async fn drive_thread(
     }
     for task in tasks {
         task.await.context("a connection task panicked")?;
+    }
+    if let Some(driver) = driver {
+        driver.abort();
     }
     let elapsed = measured(start.elapsed(), plan.duration, shared.last_response.get().map(|t| t - start));
     let recorder = shared.recorder.take();
@@ -251,7 +263,10 @@ async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut generator: Generat
         if let Some(pacer) = &shared.pacer {
             let Some(due) = pacer.claim() else { break };
             if due > Instant::now() {
-                tokio::time::sleep_until(due.into()).await;
+                match &shared.ticker {
+                    Some(ticker) => ticker.sleep_until(due).await,
+                    None => tokio::time::sleep_until(due.into()).await,
+                }
             } else {
                 late_since = Some(due);
             }

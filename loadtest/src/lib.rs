@@ -21,12 +21,14 @@
 //! - [`scenario`]: what each connection sends.
 //! - [`setup`]: accounts, tokens, seeding, finding the open auctions.
 //! - [`stats`]: histograms, counts and the report.
+//! - [`ticker`]: the open loop's precise per-thread timer.
 
 pub mod engine;
 pub mod http;
 pub mod scenario;
 pub mod setup;
 pub mod stats;
+pub mod ticker;
 
 use std::sync::Arc;
 use std::time::Duration;
