@@ -138,9 +138,8 @@ struct Shared {
     timeout: Duration,
     deadline: Instant,
     budget: Option<Cell<u64>>,
-    pacer: Option<Pacer>,
-    /// The open loop's timer.
-    ticker: Option<Rc<Ticker>>,
+    /// Open loop only: the schedule and the timer that waits for it.
+    pacer: Option<(Pacer, Rc<Ticker>)>,
     recorder: RefCell<Recorder>,
     /// When the last response came in: see [`measured`].
     last_response: Cell<Option<Instant>>,
@@ -203,25 +202,28 @@ async fn drive_thread(
     if let Some(e) = refused {
         return Err(e).with_context(|| format!("cannot connect to {}", plan.target.addr));
     }
-    let ticker = match part.rate {
-        Some(_) => Some(Ticker::new().context("cannot create the open loop's timer")?),
+    let start = *start.get_or_init(Instant::now);
+    let pacer = match part.rate {
+        Some(rate) => {
+            let ticker = Ticker::new().context("cannot create the open loop's timer")?;
+            let schedule = Pacer {
+                start,
+                interval_ns: 1e9 / rate,
+                phase: part.phase,
+                next: Cell::new(0),
+                end: start + plan.duration,
+            };
+            Some((schedule, ticker))
+        }
         None => None,
     };
-    let driver = ticker.as_ref().map(|t| tokio::task::spawn_local(Rc::clone(t).drive()));
-    let start = *start.get_or_init(Instant::now);
+    let driver = pacer.as_ref().map(|(_, ticker)| tokio::task::spawn_local(Rc::clone(ticker).drive()));
     let shared = Rc::new(Shared {
         target: plan.target.clone(),
         timeout: plan.timeout,
         deadline: start + plan.duration,
         budget: part.budget.map(Cell::new),
-        pacer: part.rate.map(|rate| Pacer {
-            start,
-            interval_ns: 1e9 / rate,
-            phase: part.phase,
-            next: Cell::new(0),
-            end: start + plan.duration,
-        }),
-        ticker,
+        pacer,
         recorder: RefCell::new(Recorder::default()),
         last_response: Cell::new(None),
     });
@@ -260,13 +262,10 @@ async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut generator: Generat
         }
         // When latency starts: the due time if the request is late, else the send.
         let mut late_since = None;
-        if let Some(pacer) = &shared.pacer {
+        if let Some((pacer, ticker)) = &shared.pacer {
             let Some(due) = pacer.claim() else { break };
             if due > Instant::now() {
-                match &shared.ticker {
-                    Some(ticker) => ticker.sleep_until(due).await,
-                    None => tokio::time::sleep_until(due.into()).await,
-                }
+                ticker.sleep_until(due).await;
             } else {
                 late_since = Some(due);
             }
@@ -410,6 +409,18 @@ mod tests {
         assert_eq!(measured(Duration::from_millis(300), p.duration, None), Duration::from_millis(300));
         let late = measured(Duration::from_secs(3), p.duration, Some(Duration::from_millis(1200)));
         assert_eq!(late, Duration::from_millis(1200), "responses after the end still count");
+    }
+
+    #[test]
+    fn plans_without_connections_or_with_a_rate_of_nothing_are_refused() {
+        let target = Target { addr: "127.0.0.1:9".parse().unwrap(), authority: "127.0.0.1:9".into() };
+        let mut none = plan(target.clone(), None, None);
+        none.connections = 0;
+        assert!(run(&none, reads()).is_err());
+        for rate in [0.0, -5.0, f64::NAN, f64::INFINITY] {
+            let err = run(&plan(target.clone(), Some(rate), None), reads()).unwrap_err();
+            assert!(err.to_string().contains("rate"), "{rate}: {err}");
+        }
     }
 
     #[test]

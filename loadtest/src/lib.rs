@@ -250,3 +250,27 @@ fn block_on_local<T>(future: impl std::future::Future<Output = anyhow::Result<T>
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")?;
     LocalSet::new().block_on(&rt, future)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auction_id_ranges_are_first_to_last() {
+        assert_eq!(parse_id_range("1-1000"), Ok((1, 1000)));
+        assert_eq!(parse_id_range("7-7"), Ok((7, 7)));
+        for bad in ["", "5", "5-", "-5", "0-10", "10-5", "a-b", "1-2-3"] {
+            assert!(parse_id_range(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn command_lines_refuse_what_a_run_cannot_do() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["gavel-loadtest"], args].concat());
+        assert!(parse(&["run", "auction-read", "--target", "http://127.0.0.1:1"]).is_ok());
+        assert!(parse(&["run", "bids", "--target", "http://127.0.0.1:1"]).is_err(), "unknown scenario");
+        assert!(parse(&["run", "auction-read", "--target", "t", "--duration", "soon"]).is_err());
+        assert!(parse(&["run", "mixed", "--target", "t", "--mix", "bid"]).is_err());
+        assert!(parse(&["run", "auction-read", "--target", "t", "--connections", "-1"]).is_err());
+    }
+}

@@ -72,10 +72,7 @@ impl Recorder {
         let stats = self.kinds[kind as usize]
             .get_or_insert_with(|| KindStats { latency_ns: histogram(), statuses: Vec::new() });
         stats.latency_ns.saturating_record(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX));
-        match stats.statuses.iter_mut().find(|(s, _)| *s == status) {
-            Some((_, n)) => *n += 1,
-            None => stats.statuses.push((status, 1)),
-        }
+        add_status(&mut stats.statuses, status, 1);
     }
 
     pub fn fault(&mut self, fault: &Fault) {
@@ -94,10 +91,7 @@ impl Recorder {
                 Some(mine) => {
                     mine.latency_ns.add(&theirs.latency_ns).expect("histograms share their bounds");
                     for (status, n) in theirs.statuses {
-                        match mine.statuses.iter_mut().find(|(s, _)| *s == status) {
-                            Some((_, m)) => *m += n,
-                            None => mine.statuses.push((status, n)),
-                        }
+                        add_status(&mut mine.statuses, status, n);
                     }
                 }
             }
@@ -109,7 +103,8 @@ impl Recorder {
     }
 
     /// Responses of `kind` with `status`.
-    pub fn count(&self, kind: Kind, status: u16) -> u64 {
+    #[cfg(test)]
+    fn count(&self, kind: Kind, status: u16) -> u64 {
         self.kinds[kind as usize]
             .as_ref()
             .and_then(|k| k.statuses.iter().find(|(s, _)| *s == status))
@@ -119,6 +114,13 @@ impl Recorder {
     /// The latency histogram (nanoseconds) of every response of `kind`, if any.
     pub fn latency_ns(&self, kind: Kind) -> Option<&Histogram<u64>> {
         self.kinds[kind as usize].as_ref().map(|k| &k.latency_ns)
+    }
+}
+
+fn add_status(statuses: &mut Vec<(u16, u64)>, status: u16, n: u64) {
+    match statuses.iter_mut().find(|(s, _)| *s == status) {
+        Some((_, m)) => *m += n,
+        None => statuses.push((status, n)),
     }
 }
 

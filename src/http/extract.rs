@@ -148,16 +148,18 @@ fn serde_json_error(error: serde_json::Error) -> Error {
 fn classify(bytes: &[u8], error: simd_json::Error) -> Error {
     // simd-json does not say whether a failure was syntax or shape; serde_json can,
     // on this cold path only.
-    match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
-        Ok(_) => Error::InvalidBody(error.to_string()),
-        Err(_) => Error::MalformedJson,
-    }
+    shape_or_syntax(bytes, || error.to_string())
 }
 
 #[cold]
 fn not_an_object(bytes: &[u8]) -> Error {
+    shape_or_syntax(bytes, || "the body must be a JSON object".into())
+}
+
+/// 422 with `shape`'s message if `bytes` are well-formed JSON, else 400.
+fn shape_or_syntax(bytes: &[u8], shape: impl FnOnce() -> String) -> Error {
     match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
-        Ok(_) => Error::InvalidBody("the body must be a JSON object".into()),
+        Ok(_) => Error::InvalidBody(shape()),
         Err(_) => Error::MalformedJson,
     }
 }
