@@ -66,10 +66,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tower::ServiceExt;
 
 use gavel::auth::{Keys, Role};
-use gavel::cache::{Applied, Caches, Kind};
+use gavel::cache::{Applied, Caches};
 use gavel::core::{Core, HASHES_PER_CORE, Health, Limits};
-use gavel::db::batch::Batcher;
-use gavel::db::bids::Bids;
+use gavel::db::batch::{BatchLimits, Batcher};
+use gavel::db::bids::{Announcer, Bids};
+use gavel::db::notice;
 use gavel::db::orders::Orders;
 use gavel::domain::FieldError;
 use gavel::http::Error;
@@ -199,6 +200,21 @@ fn auction_payload(id: i64, version: i64, high_bid: Option<i64>, ends_at_us: i64
     .to_string()
 }
 
+/// A `bids` notification payload, as `place_bids` sends once per batch: the final
+/// state of each of `ids`.
+fn bids_payload(ids: std::ops::Range<i64>, version: i64) -> String {
+    let states: Vec<String> =
+        ids.map(|id| format!("[{id},{version},{},7,{},{ENDS_AT_US}]", 1000 + version, version - 1)).collect();
+    format!(r#"{{"kind":"bids","at_us":1,"states":[{}]}}"#, states.join(","))
+}
+
+/// Decodes a payload as the listener does and applies it; the last update's result.
+fn apply(caches: &Caches, payload: &str) -> Applied {
+    let mut last = Applied::Stale;
+    caches.apply_notice(notice::parse(payload).expect("a valid payload").notice, |_, applied| last = applied);
+    last
+}
+
 /// Far in the future, so the auction stays open.
 const ENDS_AT_US: i64 = 4_000_000_000_000_000;
 const AUCTIONS: i64 = 10_000;
@@ -207,8 +223,7 @@ fn cache(c: &mut Criterion) {
     let caches = Caches::new();
     caches.set_live(true);
     for id in 1..=AUCTIONS {
-        let applied = caches.apply_payload(&auction_payload(id, 2, Some(1000), ENDS_AT_US));
-        assert!(matches!(applied, Ok((Kind::Auction, Applied::Newer))));
+        assert_eq!(apply(&caches, &auction_payload(id, 2, Some(1000), ENDS_AT_US)), Applied::Newer);
     }
     let id = AUCTIONS / 2;
     assert_eq!(caches.with_live_auction(id, |a| a.version), Some(2));
@@ -221,14 +236,26 @@ fn cache(c: &mut Criterion) {
         version += 1;
         auction_payload(id, version, Some(1000 + version), ENDS_AT_US)
     };
-    assert!(matches!(caches.apply_payload(&next()), Ok((_, Applied::Newer))));
+    assert_eq!(apply(&caches, &next()), Applied::Newer);
     group.bench_function("apply_payload_newer", |b| {
-        b.iter_batched(&mut next, |payload| caches.apply_payload(black_box(&payload)), BatchSize::SmallInput)
+        b.iter_batched(&mut next, |payload| apply(&caches, black_box(&payload)), BatchSize::SmallInput)
     });
 
     let stale = auction_payload(id, 1, None, ENDS_AT_US);
-    assert!(matches!(caches.apply_payload(&stale), Ok((_, Applied::Stale))));
-    group.bench_function("apply_payload_stale", |b| b.iter(|| caches.apply_payload(black_box(&stale))));
+    assert_eq!(apply(&caches, &stale), Applied::Stale);
+    group.bench_function("apply_payload_stale", |b| b.iter(|| apply(&caches, black_box(&stale))));
+
+    // One batch's notification for 32 auctions (what a bid batch of 32 on distinct
+    // auctions sends), against 32 whole-auction notifications before.
+    let mut version = 1_000;
+    let mut next_bids = || {
+        version += 1;
+        bids_payload(1..33, version)
+    };
+    assert_eq!(apply(&caches, &next_bids()), Applied::Newer);
+    group.bench_function("apply_bids_32", |b| {
+        b.iter_batched(&mut next_bids, |payload| apply(&caches, black_box(&payload)), BatchSize::SmallInput)
+    });
     group.finish();
 }
 
@@ -254,14 +281,14 @@ fn problem(c: &mut Criterion) {
 fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
     rt.block_on(async {
         let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
+        let limits = BatchLimits { queue_depth: 16, max_batch: 16, in_flight: 1, overlap_at: 1 };
         let caches = Arc::new(Caches::new());
-        let applied = caches.apply_payload(&auction_payload(1, 2, Some(1000), ENDS_AT_US));
-        assert!(matches!(applied, Ok((Kind::Auction, Applied::Newer))));
+        assert_eq!(apply(&caches, &auction_payload(1, 2, Some(1000), ENDS_AT_US)), Applied::Newer);
         caches.set_live(true);
         Arc::new(Core {
             id: 0,
-            bids: Batcher::<Bids>::spawn(pool.clone(), 16, 16, Box::new(|_| {})),
-            orders: Batcher::<Orders>::spawn(pool.clone(), 16, 16, Box::new(|_| {})),
+            bids: Batcher::spawn(pool.clone(), Bids::new(Announcer::spawn(pool.clone())), limits, Box::new(|_| {})),
+            orders: Batcher::spawn(pool.clone(), Orders, limits, Box::new(|_| {})),
             pool,
             caches,
             keys,

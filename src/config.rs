@@ -80,10 +80,11 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_CORES")]
     pub cores: Option<usize>,
 
-    /// PostgreSQL connections per core. Small on purpose: one carries the bid batch
-    /// in flight, the others carry reads; more mostly adds lock contention in the
-    /// database. Total = cores × this, plus one LISTEN connection per core.
-    #[arg(long, env = "GAVEL_DB_CONNS_PER_CORE", default_value_t = 3)]
+    /// PostgreSQL connections per core. Small on purpose: up to
+    /// --bid-batches-in-flight carry bid batches, one announces them, the rest carry
+    /// reads and orders; more mostly adds lock contention in the database. Total =
+    /// cores × this, plus one LISTEN connection per core.
+    #[arg(long, env = "GAVEL_DB_CONNS_PER_CORE", default_value_t = 4)]
     pub db_conns_per_core: u32,
 
     /// How long a request may wait for a database connection before it is shed with
@@ -127,6 +128,21 @@ pub struct Serve {
     /// bounds how long one batch holds its row locks.
     #[arg(long, env = "GAVEL_MAX_BID_BATCH", default_value_t = 256)]
     pub max_bid_batch: usize,
+
+    /// Bid batches a core may have in the database at once, each on its own pool
+    /// connection. More than one, so the database works on the next batch while the
+    /// last one commits; fewer than the pool, so the announcer, cache misses, orders
+    /// and history reads still find a connection (capped at the pool less one).
+    #[arg(long, env = "GAVEL_BID_BATCHES_IN_FLIGHT", default_value_t = 2)]
+    pub bid_batches_in_flight: usize,
+
+    /// Bids that must be waiting before a core sends a batch while another of its
+    /// batches is still in the database. A batch has a fixed cost in the database
+    /// (about 0.3 ms of its CPU); overlapping tiny batches spends the CPU the
+    /// database needs when it is the bottleneck, overlapping big ones hides its
+    /// commit latency when the disk is. 1: overlap as soon as a bid waits.
+    #[arg(long, env = "GAVEL_BID_OVERLAP_AT", default_value_t = 16)]
+    pub bid_overlap_at: usize,
 
     /// Orders a core may hold waiting for their database write; past it new orders
     /// get 503.

@@ -17,8 +17,9 @@
 //!   extractors; the OpenAPI document the routers' attributes generate.
 //! - [`core`]: one core's state — pool, caches, batchers, limits.
 //! - [`cache`]: per-core caches and the LISTEN/NOTIFY applier.
-//! - [`db`]: queries per resource, the generic write batcher, the embedded
-//!   PostgreSQL, migrations.
+//! - [`db`]: queries per resource, the generic write batcher, the bid
+//!   announcer, the one decoder of what the database announces (`db::notice`),
+//!   the embedded PostgreSQL, migrations.
 //! - [`domain`]: pure rules — money, auction lifecycle, bid checks, accounts, stock.
 //! - [`config`]: the clap command line; [`auth`]: tokens, roles, password hashes;
 //!   [`metrics`]: metric names and per-core handles.

@@ -21,6 +21,7 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
 pub const BIDS_TOTAL: &str = "gavel_bids_total";
 pub const BID_BATCH_SIZE: &str = "gavel_bid_batch_size";
+pub const BID_BATCHES_IN_FLIGHT: &str = "gavel_bid_batches_in_flight";
 pub const ORDERS_TOTAL: &str = "gavel_orders_total";
 pub const ORDER_BATCH_SIZE: &str = "gavel_order_batch_size";
 pub const DB_QUERY_DURATION_SECONDS: &str = "gavel_db_query_duration_seconds";
@@ -37,6 +38,8 @@ pub const LATENCY_BUCKETS: &[f64] =
     &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Batch size buckets: powers of two up to the largest batch allowed by default.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// Batches-in-flight buckets: one each, up to more than a core's pool holds.
+pub const IN_FLIGHT_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
 
 /// How a bid ended, as `gavel_bids_total{outcome}` counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +126,7 @@ impl OrderOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Query {
     PlaceBids,
+    AnnounceBids,
     PlaceOrders,
     FinishOrder,
     AuctionRead,
@@ -138,8 +142,9 @@ pub enum Query {
 }
 
 impl Query {
-    const ALL: [Query; 13] = [
+    const ALL: [Query; 14] = [
         Query::PlaceBids,
+        Query::AnnounceBids,
         Query::PlaceOrders,
         Query::FinishOrder,
         Query::AuctionRead,
@@ -157,6 +162,7 @@ impl Query {
     fn label(self) -> &'static str {
         match self {
             Query::PlaceBids => "place_bids",
+            Query::AnnounceBids => "announce_bids",
             Query::PlaceOrders => "place_orders",
             Query::FinishOrder => "finish_order",
             Query::AuctionRead => "auction_read",
@@ -186,6 +192,7 @@ pub fn install(enabled: bool) -> Option<&'static PrometheusHandle> {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_batch_size".into()), BATCH_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BID_BATCHES_IN_FLIGHT.into()), IN_FLIGHT_BUCKETS))
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
             describe();
@@ -211,11 +218,18 @@ fn describe() {
     describe_gauge!(HTTP_REQUESTS_IN_FLIGHT, "HTTP requests being handled now");
     describe_counter!(BIDS_TOTAL, "Bids by outcome (too_low_local and closed_local never reached the database)");
     describe_histogram!(BID_BATCH_SIZE, "Bids sent to the database in one statement");
+    describe_histogram!(
+        BID_BATCHES_IN_FLIGHT,
+        "The core's bid batches in the database when a batch is sent, that batch included"
+    );
     describe_counter!(ORDERS_TOTAL, "Orders by outcome");
     describe_histogram!(ORDER_BATCH_SIZE, "Orders sent to the database in one statement");
     describe_histogram!(DB_QUERY_DURATION_SECONDS, Unit::Seconds, "Time of a database round trip, by query");
     describe_gauge!(DB_POOL_CONNECTIONS, "Connections of the core's pool, by state (idle, in_use, max)");
-    describe_counter!(CACHE_NOTIFICATIONS_TOTAL, "Cache notifications received, by kind and whether they were newer");
+    describe_counter!(
+        CACHE_NOTIFICATIONS_TOTAL,
+        "Cache updates received by notification (a bids notification carries one per auction), by kind and whether they were newer"
+    );
     describe_histogram!(
         CACHE_NOTIFY_LAG_SECONDS,
         Unit::Seconds,
@@ -261,6 +275,7 @@ struct CoreMetrics {
     orders: Vec<Counter>,
     queries: Vec<Histogram>,
     bid_batch: Histogram,
+    bid_in_flight: Histogram,
     order_batch: Histogram,
 }
 
@@ -282,6 +297,7 @@ pub fn init_core(core: usize) {
             .map(|q| metrics::histogram!(DB_QUERY_DURATION_SECONDS, "core" => label.clone(), "query" => q.label()))
             .collect(),
         bid_batch: metrics::histogram!(BID_BATCH_SIZE, "core" => label.clone()),
+        bid_in_flight: metrics::histogram!(BID_BATCHES_IN_FLIGHT, "core" => label.clone()),
         order_batch: metrics::histogram!(ORDER_BATCH_SIZE, "core" => label.clone()),
         core: label,
     };
@@ -358,8 +374,13 @@ pub fn order(outcome: OrderOutcome) {
     with_core(|c| c.orders[outcome as usize].increment(1));
 }
 
-pub fn bid_batch(size: usize) {
-    with_core(|c| c.bid_batch.record(size as f64));
+/// A bid batch was sent: its size, and the core's bid batches in the database
+/// with it (itself included).
+pub fn bid_batch(size: usize, in_flight: usize) {
+    with_core(|c| {
+        c.bid_batch.record(size as f64);
+        c.bid_in_flight.record(in_flight as f64);
+    });
 }
 
 pub fn order_batch(size: usize) {
@@ -393,8 +414,8 @@ pub struct CoreGauges {
     pub cache_live: Gauge,
     pub reconnects: Counter,
     pub lag: Histogram,
-    /// `[kind][newer]`: auction/inventory × stale/applied.
-    pub notifications: [[Counter; 2]; 2],
+    /// `[kind][newer]`: auction/inventory/bid (the `cache::Kind` order) × stale/applied.
+    pub notifications: [[Counter; 2]; 3],
 }
 
 impl CoreGauges {
@@ -412,6 +433,7 @@ impl CoreGauges {
             notifications: [
                 [notice("auction", "stale"), notice("auction", "applied")],
                 [notice("inventory", "stale"), notice("inventory", "applied")],
+                [notice("bid", "stale"), notice("bid", "applied")],
             ],
         }
     }

@@ -9,7 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::watch;
 
 use super::Caches;
-use crate::db::{self, CACHE_CHANNEL};
+use crate::db::{self, CACHE_CHANNEL, notice};
 use crate::metrics::CoreGauges;
 
 /// Longest wait between reconnection attempts.
@@ -81,13 +81,13 @@ async fn listen_once(
     gauges.reconnects.increment(1);
     loop {
         match listener.try_recv().await {
-            Ok(Some(notification)) => match caches.apply_payload(notification.payload()) {
-                Ok((kind, applied)) => {
-                    let newer = applied == super::Applied::Newer;
-                    gauges.notifications[kind as usize][newer as usize].increment(1);
-                    if let Some(lag) = lag_us(notification.payload()) {
-                        gauges.lag.record(lag.max(0) as f64 / 1e6);
-                    }
+            Ok(Some(notification)) => match notice::parse(notification.payload()) {
+                Ok(n) => {
+                    let lag_us = chrono::Utc::now().timestamp_micros() - n.at_us;
+                    gauges.lag.record(lag_us.max(0) as f64 / 1e6);
+                    caches.apply_notice(n.notice, |kind, applied| {
+                        gauges.notifications[kind as usize][(applied == super::Applied::Newer) as usize].increment(1);
+                    });
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring cache notification"),
             },
@@ -118,27 +118,4 @@ async fn reload(caches: &Caches, pool: &PgPool) -> Result<(), sqlx::Error> {
         }
     }
     Ok(())
-}
-
-/// Microseconds between the database writing the notification and now.
-fn lag_us(payload: &str) -> Option<i64> {
-    // `at_us` is the second field of every payload; parsing the whole thing again
-    // would double the cost, so read just that number.
-    let start = payload.find("\"at_us\":")? + "\"at_us\":".len();
-    let rest = &payload[start..];
-    let end = rest.find(|c: char| !c.is_ascii_digit() && c != '-')?;
-    let at: i64 = rest[..end].trim().parse().ok()?;
-    Some(chrono::Utc::now().timestamp_micros() - at)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn lag_reads_the_timestamp_field() {
-        let now = chrono::Utc::now().timestamp_micros();
-        let payload = format!(r#"{{"kind":"auction","at_us":{},"id":1}}"#, now - 1500);
-        let lag = super::lag_us(&payload).unwrap();
-        assert!((1500..1_000_000).contains(&lag), "{lag}");
-        assert_eq!(super::lag_us("{}"), None);
-    }
 }

@@ -16,17 +16,19 @@ pub mod listener;
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
-use chrono::DateTime;
-use serde::Deserialize;
-
 use crate::db::inventory::Item;
-use crate::domain::auction::Auction;
+use crate::db::notice::Notice;
+use crate::domain::auction::{Auction, BidState};
 
-/// The kinds of row the caches hold.
+/// The kinds of update the caches apply (a label of the notification metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
+    /// A whole auction.
     Auction,
+    /// A whole stock row.
     Inventory,
+    /// What an accepted bid changed in an auction.
+    Bid,
 }
 
 /// What applying an update did.
@@ -34,7 +36,8 @@ pub enum Kind {
 pub enum Applied {
     /// The update was newer and replaced (or created) the entry.
     Newer,
-    /// The cache already held this version or a newer one.
+    /// The cache already held this version or a newer one, or (for a bid state,
+    /// which cannot create an entry) does not hold the auction at all.
     Stale,
 }
 
@@ -131,6 +134,18 @@ impl Caches {
         apply(&mut self.lock().auctions, auction.id, auction)
     }
 
+    /// Applies what a bid changed to the cached auction, if it is held and older.
+    /// An auction that is not held stays so: its first read loads it whole.
+    pub fn apply_bid(&self, state: &BidState) -> Applied {
+        match self.lock().auctions.get_mut(&state.auction_id) {
+            Some(held) if held.version < state.version => {
+                held.apply_bid(state);
+                Applied::Newer
+            }
+            _ => Applied::Stale,
+        }
+    }
+
     /// Runs `f` on the cached stock of `sku`, if the cache is live and holds it.
     pub fn with_live_item<R>(&self, sku: &str, f: impl FnOnce(&Item) -> R) -> Option<R> {
         let inner = self.lock();
@@ -145,13 +160,18 @@ impl Caches {
         apply(&mut self.lock().inventory, item.sku.clone(), item)
     }
 
-    /// Applies one notification payload (the `auction_json` or `inventory_json`
-    /// format); says what kind of row it was and whether it was newer.
-    pub fn apply_payload(&self, payload: &str) -> Result<(Kind, Applied), NoticeError> {
-        Ok(match parse_notice(payload)? {
-            Notice::Auction(a) => (Kind::Auction, self.apply_auction(a)),
-            Notice::Inventory(i) => (Kind::Inventory, self.apply_item(i)),
-        })
+    /// Applies a notice; calls `counted` with the kind and result of each update
+    /// it carried (a bids notice carries one per auction).
+    pub fn apply_notice(&self, notice: Notice, mut counted: impl FnMut(Kind, Applied)) {
+        match notice {
+            Notice::Auction(a) => counted(Kind::Auction, self.apply_auction(a)),
+            Notice::Inventory(i) => counted(Kind::Inventory, self.apply_item(i)),
+            Notice::Bids(states) => {
+                for state in &states {
+                    counted(Kind::Bid, self.apply_bid(state));
+                }
+            }
+        }
     }
 
     /// The keys of everything cached, for a reload.
@@ -170,151 +190,102 @@ impl Caches {
     }
 }
 
-/// A notification that could not be understood.
-#[derive(Debug, thiserror::Error)]
-#[error("unreadable cache notification: {0}")]
-pub struct NoticeError(String);
-
-/// A change announced by the database.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Notice {
-    Auction(Auction),
-    Inventory(Item),
-}
-
-#[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-enum RawNotice {
-    Auction(RawAuction),
-    Inventory(RawItem),
-}
-
-#[derive(Deserialize)]
-struct RawItem {
-    sku: String,
-    seller_id: i64,
-    title: String,
-    available: i64,
-    reserved: i64,
-    version: i64,
-}
-
-#[derive(Deserialize)]
-struct RawAuction {
-    id: i64,
-    seller_id: i64,
-    title: String,
-    reserve: i64,
-    min_increment: i64,
-    extend_secs: i32,
-    high_bid: Option<i64>,
-    high_bidder: Option<i64>,
-    bid_count: i64,
-    starts_at_us: i64,
-    ends_at_us: i64,
-    status: String,
-    winner_id: Option<i64>,
-    version: i64,
-}
-
-/// Parses a payload of the `auction_json` format (also what `place_bids` returns).
-pub fn parse_notice(payload: &str) -> Result<Notice, NoticeError> {
-    let raw: RawNotice = serde_json::from_str(payload).map_err(|e| NoticeError(e.to_string()))?;
-    match raw {
-        RawNotice::Auction(r) => {
-            let starts_at = DateTime::from_timestamp_micros(r.starts_at_us)
-                .ok_or_else(|| NoticeError("starts_at out of range".into()))?;
-            let ends_at = DateTime::from_timestamp_micros(r.ends_at_us)
-                .ok_or_else(|| NoticeError("ends_at out of range".into()))?;
-            Ok(Notice::Auction(Auction {
-                id: r.id,
-                seller_id: r.seller_id,
-                title: r.title,
-                reserve: r.reserve,
-                min_increment: r.min_increment,
-                extend_secs: r.extend_secs,
-                high_bid: r.high_bid,
-                high_bidder: r.high_bidder,
-                bid_count: r.bid_count,
-                starts_at,
-                ends_at,
-                closed: r.status == "closed",
-                winner_id: r.winner_id,
-                version: r.version,
-            }))
-        }
-        RawNotice::Inventory(r) => Ok(Notice::Inventory(Item {
-            sku: r.sku,
-            seller_id: r.seller_id,
-            title: r.title,
-            available: r.available,
-            reserved: r.reserved,
-            version: r.version,
-        })),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use chrono::{TimeZone, Utc};
+
     use super::*;
 
-    fn payload(version: i64, high_bid: Option<i64>) -> String {
-        serde_json::json!({
-            "kind": "auction", "at_us": 1, "id": 7, "seller_id": 1, "title": "lamp", "reserve": 100,
-            "min_increment": 10, "extend_secs": 0, "high_bid": high_bid, "high_bidder": high_bid.map(|_| 3),
-            "bid_count": 0, "starts_at_us": 1_700_000_000_000_000i64, "ends_at_us": 1_700_000_100_000_000i64,
-            "status": "open", "winner_id": null, "version": version
-        })
-        .to_string()
+    fn auction(version: i64, high_bid: Option<i64>) -> Auction {
+        Auction {
+            id: 7,
+            seller_id: 1,
+            title: "lamp".into(),
+            reserve: 100,
+            min_increment: 10,
+            extend_secs: 0,
+            high_bid,
+            high_bidder: high_bid.map(|_| 3),
+            bid_count: 0,
+            starts_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+            ends_at: Utc.timestamp_opt(1_700_000_100, 0).unwrap(),
+            closed: false,
+            winner_id: None,
+            version,
+        }
+    }
+
+    fn bid(version: i64, high_bid: i64) -> BidState {
+        BidState {
+            auction_id: 7,
+            version,
+            high_bid,
+            high_bidder: 4,
+            bid_count: version - 1,
+            ends_at: Utc.timestamp_opt(1_700_000_130, 0).unwrap(),
+        }
     }
 
     #[test]
     fn only_newer_versions_are_applied() {
         let c = Caches::new();
-        assert_eq!(c.apply_payload(&payload(2, Some(150))).unwrap(), (Kind::Auction, Applied::Newer));
-        assert_eq!(c.apply_payload(&payload(1, None)).unwrap(), (Kind::Auction, Applied::Stale));
-        assert_eq!(c.apply_payload(&payload(2, Some(150))).unwrap(), (Kind::Auction, Applied::Stale));
+        assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Newer);
+        assert_eq!(c.apply_auction(auction(1, None)), Applied::Stale);
+        assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Stale);
         assert_eq!(c.with_any_auction(7, |a| a.high_bid), Some(Some(150)));
-        assert_eq!(c.apply_payload(&payload(3, Some(170))).unwrap(), (Kind::Auction, Applied::Newer));
+        assert_eq!(c.apply_auction(auction(3, Some(170))), Applied::Newer);
         assert_eq!(c.with_any_auction(7, |a| (a.version, a.high_bid)), Some((3, Some(170))));
+    }
+
+    #[test]
+    fn bid_states_update_held_auctions_and_never_go_back() {
+        let c = Caches::new();
+        assert_eq!(c.apply_bid(&bid(2, 150)), Applied::Stale, "an auction not held stays so");
+        assert_eq!(c.with_any_auction(7, |a| a.id), None);
+        c.apply_auction(auction(1, None));
+        assert_eq!(c.apply_bid(&bid(3, 170)), Applied::Newer);
+        assert_eq!(c.apply_bid(&bid(2, 150)), Applied::Stale, "an older state is dropped");
+        assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Stale);
+        assert_eq!(
+            c.with_any_auction(7, |a| (a.version, a.high_bid, a.high_bidder, a.bid_count, a.ends_at.timestamp())),
+            Some((3, Some(170), Some(4), 2, 1_700_000_130))
+        );
+    }
+
+    #[test]
+    fn a_bids_notice_counts_each_state() {
+        let c = Caches::new();
+        c.apply_auction(auction(1, None));
+        let mut seen = Vec::new();
+        c.apply_notice(Notice::Bids(vec![bid(2, 150), BidState { auction_id: 8, ..bid(2, 150) }]), |k, a| {
+            seen.push((k, a))
+        });
+        assert_eq!(seen, [(Kind::Bid, Applied::Newer), (Kind::Bid, Applied::Stale)]);
     }
 
     #[test]
     fn reads_need_a_live_cache() {
         let c = Caches::new();
-        c.apply_payload(&payload(1, None)).unwrap();
+        c.apply_auction(auction(1, None));
         assert_eq!(c.with_live_auction(7, |a| a.id), None);
         c.set_live(true);
         assert_eq!(c.with_live_auction(7, |a| a.id), Some(7));
     }
 
     #[test]
-    fn garbage_payloads_are_errors_not_panics() {
-        let c = Caches::new();
-        assert!(c.apply_payload("not json").is_err());
-        assert!(c.apply_payload(r#"{"kind":"spaceship"}"#).is_err());
-        assert!(c.apply_payload(r#"{"kind":"auction","id":1}"#).is_err());
-        assert!(c.is_empty());
-    }
-
-    #[test]
     fn inventory_versions_follow_the_same_rule() {
         let c = Caches::new();
         c.set_live(true);
-        let item = |version: i64, available: i64| {
-            serde_json::json!({"kind": "inventory", "at_us": 1, "sku": "A-1", "seller_id": 1, "title": "apples",
-                "available": available, "reserved": 0, "version": version})
-            .to_string()
+        let item = |version: i64, available: i64| Item {
+            sku: "A-1".into(),
+            seller_id: 1,
+            title: "apples".into(),
+            available,
+            reserved: 0,
+            version,
         };
-        assert_eq!(c.apply_payload(&item(2, 5)).unwrap(), (Kind::Inventory, Applied::Newer));
-        assert_eq!(c.apply_payload(&item(1, 9)).unwrap(), (Kind::Inventory, Applied::Stale));
+        assert_eq!(c.apply_item(item(2, 5)), Applied::Newer);
+        assert_eq!(c.apply_item(item(1, 9)), Applied::Stale);
         assert_eq!(c.with_live_item("A-1", |i| i.available), Some(5));
-    }
-
-    #[test]
-    fn timestamps_travel_as_microseconds() {
-        let Ok(Notice::Auction(a)) = parse_notice(&payload(1, None)) else { panic!("not an auction") };
-        assert_eq!(a.starts_at.timestamp(), 1_700_000_000);
-        assert_eq!((a.ends_at - a.starts_at).num_seconds(), 100);
     }
 }

@@ -7,8 +7,10 @@ use super::DbError;
 use crate::domain::auction::{Auction, NewAuction, Status};
 use crate::metrics::{self, Query};
 
-#[derive(sqlx::FromRow)]
-struct Row {
+/// An auction row, as a query returns it and as `auction_json` announces it (with
+/// timestamps as epoch microseconds there): one decoder for both.
+#[derive(sqlx::FromRow, serde::Deserialize)]
+pub(crate) struct Row {
     id: i64,
     seller_id: i64,
     title: String,
@@ -18,7 +20,9 @@ struct Row {
     high_bid: Option<i64>,
     high_bidder: Option<i64>,
     bid_count: i64,
+    #[serde(rename = "starts_at_us", deserialize_with = "super::notice::de_micros")]
     starts_at: DateTime<Utc>,
+    #[serde(rename = "ends_at_us", deserialize_with = "super::notice::de_micros")]
     ends_at: DateTime<Utc>,
     status: String,
     winner_id: Option<i64>,

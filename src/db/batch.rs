@@ -1,47 +1,64 @@
 //! Per-core write batching.
 //!
 //! Each core runs one [`Batcher`] per kind of write (bids, orders). Writes that
-//! arrive while the core's previous batch of that kind is in the database queue up
-//! and go together as one statement — one round trip, one transaction, one commit —
+//! arrive while the core's batches of that kind are in the database queue up and
+//! go together as one statement — one round trip, one transaction, one commit —
 //! and each write gets its own outcome back, in arrival order. A batch of one
 //! behaves exactly the same; batching only changes how many round trips and
 //! commits the writes share (see `bids.rs` for the measured effect).
+//!
+//! Up to `in_flight` batches of a core are in the database at once, each on its
+//! own connection, so a write never waits for a commit it did not join while the
+//! database has room for more: with one batch at a time the database sat idle
+//! between a batch's commit and the next batch's arrival. Writes on the same row
+//! in two batches are ordered by the database's row lock, as they would be from
+//! two cores.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sqlx::PgPool;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use super::DbError;
 
 /// A kind of write that can be sent to the database in batches.
-pub trait BatchWrite: Send + 'static {
+pub trait BatchWrite: Send + Sync + 'static {
     type Request: Send + Sync + 'static;
     type Outcome: Send + 'static;
 
     /// Writes `requests` in one statement; returns one outcome per request, in
-    /// order.
+    /// order. Must have no effect when it fails: the batcher may run it again.
     fn write(
+        &self,
         pool: &PgPool,
         requests: &[&Self::Request],
     ) -> impl Future<Output = Result<Vec<Self::Outcome>, DbError>> + Send;
+
+    /// Called with a committed batch's outcomes before they are answered, to hand
+    /// off what follows a commit (bids are announced). Must not wait.
+    fn committed(&self, outcomes: &[Self::Outcome]) {
+        let _ = outcomes;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     /// The core's queue is full: shed the request with 503.
-    #[error("the bid queue is full")]
+    #[error("the write queue is full")]
     QueueFull,
     /// The batcher has stopped (the core is shutting down).
-    #[error("the bid batcher has stopped")]
+    #[error("the batcher has stopped")]
     Stopped,
+    /// The batch this write was in failed; every write of the batch shares the cause.
     #[error(transparent)]
-    Db(#[from] DbError),
+    Db(Arc<DbError>),
 }
 
 struct Pending<W: BatchWrite> {
     request: W::Request,
-    reply: oneshot::Sender<Result<W::Outcome, DbError>>,
+    reply: oneshot::Sender<Result<W::Outcome, Arc<DbError>>>,
 }
 
 /// Sends one core's writes of one kind to the database in batches. Cheap to clone.
@@ -61,14 +78,37 @@ impl<W: BatchWrite> std::fmt::Debug for Batcher<W> {
     }
 }
 
-/// What a batcher reports after each batch (for metrics).
-pub type BatchObserver = Box<dyn Fn(usize) + Send + 'static>;
+/// What a batch looked like when it was sent (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStart {
+    /// Writes in the batch.
+    pub size: usize,
+    /// The core's batches of this kind in the database, this one included.
+    pub in_flight: usize,
+}
+
+/// What a batcher reports as each batch is sent.
+pub type BatchObserver = Box<dyn Fn(BatchStart) + Send + 'static>;
+
+/// How a batcher sizes its batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Writes that may wait; past it, new ones are shed.
+    pub queue_depth: usize,
+    /// Most writes in one batch.
+    pub max_batch: usize,
+    /// Most batches in the database at once.
+    pub in_flight: usize,
+    /// Writes that must be waiting before a batch is sent while another is still
+    /// in the database (1: as soon as there is room).
+    pub overlap_at: usize,
+}
 
 impl<W: BatchWrite> Batcher<W> {
     /// Starts the batcher task on the current runtime (the core's own).
-    pub fn spawn(pool: PgPool, queue_depth: usize, max_batch: usize, observe: BatchObserver) -> Self {
-        let (tx, rx) = mpsc::channel(queue_depth.max(1));
-        tokio::spawn(run::<W>(pool, rx, max_batch.max(1), observe));
+    pub fn spawn(pool: PgPool, writer: W, limits: BatchLimits, observe: BatchObserver) -> Self {
+        let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
+        tokio::spawn(run::<W>(pool, Arc::new(writer), rx, limits, observe));
         Batcher { tx }
     }
 
@@ -81,7 +121,7 @@ impl<W: BatchWrite> Batcher<W> {
             mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
         })?;
         match rx.await {
-            Ok(result) => Ok(result?),
+            Ok(result) => result.map_err(SubmitError::Db),
             Err(_) => Err(SubmitError::Stopped),
         }
     }
@@ -89,37 +129,108 @@ impl<W: BatchWrite> Batcher<W> {
 
 async fn run<W: BatchWrite>(
     pool: PgPool,
+    writer: Arc<W>,
     mut rx: mpsc::Receiver<Pending<W>>,
-    max_batch: usize,
+    limits: BatchLimits,
     observe: BatchObserver,
 ) {
+    let in_flight = limits.in_flight.max(1);
+    let max_batch = limits.max_batch.max(1);
+    let slots = Arc::new(Semaphore::new(in_flight));
+    // Told each time a batch leaves the database.
+    let finished = Arc::new(Notify::new());
+    let outage = Arc::new(Outage::default());
     let mut batch: Vec<Pending<W>> = Vec::with_capacity(max_batch);
+    let mut closed = false;
     loop {
-        // Wait for the first write, then take whatever else queued up meanwhile.
-        if rx.recv_many(&mut batch, max_batch).await == 0 {
+        if batch.is_empty() && (closed || rx.recv_many(&mut batch, max_batch).await == 0) {
             return;
         }
-        observe(batch.len());
-        let requests: Vec<&W::Request> = batch.iter().map(|p| &p.request).collect();
-        match W::write(&pool, &requests).await {
-            Ok(results) => {
-                for (pending, result) in batch.drain(..).zip(results) {
-                    // The caller may have gone (client gone, timeout): the write stands.
-                    let _ = pending.reply.send(Ok(result));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, writes = batch.len(), "batched write failed");
-                for pending in batch.drain(..) {
-                    let _ = pending.reply.send(Err(match &e {
-                        DbError::Unavailable(_) => DbError::Unavailable(sqlx::Error::PoolTimedOut),
-                        DbError::UnknownAccount => DbError::UnknownAccount,
-                        DbError::Other(_) => DbError::Other(sqlx::Error::Protocol("batched write failed".into())),
-                    }));
-                }
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
             }
         }
-        batch.clear();
+        // Send now if the database has none of this core's batches; overlap one in
+        // flight only once enough writes wait to make a batch worth its fixed cost
+        // (or the queue is closing). Otherwise wait for a batch to finish or for
+        // more writes, whichever comes first.
+        let busy = in_flight - slots.available_permits();
+        let worth_it = batch.len() >= limits.overlap_at.max(1) || closed;
+        if busy > 0 && !(busy < in_flight && worth_it) {
+            let room = max_batch - batch.len();
+            tokio::select! {
+                _ = finished.notified() => {}
+                n = rx.recv_many(&mut batch, room), if room > 0 && !closed => {
+                    closed = n == 0;
+                }
+            }
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        observe(BatchStart { size: batch.len(), in_flight: busy + 1 });
+        let batch = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+        let (pool, writer, outage, finished) = (pool.clone(), writer.clone(), outage.clone(), finished.clone());
+        tokio::spawn(async move {
+            let requests: Vec<&W::Request> = batch.iter().map(|p| &p.request).collect();
+            let result = retry_transient(|| writer.write(&pool, &requests)).await;
+            drop(requests);
+            // The batch's connection is back in the pool: the next batch may go.
+            drop(slot);
+            finished.notify_one();
+            match result {
+                Ok(results) => {
+                    outage.ended();
+                    writer.committed(&results);
+                    for (pending, result) in batch.into_iter().zip(results) {
+                        // The caller may have gone (client gone, timeout): the write stands.
+                        let _ = pending.reply.send(Ok(result));
+                    }
+                }
+                Err(e) => {
+                    outage.report(&e, batch.len());
+                    let e = Arc::new(e);
+                    for pending in batch {
+                        let _ = pending.reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Logs a database outage once, not once per batch: while the database is away
+/// every batch fails, and a line each would flood the log. Each failed request
+/// still gets the real cause.
+#[derive(Default)]
+struct Outage {
+    /// Set from the first failed batch for want of the database until the next
+    /// batch that succeeds. This core's alone.
+    ongoing: AtomicBool,
+}
+
+impl Outage {
+    #[cold]
+    fn report(&self, e: &DbError, writes: usize) {
+        match e {
+            DbError::Unavailable(cause) => {
+                if !self.ongoing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %cause, writes, "batched writes fail: the database is unavailable");
+                } else {
+                    tracing::debug!(error = %cause, writes, "batched write failed: the database is still unavailable");
+                }
+            }
+            DbError::UnknownAccount | DbError::Other(_) => {
+                tracing::error!(error = %e, writes, "batched write failed");
+            }
+        }
+    }
+
+    fn ended(&self) {
+        if self.ongoing.load(Ordering::Relaxed) && self.ongoing.swap(false, Ordering::Relaxed) {
+            tracing::info!("batched writes succeed again: the database is back");
+        }
     }
 }
 
@@ -129,7 +240,7 @@ const TRANSIENT_RETRIES: usize = 3;
 
 /// Runs `attempt` again when the database aborted it as a whole (deadlock,
 /// serialisation failure): such a transaction had no effect.
-pub async fn retry_transient<T, F, Fut>(mut attempt: F) -> Result<T, DbError>
+async fn retry_transient<T, F, Fut>(mut attempt: F) -> Result<T, DbError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, DbError>>,

@@ -6,8 +6,8 @@ use super::DbError;
 use crate::domain::stock::Restock;
 use crate::metrics::{self, Query};
 
-/// One sku's stock.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+/// One sku's stock, as a query returns it and as `inventory_json` announces it.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, serde::Deserialize)]
 pub struct Item {
     pub sku: String,
     pub seller_id: i64,

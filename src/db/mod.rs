@@ -6,6 +6,7 @@ pub mod batch;
 pub mod bids;
 pub mod embedded;
 pub mod inventory;
+pub mod notice;
 pub mod orders;
 
 use std::time::Duration;
@@ -43,6 +44,12 @@ impl From<sqlx::Error> for DbError {
             DbError::Other(e)
         }
     }
+}
+
+/// A database answer that breaks the contract of the statement that gave it.
+#[cold]
+pub(crate) fn protocol(message: String) -> DbError {
+    DbError::Other(sqlx::Error::Protocol(message))
 }
 
 /// Whether a write failed on a foreign key to `accounts` (the constraints are

@@ -13,8 +13,8 @@
 
 use sqlx::PgPool;
 
-use super::DbError;
 use super::batch::BatchWrite;
+use super::{DbError, protocol};
 use crate::domain::stock::{NewOrder, OrderStatus};
 use crate::metrics::{self, Query};
 
@@ -51,8 +51,8 @@ impl BatchWrite for Orders {
     type Request = OrderRequest;
     type Outcome = Placed;
 
-    async fn write(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
-        super::batch::retry_transient(|| place(pool, requests)).await
+    async fn write(&self, pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
+        place(pool, requests).await
     }
 }
 
@@ -121,11 +121,6 @@ async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>,
             })
         })
         .collect()
-}
-
-#[cold]
-fn protocol(message: String) -> DbError {
-    DbError::Other(sqlx::Error::Protocol(message))
 }
 
 /// An order's buyer and its body, as `order_json` builds it.

@@ -78,6 +78,34 @@ impl Auction {
     }
 }
 
+/// What an accepted bid changes in an auction, and nothing else: the rest of an
+/// auction (title, reserve, increment, window start, seller) never changes after
+/// it is created, and a bid is only ever accepted while the auction is open. The
+/// database announces these once per batch for every auction the batch changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BidState {
+    pub auction_id: i64,
+    /// The auction's version after the bid.
+    pub version: i64,
+    pub high_bid: i64,
+    pub high_bidder: i64,
+    pub bid_count: i64,
+    /// Pushed out by anti-sniping, or unchanged.
+    pub ends_at: DateTime<Utc>,
+}
+
+impl Auction {
+    /// Applies what an accepted bid changed. The caller checks versions.
+    pub fn apply_bid(&mut self, state: &BidState) {
+        debug_assert_eq!(self.id, state.auction_id);
+        self.version = state.version;
+        self.high_bid = Some(state.high_bid);
+        self.high_bidder = Some(state.high_bidder);
+        self.bid_count = state.bid_count;
+        self.ends_at = state.ends_at;
+    }
+}
+
 /// See [`Auction::min_next_bid`]; also used for rows that are not a whole auction.
 pub fn min_next_bid(reserve: i64, min_increment: i64, high_bid: Option<i64>) -> i64 {
     match high_bid {
@@ -205,6 +233,22 @@ mod tests {
         a.high_bid = Some(1200);
         assert_eq!(a.min_next_bid(), 1250);
         assert!(a.reserve_met());
+    }
+
+    #[test]
+    fn a_bid_state_changes_only_what_a_bid_changes() {
+        let mut a = auction();
+        a.apply_bid(&BidState {
+            auction_id: 1,
+            version: 7,
+            high_bid: 1500,
+            high_bidder: 9,
+            bid_count: 3,
+            ends_at: t(130),
+        });
+        assert_eq!((a.version, a.high_bid, a.high_bidder, a.bid_count, a.ends_at), (7, Some(1500), Some(9), 3, t(130)));
+        assert_eq!((a.title.as_str(), a.reserve, a.min_increment, a.closed), ("lamp", 1000, 50, false));
+        assert_eq!(a.min_next_bid(), 1550);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! Bid checks a core may make on its own, and the outcomes the database reports.
+//! Bid checks a core may make on its own.
 
 use super::FieldError;
 use super::auction::Auction;
@@ -54,36 +54,6 @@ pub fn check_locally(cached: &Auction, amount: Amount) -> LocalVerdict {
         LocalVerdict::TooLow { min_next_bid: cached.min_next_bid() }
     } else {
         LocalVerdict::AskDatabase
-    }
-}
-
-/// The database's verdict on one bid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Accepted,
-    TooLow,
-    Closed,
-    NotFound,
-    /// The idempotency key was used before with another request.
-    KeyMismatch,
-    /// The idempotency key's first request is still being processed.
-    KeyInUse,
-    /// The token names an account that does not exist.
-    UnknownAccount,
-}
-
-impl Outcome {
-    pub fn parse(s: &str) -> Option<Outcome> {
-        Some(match s {
-            "accepted" => Outcome::Accepted,
-            "too_low" => Outcome::TooLow,
-            "closed" => Outcome::Closed,
-            "not_found" => Outcome::NotFound,
-            "key_mismatch" => Outcome::KeyMismatch,
-            "key_in_use" => Outcome::KeyInUse,
-            "unknown_account" => Outcome::UnknownAccount,
-            _ => return None,
-        })
     }
 }
 
@@ -145,13 +115,5 @@ mod tests {
         let b = NewBid::parse(1, 11, 1).unwrap();
         assert_ne!(a.fingerprint(), b.fingerprint());
         assert_eq!(a.fingerprint(), NewBid::parse(1, 10, 9).unwrap().fingerprint());
-    }
-
-    #[test]
-    fn outcomes_round_trip() {
-        for s in ["accepted", "too_low", "closed", "not_found", "key_mismatch", "key_in_use", "unknown_account"] {
-            assert!(Outcome::parse(s).is_some(), "{s}");
-        }
-        assert_eq!(Outcome::parse("nope"), None);
     }
 }

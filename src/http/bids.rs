@@ -15,8 +15,8 @@ use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
 use super::extract::{Bidder, IdempotencyKey, Json, JsonProblems, RoleProblems};
 use super::respond;
 use crate::core::Core;
-use crate::db::bids::BidRequest;
-use crate::domain::bid::{LocalVerdict, NewBid, Outcome, check_locally};
+use crate::db::bids::{BidRequest, Placed};
+use crate::domain::bid::{LocalVerdict, NewBid, check_locally};
 use crate::metrics::{self, BidOutcome};
 
 pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
@@ -32,14 +32,13 @@ struct PlaceBid {
 
 /// An accepted bid: it leads the auction.
 #[derive(Serialize, ToSchema)]
-#[schema(as = PlacedBid)]
-struct Placed {
+struct PlacedBid {
     bid_id: i64,
     auction_id: i64,
     amount: i64,
     is_winning: bool,
     min_next_bid: i64,
-    ends_at: Option<DateTime<Utc>>,
+    ends_at: DateTime<Utc>,
 }
 
 /// Places a bid.
@@ -53,7 +52,7 @@ struct Placed {
     request_body = PlaceBid,
     security(("bearer" = []), ("cookie" = [])),
     responses(
-        (status = 201, description = "Accepted: the bid leads", body = Placed),
+        (status = 201, description = "Accepted: the bid leads", body = PlacedBid),
         JsonProblems, RoleProblems, ServerProblems,
         (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
         (status = 409, description = "Below the minimum next bid (`min_next_bid` says it), the auction is not open, \
@@ -84,44 +83,31 @@ async fn place_bid(
             Some(LocalVerdict::AskDatabase) | None => {}
         }
     }
-    let result = match core.bids.submit(BidRequest { bid, idempotency_key: key }).await {
-        Ok(result) => result,
+    let placed = match core.bids.submit(BidRequest { bid, idempotency_key: key }).await {
+        Ok(placed) => placed,
         Err(e) => {
             metrics::bid(BidOutcome::Shed);
             return Err(e.into());
         }
     };
-    metrics::bid(match result.outcome {
-        Outcome::Accepted => BidOutcome::Accepted,
-        Outcome::TooLow => BidOutcome::TooLowDb,
-        Outcome::Closed => BidOutcome::Closed,
-        Outcome::NotFound => BidOutcome::NotFound,
-        Outcome::KeyMismatch => BidOutcome::KeyMismatch,
-        Outcome::KeyInUse => BidOutcome::KeyInUse,
-        Outcome::UnknownAccount => BidOutcome::UnknownAccount,
-    });
-    match result.outcome {
-        Outcome::Accepted => {
-            if let Some(state) = &result.auction_json
-                && let Err(e) = core.caches.apply_payload(state)
-            {
-                tracing::warn!(error = %e, "place_bids returned an unreadable auction");
+    let (counted, answer) = match placed {
+        Placed::Accepted { bid_id, amount, min_next_bid, ends_at, state } => {
+            if let Some(state) = state {
+                core.caches.apply_bid(&state);
             }
-            let placed = Placed {
-                bid_id: result.bid_id.unwrap_or_default(),
-                auction_id: bid.auction_id,
-                amount: result.amount,
-                is_winning: true,
-                min_next_bid: result.min_next_bid.unwrap_or_default(),
-                ends_at: result.ends_at,
-            };
-            Ok(respond::json(StatusCode::CREATED, &placed))
+            let placed =
+                PlacedBid { bid_id, auction_id: bid.auction_id, amount, is_winning: true, min_next_bid, ends_at };
+            (BidOutcome::Accepted, Ok(respond::json(StatusCode::CREATED, &placed)))
         }
-        Outcome::TooLow => Err(Error::BidTooLow { min_next_bid: result.min_next_bid.unwrap_or_default() }),
-        Outcome::Closed => Err(Error::AuctionClosed),
-        Outcome::NotFound => Err(Error::NotFound("no such auction")),
-        Outcome::KeyMismatch => Err(Error::IdempotencyKeyReused),
-        Outcome::KeyInUse => Err(Error::IdempotencyKeyInUse),
-        Outcome::UnknownAccount => Err(Error::Unauthorized("the token's account does not exist")),
-    }
+        Placed::TooLow { min_next_bid } => (BidOutcome::TooLowDb, Err(Error::BidTooLow { min_next_bid })),
+        Placed::Closed => (BidOutcome::Closed, Err(Error::AuctionClosed)),
+        Placed::NotFound => (BidOutcome::NotFound, Err(Error::NotFound("no such auction"))),
+        Placed::KeyMismatch => (BidOutcome::KeyMismatch, Err(Error::IdempotencyKeyReused)),
+        Placed::KeyInUse => (BidOutcome::KeyInUse, Err(Error::IdempotencyKeyInUse)),
+        Placed::UnknownAccount => {
+            (BidOutcome::UnknownAccount, Err(Error::Unauthorized("the token's account does not exist")))
+        }
+    };
+    metrics::bid(counted);
+    answer
 }

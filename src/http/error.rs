@@ -249,6 +249,13 @@ impl IntoResponse for Error {
 impl From<DbError> for Error {
     #[cold]
     fn from(e: DbError) -> Self {
+        Error::from(&e)
+    }
+}
+
+impl From<&DbError> for Error {
+    #[cold]
+    fn from(e: &DbError) -> Self {
         match e {
             DbError::Unavailable(cause) => {
                 // Per request, so debug: during an outage a WARN each would flood the
@@ -268,7 +275,7 @@ impl From<SubmitError> for Error {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::QueueFull | SubmitError::Stopped => Error::Overloaded,
-            SubmitError::Db(db) => db.into(),
+            SubmitError::Db(db) => Error::from(&*db),
         }
     }
 }

@@ -18,7 +18,10 @@ use crate::auth::Keys;
 use crate::cache::{self, Caches};
 use crate::config::Serve;
 use crate::core::{Core, Health, Limits};
-use crate::db::{self, batch::Batcher};
+use crate::db;
+use crate::db::batch::{BatchLimits, BatchStart, Batcher};
+use crate::db::bids::{Announcer, Bids};
+use crate::db::orders::Orders;
 use crate::http;
 use crate::metrics::{self, CoreGauges};
 
@@ -76,9 +79,31 @@ async fn core_main(start: Start) {
     };
 
     let caches = Arc::new(Caches::new());
-    let bids = Batcher::spawn(pool.clone(), config.bid_queue_depth, config.max_bid_batch, Box::new(metrics::bid_batch));
-    let orders =
-        Batcher::spawn(pool.clone(), config.order_queue_depth, config.max_order_batch, Box::new(metrics::order_batch));
+    let bids = Batcher::spawn(
+        pool.clone(),
+        Bids::new(Announcer::spawn(pool.clone())),
+        BatchLimits {
+            queue_depth: config.bid_queue_depth,
+            max_batch: config.max_bid_batch,
+            // Each batch in flight holds a connection; the announcer needs one too.
+            in_flight: config.bid_batches_in_flight.min((config.db_conns_per_core as usize).saturating_sub(1).max(1)),
+            overlap_at: config.bid_overlap_at,
+        },
+        Box::new(|b: BatchStart| metrics::bid_batch(b.size, b.in_flight)),
+    );
+    // One order batch at a time: an order locks several stock rows, and orders are
+    // not where gavel's volume is.
+    let orders = Batcher::spawn(
+        pool.clone(),
+        Orders,
+        BatchLimits {
+            queue_depth: config.order_queue_depth,
+            max_batch: config.max_order_batch,
+            in_flight: 1,
+            overlap_at: 1,
+        },
+        Box::new(|b: BatchStart| metrics::order_batch(b.size)),
+    );
     let core = Arc::new(Core {
         id: index,
         pool: pool.clone(),

@@ -2,6 +2,7 @@
 //! private cluster per test, migrated), a real HTTP client.
 
 mod accounts;
+mod batches;
 mod bids;
 mod coherence;
 mod concurrency;

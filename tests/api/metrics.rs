@@ -117,6 +117,7 @@ async fn the_metric_families_have_the_right_types_and_labels() {
         ("http_requests_in_flight", "gauge", &["core"]),
         ("gavel_bids_total", "counter", &["core", "outcome"]),
         ("gavel_bid_batch_size", "histogram", &["core"]),
+        ("gavel_bid_batches_in_flight", "histogram", &["core"]),
         ("gavel_orders_total", "counter", &["core", "outcome"]),
         ("gavel_order_batch_size", "histogram", &["core"]),
         ("gavel_db_query_duration_seconds", "histogram", &["core", "query"]),

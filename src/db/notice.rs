@@ -1,0 +1,229 @@
+//! What the database announces on [`CACHE_CHANNEL`](super::CACHE_CHANNEL): the one
+//! decoder of its payloads, yielding domain types.
+//!
+//! Every payload is a JSON object with a `kind` and `at_us`, the database's clock
+//! (epoch microseconds) when the payload was built, for the lag metric:
+//!
+//! - `auction`: a whole auction (`auction_json`), sent by the row trigger when an
+//!   auction is created and on every change that is not a bid (opening, closing).
+//! - `bids`: `states: [[id, version, high_bid, high_bidder, bid_count, ends_at_us],
+//!   …]`, sent by the bid batcher once per batch, right after its commit
+//!   ([`encode_bids`]), with the final state of each auction the batch changed:
+//!   only what a bid changes, since the rest of an auction never changes once it
+//!   is open, and only the last state, since a cache keeps only the newest version
+//!   anyway. About 60 bytes an auction instead of about 330 for a whole one per
+//!   bid; `at_us` is the sender's clock here.
+//! - `inventory`: a whole stock row (`inventory_json`).
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::auctions;
+use super::inventory::Item;
+use crate::domain::auction::{Auction, BidState};
+
+/// A change announced by the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Auction(Auction),
+    Inventory(Item),
+    Bids(Vec<BidState>),
+}
+
+/// A decoded notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub notice: Notice,
+    /// When the database built it, in epoch microseconds.
+    pub at_us: i64,
+}
+
+/// A notification that could not be understood.
+#[derive(Debug, thiserror::Error)]
+#[error("unreadable cache notification: {0}")]
+pub struct NoticeError(String);
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum Raw {
+    Auction {
+        at_us: i64,
+        #[serde(flatten)]
+        row: auctions::Row,
+    },
+    Inventory {
+        at_us: i64,
+        #[serde(flatten)]
+        item: Item,
+    },
+    Bids {
+        at_us: i64,
+        states: Vec<(i64, i64, i64, i64, i64, i64)>,
+    },
+}
+
+/// Decodes one payload.
+pub fn parse(payload: &str) -> Result<Notification, NoticeError> {
+    let raw: Raw = serde_json::from_str(payload).map_err(|e| NoticeError(e.to_string()))?;
+    Ok(match raw {
+        Raw::Auction { at_us, row } => Notification { notice: Notice::Auction(row.into()), at_us },
+        Raw::Inventory { at_us, item } => Notification { notice: Notice::Inventory(item), at_us },
+        Raw::Bids { at_us, states } => {
+            let states = states
+                .into_iter()
+                .map(|(auction_id, version, high_bid, high_bidder, bid_count, ends_at_us)| {
+                    Ok(BidState { auction_id, version, high_bid, high_bidder, bid_count, ends_at: micros(ends_at_us)? })
+                })
+                .collect::<Result<_, NoticeError>>()?;
+            Notification { notice: Notice::Bids(states), at_us }
+        }
+    })
+}
+
+/// PostgreSQL refuses payloads of 8000 bytes or more; a state is at most ~110.
+const MAX_PAYLOAD: usize = 7800;
+
+/// The `bids` payloads that announce `states`: the newest state of each auction
+/// only, split into as few payloads as fit PostgreSQL's limit.
+pub fn encode_bids(states: &[BidState], at_us: i64) -> Vec<String> {
+    use std::fmt::Write;
+    let mut newest: Vec<&BidState> = states.iter().collect();
+    newest.sort_unstable_by_key(|s| (s.auction_id, std::cmp::Reverse(s.version)));
+    newest.dedup_by_key(|s| s.auction_id);
+    let mut payloads = Vec::new();
+    let mut payload = String::new();
+    for s in newest {
+        if payload.len() > MAX_PAYLOAD {
+            payload.push_str("]}");
+            payloads.push(std::mem::take(&mut payload));
+        }
+        let sep = if payload.is_empty() {
+            let _ = write!(payload, r#"{{"kind":"bids","at_us":{at_us},"states":["#);
+            ""
+        } else {
+            ","
+        };
+        let _ = write!(
+            payload,
+            "{sep}[{},{},{},{},{},{}]",
+            s.auction_id,
+            s.version,
+            s.high_bid,
+            s.high_bidder,
+            s.bid_count,
+            s.ends_at.timestamp_micros()
+        );
+    }
+    if !payload.is_empty() {
+        payload.push_str("]}");
+        payloads.push(payload);
+    }
+    payloads
+}
+
+fn micros(us: i64) -> Result<DateTime<Utc>, NoticeError> {
+    DateTime::from_timestamp_micros(us).ok_or_else(|| NoticeError(format!("timestamp {us} out of range")))
+}
+
+/// Deserializes epoch microseconds (how timestamps travel in notifications:
+/// cheaper to parse than text, and free of time zone settings).
+pub(crate) fn de_micros<'de, D: serde::Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    let us = i64::deserialize(d)?;
+    micros(us).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A payload as `auction_json` builds it.
+    fn auction_payload(version: i64, high_bid: Option<i64>) -> String {
+        serde_json::json!({
+            "kind": "auction", "at_us": 5, "id": 7, "seller_id": 1, "title": "lamp", "reserve": 100,
+            "min_increment": 10, "extend_secs": 0, "high_bid": high_bid, "high_bidder": high_bid.map(|_| 3),
+            "bid_count": 0, "starts_at_us": 1_700_000_000_000_000i64, "ends_at_us": 1_700_000_100_000_000i64,
+            "status": "open", "winner_id": null, "version": version
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn an_auction_decodes_whole_with_microsecond_timestamps() {
+        let n = parse(&auction_payload(3, Some(150))).unwrap();
+        assert_eq!(n.at_us, 5);
+        let Notice::Auction(a) = n.notice else { panic!("not an auction") };
+        assert_eq!((a.id, a.version, a.high_bid, a.high_bidder), (7, 3, Some(150), Some(3)));
+        assert_eq!(a.starts_at.timestamp(), 1_700_000_000);
+        assert_eq!((a.ends_at - a.starts_at).num_seconds(), 100);
+        assert!(!a.closed);
+    }
+
+    #[test]
+    fn bids_decode_to_one_state_per_auction() {
+        let payload = r#"{"kind":"bids","at_us":9,"states":[[1001,2,200,3,1,1795963909737370],[1002,3,160,6,2,1796050269737370]]}"#;
+        let n = parse(payload).unwrap();
+        assert_eq!(n.at_us, 9);
+        let Notice::Bids(states) = n.notice else { panic!("not bids") };
+        assert_eq!(states.len(), 2);
+        assert_eq!(
+            (states[1].auction_id, states[1].version, states[1].high_bid, states[1].high_bidder, states[1].bid_count),
+            (1002, 3, 160, 6, 2)
+        );
+        assert_eq!(states[1].ends_at.timestamp_micros(), 1_796_050_269_737_370);
+    }
+
+    fn state(auction_id: i64, version: i64) -> BidState {
+        BidState {
+            auction_id,
+            version,
+            high_bid: 100 * version,
+            high_bidder: 3,
+            bid_count: version - 1,
+            ends_at: DateTime::from_timestamp_micros(1_796_050_269_737_370).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_announced_with_the_newest_state_of_each_auction() {
+        let payloads = encode_bids(&[state(5, 2), state(4, 7), state(5, 4), state(5, 3)], 11);
+        assert_eq!(payloads.len(), 1);
+        let n = parse(&payloads[0]).unwrap();
+        assert_eq!(n.at_us, 11);
+        assert_eq!(n.notice, Notice::Bids(vec![state(4, 7), state(5, 4)]));
+    }
+
+    #[test]
+    fn a_large_batch_is_split_under_the_payload_limit() {
+        let states: Vec<BidState> = (1..=512).map(|id| state(1_000_000_000 + id, 1_000_000)).collect();
+        let payloads = encode_bids(&states, 1);
+        assert!(payloads.len() > 1);
+        let mut decoded = Vec::new();
+        for p in &payloads {
+            assert!(p.len() < 8000, "{} bytes", p.len());
+            let Notice::Bids(states) = parse(p).unwrap().notice else { panic!("not bids") };
+            decoded.extend(states);
+        }
+        assert_eq!(decoded, states);
+        assert!(encode_bids(&[], 1).is_empty());
+    }
+
+    #[test]
+    fn inventory_decodes_whole() {
+        let payload = r#"{"kind":"inventory","at_us":1,"sku":"A-1","seller_id":1,"title":"apples","available":5,"reserved":2,"version":4}"#;
+        let Notice::Inventory(item) = parse(payload).unwrap().notice else { panic!("not inventory") };
+        assert_eq!((item.sku.as_str(), item.available, item.reserved, item.version), ("A-1", 5, 2, 4));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for payload in [
+            "not json",
+            r#"{"kind":"spaceship","at_us":1}"#,
+            r#"{"kind":"auction","at_us":1,"id":1}"#,
+            r#"{"kind":"bids","at_us":1,"states":[[1,2,3]]}"#,
+            r#"{"kind":"bids","at_us":1,"states":[[1,2,3,4,5,9223372036854775807]]}"#,
+        ] {
+            assert!(parse(payload).is_err(), "{payload}");
+        }
+    }
+}
