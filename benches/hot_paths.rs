@@ -286,7 +286,8 @@ fn problem(c: &mut Criterion) {
 fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
     rt.block_on(async {
         let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
-        let limits = BatchLimits { queue_depth: 16, max_batch: 16, in_flight: 1, overlap_at: 1 };
+        let limits =
+            BatchLimits { queue_depth: 16, max_batch: 16, in_flight: 1, overlap_at: 1, overlap_after: Duration::ZERO };
         let caches = Arc::new(Caches::new());
         assert_eq!(apply(&caches, &auction_payload(1, 2, Some(1000), ENDS_AT_US)), Applied::Newer);
         caches.set_live(true);

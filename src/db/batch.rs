@@ -17,6 +17,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
@@ -100,8 +101,10 @@ pub struct BatchLimits {
     /// Most batches in the database at once.
     pub in_flight: usize,
     /// Writes that must be waiting before a batch is sent while another is still
-    /// in the database (1: as soon as there is room).
+    /// in the database (1: as soon as there is room)...
     pub overlap_at: usize,
+    /// ...or how long the newest batch in the database must have taken.
+    pub overlap_after: Duration,
 }
 
 impl<W: BatchWrite> Batcher<W> {
@@ -142,6 +145,7 @@ async fn run<W: BatchWrite>(
     let outage = Arc::new(Outage::default());
     let mut batch: Vec<Pending<W>> = Vec::with_capacity(max_batch);
     let mut closed = false;
+    let mut last_sent = Instant::now();
     loop {
         if batch.is_empty() && (closed || rx.recv_many(&mut batch, max_batch).await == 0) {
             return;
@@ -152,12 +156,14 @@ async fn run<W: BatchWrite>(
                 Err(_) => break,
             }
         }
-        // Send now if the database has none of this core's batches; overlap one in
-        // flight only once enough writes wait to make a batch worth its fixed cost
-        // (or the queue is closing). Otherwise wait for a batch to finish or for
-        // more writes, whichever comes first.
+        // Send now if the database has none of this core's batches. Overlap one in
+        // flight only once enough writes wait to make a batch worth its fixed cost,
+        // or once the newest batch in flight has taken longer than a batch should
+        // (or the queue is closing). Otherwise wait for a batch to finish, for more
+        // writes or for that time, whichever comes first.
         let busy = in_flight - slots.available_permits();
-        let worth_it = batch.len() >= limits.overlap_at.max(1) || closed;
+        let overdue = last_sent + limits.overlap_after;
+        let worth_it = batch.len() >= limits.overlap_at.max(1) || closed || Instant::now() >= overdue;
         if busy > 0 && !(busy < in_flight && worth_it) {
             let room = max_batch - batch.len();
             tokio::select! {
@@ -165,9 +171,11 @@ async fn run<W: BatchWrite>(
                 n = rx.recv_many(&mut batch, room), if room > 0 && !closed => {
                     closed = n == 0;
                 }
+                _ = tokio::time::sleep_until(overdue.into()), if busy < in_flight => {}
             }
             continue;
         }
+        last_sent = Instant::now();
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
         observe(BatchStart { size: batch.len(), in_flight: busy + 1 });
         let batch = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));

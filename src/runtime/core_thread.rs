@@ -88,6 +88,7 @@ async fn core_main(start: Start) {
             // Each batch in flight holds a connection; the announcer needs one too.
             in_flight: config.bid_batches_in_flight.min((config.db_conns_per_core as usize).saturating_sub(1).max(1)),
             overlap_at: config.bid_overlap_at,
+            overlap_after: config.bid_overlap_after,
         },
         Box::new(|b: BatchStart| metrics::bid_batch(b.size, b.in_flight)),
     );
@@ -101,6 +102,7 @@ async fn core_main(start: Start) {
             max_batch: config.max_order_batch,
             in_flight: 1,
             overlap_at: 1,
+            overlap_after: Duration::ZERO,
         },
         Box::new(|b: BatchStart| metrics::order_batch(b.size)),
     );

@@ -142,7 +142,7 @@ async fn bids_on_one_auction_over_several_batches_in_flight_stay_ordered() {
     let batcher = Batcher::spawn(
         pool.clone(),
         Bids::new(Announcer::spawn(pool)),
-        BatchLimits { queue_depth: 1024, max_batch: 8, in_flight: 3, overlap_at: 1 },
+        BatchLimits { queue_depth: 1024, max_batch: 8, in_flight: 3, overlap_at: 1, overlap_after: Duration::ZERO },
         Box::new(move |b: BatchStart| {
             seen.fetch_max(b.in_flight, Ordering::Relaxed);
         }),
