@@ -8,11 +8,13 @@
 //! commits the writes share (see `bids.rs` for the measured effect).
 //!
 //! Up to `in_flight` batches of a core are in the database at once, each on its
-//! own connection, so a write never waits for a commit it did not join while the
-//! database has room for more: with one batch at a time the database sat idle
-//! between a batch's commit and the next batch's arrival. Writes on the same row
-//! in two batches are ordered by the database's row lock, as they would be from
-//! two cores.
+//! own connection, so writes need not wait for a slow commit they did not join.
+//! A batch overlaps another only once `overlap_at` writes wait or the newest batch
+//! in flight is older than `overlap_after`: a batch has a fixed cost in the
+//! database, and many tiny overlapping batches spend the CPU it needs (the
+//! figures are with the flags in `config.rs`). Writes on the same row in two
+//! batches are ordered by the database's row lock, as they would be from two
+//! cores.
 
 use std::future::Future;
 use std::sync::Arc;
