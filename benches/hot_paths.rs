@@ -78,6 +78,7 @@ use gavel::db::bids::{Announcer, Bids};
 use gavel::db::notice;
 use gavel::db::orders::Orders;
 use gavel::domain::FieldError;
+use gavel::domain::auction::BidState;
 use gavel::http::Error;
 
 /// The body of `POST /api/bids`, as clients send it.
@@ -205,12 +206,23 @@ fn auction_payload(id: i64, version: i64, high_bid: Option<i64>, ends_at_us: i64
     .to_string()
 }
 
-/// A `bids` notification payload, as `place_bids` sends once per batch: the final
-/// state of each of `ids`.
+/// A `bids` notification payload, as a core announces one batch: the final state
+/// of each of `ids`.
 fn bids_payload(ids: std::ops::Range<i64>, version: i64) -> String {
-    let states: Vec<String> =
-        ids.map(|id| format!("[{id},{version},{},7,{},{ENDS_AT_US}]", 1000 + version, version - 1)).collect();
-    format!(r#"{{"kind":"bids","at_us":1,"states":[{}]}}"#, states.join(","))
+    let ends_at = DateTime::from_timestamp_micros(ENDS_AT_US).expect("in range");
+    let states: Vec<BidState> = ids
+        .map(|auction_id| BidState {
+            auction_id,
+            version,
+            high_bid: 1000 + version,
+            high_bidder: 7,
+            bid_count: version - 1,
+            ends_at,
+        })
+        .collect();
+    let mut payloads = notice::encode_bids(&states, 1);
+    assert_eq!(payloads.len(), 1, "one payload for a batch this size");
+    payloads.remove(0)
 }
 
 /// Decodes a payload as the listener does and applies it; the last update's result.
@@ -286,8 +298,7 @@ fn problem(c: &mut Criterion) {
 fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
     rt.block_on(async {
         let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
-        let limits =
-            BatchLimits { queue_depth: 16, max_batch: 16, in_flight: 1, overlap_at: 1, overlap_after: Duration::ZERO };
+        let limits = BatchLimits::one_at_a_time(16, 16);
         let caches = Arc::new(Caches::new());
         assert_eq!(apply(&caches, &auction_payload(1, 2, Some(1000), ENDS_AT_US)), Applied::Newer);
         caches.set_live(true);

@@ -140,9 +140,11 @@ begin
     -- faster for 1 or 16 bids and 20 % slower for 64 (pgbench -c 1, alternating).
     open locked for select * from auctions x where x.id = any(p_auction) order by x.id for update;
 
-    for k in 1 .. n loop
+    -- One step past the last bid, so that the last auction's state is kept by the
+    -- same code as every other's.
+    for k in 1 .. n + 1 loop
         i := visit[k];
-        if p_auction[i] is distinct from cur then
+        if k > n or p_auction[i] is distinct from cur then
             if changed then
                 up_id := up_id || a.id;
                 up_high := up_high || a.high_bid;
@@ -151,6 +153,7 @@ begin
                 up_version := up_version || a.version;
                 up_ends := up_ends || a.ends_at;
             end if;
+            exit when k > n;
             changed := false;
             cur := p_auction[i];
             -- The next locked row is this auction, or it does not exist.
@@ -229,14 +232,6 @@ begin
         end if;
         return next;
     end loop;
-    if changed then
-        up_id := up_id || a.id;
-        up_high := up_high || a.high_bid;
-        up_bidder := up_bidder || a.high_bidder;
-        up_count := up_count || a.bid_count;
-        up_version := up_version || a.version;
-        up_ends := up_ends || a.ends_at;
-    end if;
     close locked;
 
     if array_length(up_id, 1) > 0 then

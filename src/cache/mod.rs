@@ -65,10 +65,16 @@ impl Versioned for Item {
     }
 }
 
-/// The one rule of every cache: store `value` unless a newer or equal version is held.
+/// The one rule of every cache: an update is taken only if its version is newer
+/// than the one held.
+fn is_newer(held: i64, update: i64) -> bool {
+    update > held
+}
+
+/// Stores `value` unless a newer or equal version is held.
 fn apply<K: std::hash::Hash + Eq, V: Versioned>(map: &mut HashMap<K, V>, key: K, value: V) -> Applied {
     match map.get(&key) {
-        Some(held) if held.version() >= value.version() => Applied::Stale,
+        Some(held) if !is_newer(held.version(), value.version()) => Applied::Stale,
         _ => {
             map.insert(key, value);
             Applied::Newer
@@ -138,7 +144,7 @@ impl Caches {
     /// An auction that is not held stays so: its first read loads it whole.
     pub fn apply_bid(&self, state: &BidState) -> Applied {
         match self.lock().auctions.get_mut(&state.auction_id) {
-            Some(held) if held.version < state.version => {
+            Some(held) if is_newer(held.version, state.version) => {
                 held.apply_bid(state);
                 Applied::Newer
             }

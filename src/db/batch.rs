@@ -19,10 +19,11 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 
 use super::DbError;
 
@@ -109,6 +110,13 @@ pub struct BatchLimits {
     pub overlap_after: Duration,
 }
 
+impl BatchLimits {
+    /// One batch in the database at a time.
+    pub fn one_at_a_time(queue_depth: usize, max_batch: usize) -> Self {
+        BatchLimits { queue_depth, max_batch, in_flight: 1, overlap_at: 1, overlap_after: Duration::ZERO }
+    }
+}
+
 impl<W: BatchWrite> Batcher<W> {
     /// Starts the batcher task on the current runtime (the core's own).
     pub fn spawn(pool: PgPool, writer: W, limits: BatchLimits, observe: BatchObserver) -> Self {
@@ -145,7 +153,7 @@ async fn run<W: BatchWrite>(
     // Told each time a batch leaves the database.
     let finished = Arc::new(Notify::new());
     let outage = Arc::new(Outage::default());
-    let mut batch: Vec<Pending<W>> = Vec::with_capacity(max_batch);
+    let mut batch: Vec<Pending<W>> = Vec::new();
     let mut closed = false;
     let mut last_sent = Instant::now();
     loop {
@@ -173,14 +181,15 @@ async fn run<W: BatchWrite>(
                 n = rx.recv_many(&mut batch, room), if room > 0 && !closed => {
                     closed = n == 0;
                 }
-                _ = tokio::time::sleep_until(overdue.into()), if busy < in_flight => {}
+                _ = tokio::time::sleep_until(overdue), if busy < in_flight => {}
             }
             continue;
         }
-        last_sent = Instant::now();
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        last_sent = Instant::now();
         observe(BatchStart { size: batch.len(), in_flight: busy + 1 });
-        let batch = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+        // The batch goes to its own task; the next one grows as writes arrive.
+        let batch = std::mem::take(&mut batch);
         let (pool, writer, outage, finished) = (pool.clone(), writer.clone(), outage.clone(), finished.clone());
         tokio::spawn(async move {
             let requests: Vec<&W::Request> = batch.iter().map(|p| &p.request).collect();
@@ -266,5 +275,153 @@ where
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+    use super::*;
+
+    /// Answers each write with itself after `took` (or fails the batch), on a pool
+    /// that never connects.
+    struct Slow {
+        took: Duration,
+        fail: bool,
+    }
+
+    impl BatchWrite for Slow {
+        type Request = u32;
+        type Outcome = u32;
+
+        async fn write(&self, _: &PgPool, requests: &[&u32]) -> Result<Vec<u32>, DbError> {
+            tokio::time::sleep(self.took).await;
+            if self.fail {
+                return Err(DbError::Unavailable(sqlx::Error::PoolTimedOut));
+            }
+            Ok(requests.iter().map(|r| **r).collect())
+        }
+    }
+
+    type Seen = Arc<Mutex<Vec<BatchStart>>>;
+
+    fn start(limits: BatchLimits, writer: Slow) -> (Batcher<Slow>, Seen) {
+        let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
+        let seen = Seen::default();
+        let log = seen.clone();
+        (Batcher::spawn(pool, writer, limits, Box::new(move |b| log.lock().unwrap().push(b))), seen)
+    }
+
+    fn submit(batcher: &Batcher<Slow>, n: u32) -> tokio::task::JoinHandle<Result<u32, SubmitError>> {
+        let batcher = batcher.clone();
+        tokio::spawn(async move { batcher.submit(n).await })
+    }
+
+    /// Lets every task run until it waits (time stands still meanwhile).
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn started(size: usize, in_flight: usize) -> BatchStart {
+        BatchStart { size, in_flight }
+    }
+
+    /// While a batch is in the database, a few waiting writes wait for it, and
+    /// `overlap_at` of them go beside it at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_second_batch_overlaps_only_once_enough_writes_wait() {
+        let limits = BatchLimits {
+            queue_depth: 64,
+            max_batch: 64,
+            in_flight: 2,
+            overlap_at: 4,
+            overlap_after: Duration::from_secs(3600),
+        };
+        let (batcher, seen) = start(limits, Slow { took: Duration::from_millis(10), fail: false });
+        let mut writes = vec![submit(&batcher, 1)];
+        settle().await;
+        writes.extend((2..5).map(|n| submit(&batcher, n)));
+        settle().await;
+        assert_eq!(*seen.lock().unwrap(), [started(1, 1)], "three waiting writes do not overlap");
+        writes.push(submit(&batcher, 5));
+        settle().await;
+        assert_eq!(*seen.lock().unwrap(), [started(1, 1), started(4, 2)], "the fourth makes a batch worth it");
+        for (write, n) in writes.into_iter().zip(1..) {
+            assert_eq!(write.await.unwrap().unwrap(), n, "each write gets its own outcome");
+        }
+    }
+
+    /// A batch that has been in the database longer than `overlap_after` lets the
+    /// writes behind it go, however few.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_batch_lets_the_writes_behind_it_overlap() {
+        let limits = BatchLimits {
+            queue_depth: 64,
+            max_batch: 64,
+            in_flight: 2,
+            overlap_at: 100,
+            overlap_after: Duration::from_millis(5),
+        };
+        let (batcher, seen) = start(limits, Slow { took: Duration::from_millis(50), fail: false });
+        let first = submit(&batcher, 1);
+        settle().await;
+        let second = submit(&batcher, 2);
+        settle().await;
+        assert_eq!(*seen.lock().unwrap(), [started(1, 1)]);
+        tokio::time::sleep(Duration::from_millis(6)).await;
+        settle().await;
+        assert_eq!(*seen.lock().unwrap(), [started(1, 1), started(1, 2)]);
+        assert_eq!((first.await.unwrap().unwrap(), second.await.unwrap().unwrap()), (1, 2));
+    }
+
+    /// One batch at a time: the next waits for the one in the database, whatever
+    /// queues meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn one_at_a_time_never_overlaps() {
+        let (batcher, seen) =
+            start(BatchLimits::one_at_a_time(64, 64), Slow { took: Duration::from_millis(10), fail: false });
+        let writes: Vec<_> = (1..=20).map(|n| submit(&batcher, n)).collect();
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        assert!(seen.lock().unwrap().iter().all(|b| b.in_flight == 1), "{:?}", seen.lock().unwrap());
+    }
+
+    /// A failed batch answers every write in it with the batch's own cause.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_batch_gives_each_write_the_real_cause() {
+        let (batcher, _) =
+            start(BatchLimits::one_at_a_time(64, 64), Slow { took: Duration::from_millis(1), fail: true });
+        let writes: Vec<_> = (1..=3).map(|n| submit(&batcher, n)).collect();
+        for write in writes {
+            match write.await.unwrap() {
+                Err(SubmitError::Db(e)) => {
+                    assert!(matches!(&*e, DbError::Unavailable(sqlx::Error::PoolTimedOut)), "{e}")
+                }
+                other => panic!("expected the batch's error, got {other:?}"),
+            }
+        }
+    }
+
+    /// A full queue is answered at once, not waited for.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_is_refused_at_once() {
+        let limits = BatchLimits::one_at_a_time(2, 1);
+        let (batcher, _) = start(limits, Slow { took: Duration::from_secs(1), fail: false });
+        let _first = submit(&batcher, 1);
+        settle().await;
+        // One waits in the batcher for the next batch, two fill the queue.
+        let mut queued = Vec::new();
+        for n in 2..=4 {
+            queued.push(submit(&batcher, n));
+            settle().await;
+        }
+        let r = batcher.submit(5).await;
+        assert!(matches!(r, Err(SubmitError::QueueFull)), "{r:?}");
     }
 }

@@ -80,10 +80,14 @@ impl BatchWrite for Bids {
     }
 
     fn committed(&self, outcomes: &[Placed]) {
-        self.announcer.announce(outcomes.iter().filter_map(|p| match p {
-            Placed::Accepted { state, .. } => *state,
-            _ => None,
-        }));
+        let states: Vec<BidState> = outcomes
+            .iter()
+            .filter_map(|p| match p {
+                Placed::Accepted { state, .. } => *state,
+                _ => None,
+            })
+            .collect();
+        self.announcer.announce(states);
     }
 }
 
@@ -113,7 +117,8 @@ impl BatchWrite for Bids {
 /// no bid is decided wrongly meanwhile, and `?consistent=true` is always current.
 #[derive(Debug, Clone)]
 pub struct Announcer {
-    tx: mpsc::UnboundedSender<BidState>,
+    /// One message per committed batch that changed something.
+    tx: mpsc::UnboundedSender<Vec<BidState>>,
 }
 
 impl Announcer {
@@ -124,21 +129,23 @@ impl Announcer {
         Announcer { tx }
     }
 
-    /// Queues states for the next announcement. Never waits.
-    pub fn announce(&self, states: impl IntoIterator<Item = BidState>) {
-        for state in states {
+    /// Queues a batch's states for the next announcement. Never waits.
+    pub fn announce(&self, states: Vec<BidState>) {
+        if !states.is_empty() {
             // Closed only when the core stops, and then nobody is left to tell.
-            let _ = self.tx.send(state);
+            let _ = self.tx.send(states);
         }
     }
 }
 
-/// Most states drained into one announcement.
-const ANNOUNCE_ROUND: usize = 4096;
+/// Most batches drained into one announcement.
+const ANNOUNCE_ROUND: usize = 256;
 
-async fn announce_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<BidState>) {
-    let mut states = Vec::with_capacity(256);
-    while rx.recv_many(&mut states, ANNOUNCE_ROUND).await > 0 {
+async fn announce_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Vec<BidState>>) {
+    let mut batches = Vec::with_capacity(16);
+    let mut states = Vec::new();
+    while rx.recv_many(&mut batches, ANNOUNCE_ROUND).await > 0 {
+        states.extend(batches.drain(..).flatten());
         let payloads = notice::encode_bids(&states, Utc::now().timestamp_micros());
         states.clear();
         send_notifications(&pool, &payloads).await;

@@ -1,8 +1,8 @@
 //! What the database announces on [`CACHE_CHANNEL`](super::CACHE_CHANNEL): the one
 //! decoder of its payloads, yielding domain types.
 //!
-//! Every payload is a JSON object with a `kind` and `at_us`, the database's clock
-//! (epoch microseconds) when the payload was built, for the lag metric:
+//! Every payload is a JSON object with a `kind` and `at_us`, the time (epoch
+//! microseconds) the payload was built, for the lag metric:
 //!
 //! - `auction`: a whole auction (`auction_json`), sent by the row trigger when an
 //!   auction is created and on every change that is not a bid (opening, closing).
@@ -34,7 +34,8 @@ pub enum Notice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notification {
     pub notice: Notice,
-    /// When the database built it, in epoch microseconds.
+    /// When it was built, in epoch microseconds: by the database's clock for the
+    /// trigger's notices, by the announcing core's for `bids`.
     pub at_us: i64,
 }
 

@@ -97,13 +97,7 @@ async fn core_main(start: Start) {
     let orders = Batcher::spawn(
         pool.clone(),
         Orders,
-        BatchLimits {
-            queue_depth: config.order_queue_depth,
-            max_batch: config.max_order_batch,
-            in_flight: 1,
-            overlap_at: 1,
-            overlap_after: Duration::ZERO,
-        },
+        BatchLimits::one_at_a_time(config.order_queue_depth, config.max_order_batch),
         Box::new(|b: BatchStart| metrics::order_batch(b.size)),
     );
     let core = Arc::new(Core {
