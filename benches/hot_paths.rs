@@ -237,7 +237,7 @@ const ENDS_AT_US: i64 = 4_000_000_000_000_000;
 const AUCTIONS: i64 = 10_000;
 
 fn cache(c: &mut Criterion) {
-    let caches = Caches::new();
+    let caches = Caches::default();
     caches.set_live(true);
     for id in 1..=AUCTIONS {
         assert_eq!(apply(&caches, &auction_payload(id, 2, Some(1000), ENDS_AT_US)), Applied::Newer);
@@ -299,7 +299,7 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
     rt.block_on(async {
         let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
         let limits = BatchLimits::one_at_a_time(16, 16);
-        let caches = Arc::new(Caches::new());
+        let caches = Arc::new(Caches::default());
         assert_eq!(apply(&caches, &auction_payload(1, 2, Some(1000), ENDS_AT_US)), Applied::Newer);
         caches.set_live(true);
         Arc::new(Core {

@@ -114,6 +114,17 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_MAX_CONNECTIONS_PER_CORE", default_value_t = 10_000)]
     pub max_connections_per_core: usize,
 
+    /// Most entries of each per-core cache (auctions; inventory). Past it, the entry
+    /// read least recently leaves, and its next read goes to the database. An
+    /// auction with its rendered response takes about 1 KiB.
+    #[arg(long, env = "GAVEL_CACHE_CAPACITY", default_value_t = 50_000)]
+    pub cache_capacity: usize,
+
+    /// How long a closed auction stays in the caches after its end; its reads then
+    /// go to the database. Closed auctions are read most just after they close.
+    #[arg(long, env = "GAVEL_CACHE_CLOSED_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub cache_closed_grace: Duration,
+
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[arg(long, env = "GAVEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

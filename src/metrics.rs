@@ -11,10 +11,12 @@
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::cache::{Census, Evicted, Which};
 
 pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
@@ -30,6 +32,8 @@ pub const CACHE_NOTIFICATIONS_TOTAL: &str = "gavel_cache_notifications_total";
 pub const CACHE_NOTIFY_LAG_SECONDS: &str = "gavel_cache_notify_lag_seconds";
 pub const CACHE_LISTENER_RECONNECTS_TOTAL: &str = "gavel_cache_listener_reconnects_total";
 pub const CACHE_LIVE: &str = "gavel_cache_live";
+pub const CACHE_ENTRIES: &str = "gavel_cache_entries";
+pub const CACHE_EVICTIONS_TOTAL: &str = "gavel_cache_evictions_total";
 pub const BUILD_INFO: &str = "gavel_build_info";
 
 /// Latency buckets, in seconds: from 50 µs (a cached read) to 10 s (a request
@@ -237,6 +241,11 @@ fn describe() {
     );
     describe_counter!(CACHE_LISTENER_RECONNECTS_TOTAL, "Times a core's LISTEN connection came (back) up");
     describe_gauge!(CACHE_LIVE, "1 while the core serves reads from its cache, 0 while it recovers");
+    describe_gauge!(CACHE_ENTRIES, "Entries of a core's cache, by cache (auctions, inventory)");
+    describe_counter!(
+        CACHE_EVICTIONS_TOTAL,
+        "Entries that left a core's cache, by cache and reason (closed: a closed auction's grace ran out; capacity: the cache was full)"
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     process_collector().describe();
@@ -324,33 +333,65 @@ pub fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
-/// A request has started on this core.
-pub fn request_started() {
-    with_core(|c| c.in_flight.increment(1.0));
+/// The status recorded for a request whose client went away before its answer
+/// (nginx's "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// A request in flight on this core: counted in `http_requests_in_flight` from
+/// [`InFlight::start`] until dropped, so a request whose future hyper drops (its
+/// client went away) leaves the gauge too, counted with status 499.
+pub struct InFlight {
+    route: Option<axum::extract::MatchedPath>,
+    method: &'static str,
+    started: Instant,
+    answered: bool,
 }
 
-/// A request has been answered. `route` is the matched route template, or
-/// "unmatched"; the set is fixed by the router, so the label is bounded.
-pub fn request_finished(route: &str, method: &'static str, status: u16, elapsed: Duration) {
-    with_core(|c| {
-        c.in_flight.decrement(1.0);
-        let index = match c.routes.iter().position(|r| r.method == method && &*r.route == route) {
-            Some(i) => i,
-            None => new_route(c, route, method),
-        };
-        let entry = &mut c.routes[index];
-        entry.duration.record(elapsed.as_secs_f64());
-        match entry.statuses.iter().find(|(s, _)| *s == status) {
-            Some((_, counter)) => counter.increment(1),
-            None => {
-                let counter = metrics::counter!(HTTP_REQUESTS_TOTAL,
-                    "core" => c.core.clone(), "method" => method, "route" => entry.route.to_string(),
-                    "status" => status.to_string());
-                counter.increment(1);
-                entry.statuses.push((status, counter));
+impl InFlight {
+    /// `route` is the matched route template, or `None` (unmatched); the set is
+    /// fixed by the router, so the label is bounded.
+    pub fn start(route: Option<axum::extract::MatchedPath>, method: &'static str, started: Instant) -> Self {
+        with_core(|c| c.in_flight.increment(1.0));
+        InFlight { route, method, started, answered: false }
+    }
+
+    /// The request was answered with `status`.
+    pub fn answered(mut self, status: u16) {
+        self.answered = true;
+        self.record(status);
+    }
+
+    fn record(&self, status: u16) {
+        let route = self.route.as_ref().map_or("unmatched", |r| r.as_str());
+        let (method, elapsed) = (self.method, self.started.elapsed());
+        with_core(|c| {
+            let index = match c.routes.iter().position(|r| r.method == method && &*r.route == route) {
+                Some(i) => i,
+                None => new_route(c, route, method),
+            };
+            let entry = &mut c.routes[index];
+            entry.duration.record(elapsed.as_secs_f64());
+            match entry.statuses.iter().find(|(s, _)| *s == status) {
+                Some((_, counter)) => counter.increment(1),
+                None => {
+                    let counter = metrics::counter!(HTTP_REQUESTS_TOTAL,
+                        "core" => c.core.clone(), "method" => method, "route" => entry.route.to_string(),
+                        "status" => status.to_string());
+                    counter.increment(1);
+                    entry.statuses.push((status, counter));
+                }
             }
+        });
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.record(CLIENT_CLOSED);
         }
-    });
+        with_core(|c| c.in_flight.decrement(1.0));
+    }
 }
 
 /// Creates the handles of a route this core sees for the first time.
@@ -416,6 +457,10 @@ pub struct CoreGauges {
     pub lag: Histogram,
     /// `[kind][newer]`: auction/inventory/bid (the `cache::Kind` order) × stale/applied.
     pub notifications: [[Counter; 2]; 3],
+    /// By `cache::Which`.
+    cache_entries: [Gauge; 2],
+    /// By `cache::Which`, then `cache::Evicted`.
+    cache_evictions: [[Counter; 2]; 2],
 }
 
 impl CoreGauges {
@@ -435,6 +480,22 @@ impl CoreGauges {
                 [notice("inventory", "stale"), notice("inventory", "applied")],
                 [notice("bid", "stale"), notice("bid", "applied")],
             ],
+            cache_entries: Which::ALL.map(|w| metrics::gauge!(CACHE_ENTRIES, "core" => core.clone(), "cache" => w.label())),
+            cache_evictions: Which::ALL.map(|w| {
+                Evicted::ALL.map(|r| {
+                    metrics::counter!(CACHE_EVICTIONS_TOTAL, "core" => core.clone(), "cache" => w.label(), "reason" => r.label())
+                })
+            }),
+        }
+    }
+
+    /// Publishes what a cache sweep counted.
+    pub fn census(&self, census: &Census) {
+        for w in Which::ALL {
+            self.cache_entries[w as usize].set(census.entries[w as usize] as f64);
+            for r in Evicted::ALL {
+                self.cache_evictions[w as usize][r as usize].absolute(census.evicted[w as usize][r as usize]);
+            }
         }
     }
 }
@@ -460,8 +521,8 @@ mod tests {
 
     #[test]
     fn recording_without_a_core_is_a_no_op() {
-        request_started();
-        request_finished("/x", "GET", 200, Duration::from_millis(1));
+        InFlight::start(None, "GET", Instant::now()).answered(200);
+        drop(InFlight::start(None, "GET", Instant::now()));
         bid(BidOutcome::Accepted);
         drop(time_query(Query::PlaceBids));
     }

@@ -13,8 +13,15 @@
 
 pub mod listener;
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::hash::Hash;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use hashlink::LruCache;
 
 use crate::db::inventory::Item;
 use crate::db::notice::Notice;
@@ -37,18 +44,83 @@ pub enum Applied {
     /// The update was newer and replaced (or created) the entry.
     Newer,
     /// The cache already held this version or a newer one, or (for a bid state,
-    /// which cannot create an entry) does not hold the auction at all.
+    /// which cannot create an entry) does not hold the auction at all, or (for a
+    /// whole auction) the auction closed longer ago than the cache keeps one.
     Stale,
 }
 
-#[derive(Default)]
-struct Inner {
-    live: bool,
-    auctions: HashMap<i64, Auction>,
-    inventory: HashMap<String, Item>,
+/// How much each cache of a core may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheLimits {
+    /// Most entries of each cache (auctions, inventory). Past it, the entry read
+    /// least recently leaves.
+    pub capacity: usize,
+    /// How long a closed auction stays after its end. A read of it after that
+    /// goes to the database.
+    pub closed_grace: Duration,
 }
 
-/// A cached row: anything with a key and a version.
+impl Default for CacheLimits {
+    fn default() -> Self {
+        CacheLimits { capacity: 50_000, closed_grace: Duration::from_secs(300) }
+    }
+}
+
+/// The two caches of a core, as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Auctions,
+    Inventory,
+}
+
+impl Which {
+    pub const ALL: [Which; 2] = [Which::Auctions, Which::Inventory];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Which::Auctions => "auctions",
+            Which::Inventory => "inventory",
+        }
+    }
+}
+
+/// Why an entry left a cache (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evicted {
+    /// A closed auction's grace ran out.
+    Closed,
+    /// The cache was full and the entry was the least recently read.
+    Capacity,
+}
+
+impl Evicted {
+    pub const ALL: [Evicted; 2] = [Evicted::Closed, Evicted::Capacity];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Evicted::Closed => "closed",
+            Evicted::Capacity => "capacity",
+        }
+    }
+}
+
+/// A cached row's response, rendered once and served until the row changes or,
+/// for an auction whose shown status turns with the clock, until `fresh_until`.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub body: Bytes,
+    pub etag: HeaderValue,
+    pub fresh_until: DateTime<Utc>,
+}
+
+/// A cached row and its rendered response, if one was asked for since it last
+/// changed.
+struct Entry<V> {
+    value: V,
+    view: Option<View>,
+}
+
+/// A cached row: anything with a version.
 trait Versioned {
     fn version(&self) -> i64;
 }
@@ -71,19 +143,78 @@ fn is_newer(held: i64, update: i64) -> bool {
     update > held
 }
 
-/// Stores `value` unless a newer or equal version is held.
-fn apply<K: std::hash::Hash + Eq, V: Versioned>(map: &mut HashMap<K, V>, key: K, value: V) -> Applied {
-    match map.get(&key) {
-        Some(held) if !is_newer(held.version(), value.version()) => Applied::Stale,
-        _ => {
-            map.insert(key, value);
-            Applied::Newer
+/// Whether a closed auction has stayed its grace (its end is its closing time:
+/// once `ends_at` has passed no bid can move it), or will have by the next
+/// sweep: so a sweep every [`sweep_period`] never keeps one past its grace, and
+/// a read from the database does not bring back one a sweep just evicted.
+fn outstayed(a: &Auction, now: DateTime<Utc>, limits: &CacheLimits) -> bool {
+    let early = sweep_period(limits.closed_grace);
+    let keep = chrono::Duration::from_std(limits.closed_grace.saturating_sub(early)).unwrap_or(chrono::Duration::MAX);
+    a.ends_at.checked_add_signed(keep).is_some_and(|leave| now >= leave)
+}
+
+/// One bounded cache: entries by key, least recently read first out.
+struct Map<K: Hash + Eq, V> {
+    entries: LruCache<K, Entry<V>>,
+    evicted: [u64; 2],
+}
+
+impl<K: Hash + Eq, V: Versioned> Map<K, V> {
+    fn new() -> Self {
+        Map { entries: LruCache::new_unbounded(), evicted: [0; 2] }
+    }
+
+    /// Stores `value` unless a newer or equal version is held; makes room first.
+    fn apply(&mut self, key: K, value: V, capacity: usize) -> Applied {
+        if let Some(held) = self.entries.peek_mut(&key) {
+            if !is_newer(held.value.version(), value.version()) {
+                return Applied::Stale;
+            }
+            *held = Entry { value, view: None };
+            return Applied::Newer;
+        }
+        while self.entries.len() >= capacity.max(1) && self.entries.remove_lru().is_some() {
+            self.evicted[Evicted::Capacity as usize] += 1;
+        }
+        self.entries.insert(key, Entry { value, view: None });
+        Applied::Newer
+    }
+
+    /// The entry's view, rendered now if there is none or it went stale.
+    fn view<Q>(&mut self, key: &Q, now: DateTime<Utc>, render: impl FnOnce(&V, DateTime<Utc>) -> View) -> Option<View>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let entry = self.entries.get_mut(key)?;
+        match &entry.view {
+            Some(view) if now < view.fresh_until => Some(view.clone()),
+            _ => {
+                let view = render(&entry.value, now);
+                entry.view = Some(view.clone());
+                Some(view)
+            }
         }
     }
 }
 
+struct Inner {
+    live: bool,
+    limits: CacheLimits,
+    auctions: Map<i64, Auction>,
+    inventory: Map<String, Item>,
+}
+
+/// What a sweep found, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Census {
+    /// Entries now, in [`Which`] order.
+    pub entries: [usize; 2],
+    /// Evictions since the cache was made, by [`Which`] then [`Evicted`].
+    pub evicted: [[u64; 2]; 2],
+}
+
 /// One core's caches.
-#[derive(Default)]
 pub struct Caches {
     inner: Mutex<Inner>,
 }
@@ -93,15 +224,21 @@ impl std::fmt::Debug for Caches {
         let inner = self.lock();
         f.debug_struct("Caches")
             .field("live", &inner.live)
-            .field("auctions", &inner.auctions.len())
-            .field("inventory", &inner.inventory.len())
+            .field("auctions", &inner.auctions.entries.len())
+            .field("inventory", &inner.inventory.entries.len())
             .finish()
     }
 }
 
+impl Default for Caches {
+    fn default() -> Self {
+        Caches::new(CacheLimits::default())
+    }
+}
+
 impl Caches {
-    pub fn new() -> Self {
-        Caches::default()
+    pub fn new(limits: CacheLimits) -> Self {
+        Caches { inner: Mutex::new(Inner { live: false, limits, auctions: Map::new(), inventory: Map::new() }) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -120,36 +257,72 @@ impl Caches {
         self.lock().live = live;
     }
 
+    /// The cached auction's response, if the cache is live and holds it; `render`
+    /// builds it when the auction changed (or its shown status turned) since the
+    /// last read.
+    pub fn auction_view(
+        &self,
+        id: i64,
+        now: DateTime<Utc>,
+        render: impl FnOnce(&Auction, DateTime<Utc>) -> View,
+    ) -> Option<View> {
+        let mut inner = self.lock();
+        if !inner.live {
+            return None;
+        }
+        inner.auctions.view(&id, now, render)
+    }
+
     /// Runs `f` on the cached auction, if the cache is live and holds it.
     pub fn with_live_auction<R>(&self, id: i64, f: impl FnOnce(&Auction) -> R) -> Option<R> {
         let inner = self.lock();
         if !inner.live {
             return None;
         }
-        inner.auctions.get(&id).map(f)
+        inner.auctions.entries.peek(&id).map(|e| f(&e.value))
     }
 
     /// Runs `f` on the cached auction even while the cache is not live. Only for
     /// decisions a stale entry cannot get wrong (a bid below the cached minimum).
     pub fn with_any_auction<R>(&self, id: i64, f: impl FnOnce(&Auction) -> R) -> Option<R> {
-        self.lock().auctions.get(&id).map(f)
+        self.lock().auctions.entries.peek(&id).map(|e| f(&e.value))
     }
 
-    /// Stores `auction` unless a newer or equal version is held.
+    /// Stores `auction` unless a newer or equal version is held, or it closed
+    /// longer ago than the cache keeps closed auctions.
     pub fn apply_auction(&self, auction: Auction) -> Applied {
-        apply(&mut self.lock().auctions, auction.id, auction)
+        let inner = &mut *self.lock();
+        if outstayed(&auction, Utc::now(), &inner.limits) {
+            return Applied::Stale;
+        }
+        inner.auctions.apply(auction.id, auction, inner.limits.capacity)
     }
 
     /// Applies what a bid changed to the cached auction, if it is held and older.
     /// An auction that is not held stays so: its first read loads it whole.
     pub fn apply_bid(&self, state: &BidState) -> Applied {
-        match self.lock().auctions.get_mut(&state.auction_id) {
-            Some(held) if is_newer(held.version, state.version) => {
-                held.apply_bid(state);
+        match self.lock().auctions.entries.peek_mut(&state.auction_id) {
+            Some(held) if is_newer(held.value.version, state.version) => {
+                held.value.apply_bid(state);
+                held.view = None;
                 Applied::Newer
             }
             _ => Applied::Stale,
         }
+    }
+
+    /// The cached stock's response, if the cache is live and holds the sku.
+    pub fn item_view(
+        &self,
+        sku: &str,
+        now: DateTime<Utc>,
+        render: impl FnOnce(&Item, DateTime<Utc>) -> View,
+    ) -> Option<View> {
+        let mut inner = self.lock();
+        if !inner.live {
+            return None;
+        }
+        inner.inventory.view(sku, now, render)
     }
 
     /// Runs `f` on the cached stock of `sku`, if the cache is live and holds it.
@@ -158,12 +331,13 @@ impl Caches {
         if !inner.live {
             return None;
         }
-        inner.inventory.get(sku).map(f)
+        inner.inventory.entries.peek(sku).map(|e| f(&e.value))
     }
 
     /// Stores `item` unless a newer or equal version is held.
     pub fn apply_item(&self, item: Item) -> Applied {
-        apply(&mut self.lock().inventory, item.sku.clone(), item)
+        let inner = &mut *self.lock();
+        inner.inventory.apply(item.sku.clone(), item, inner.limits.capacity)
     }
 
     /// Applies a notice; calls `counted` with the kind and result of each update
@@ -180,19 +354,69 @@ impl Caches {
         }
     }
 
+    /// Evicts the closed auctions that will have stayed their grace by the next
+    /// sweep, and counts what is left.
+    pub fn sweep(&self, now: DateTime<Utc>) -> Census {
+        let inner = &mut *self.lock();
+        let limits = inner.limits;
+        let gone: Vec<i64> = inner
+            .auctions
+            .entries
+            .iter()
+            .filter(|(_, e)| outstayed(&e.value, now, &limits))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &gone {
+            inner.auctions.entries.remove(id);
+        }
+        inner.auctions.evicted[Evicted::Closed as usize] += gone.len() as u64;
+        Census {
+            entries: [inner.auctions.entries.len(), inner.inventory.entries.len()],
+            evicted: [inner.auctions.evicted, inner.inventory.evicted],
+        }
+    }
+
     /// The keys of everything cached, for a reload.
     pub fn keys(&self) -> (Vec<i64>, Vec<String>) {
         let inner = self.lock();
-        (inner.auctions.keys().copied().collect(), inner.inventory.keys().cloned().collect())
+        (
+            inner.auctions.entries.iter().map(|(k, _)| *k).collect(),
+            inner.inventory.entries.iter().map(|(k, _)| k.clone()).collect(),
+        )
     }
 
     pub fn len(&self) -> usize {
         let inner = self.lock();
-        inner.auctions.len() + inner.inventory.len()
+        inner.auctions.entries.len() + inner.inventory.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// How often a core sweeps its caches for the grace `closed_grace`: a tenth of
+/// it, so a closed auction leaves within its grace, but at most every 5 s (the
+/// entry and eviction metrics are published then too) and at least every 100 ms.
+pub fn sweep_period(closed_grace: Duration) -> Duration {
+    (closed_grace / 10).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// Sweeps the core's caches every [`sweep_period`] until shutdown, publishing
+/// what each sweep counted.
+pub async fn sweep(
+    caches: std::sync::Arc<Caches>,
+    gauges: std::sync::Arc<crate::metrics::CoreGauges>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let period = sweep_period(caches.lock().limits.closed_grace);
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = interval.tick() => gauges.census(&caches.sweep(Utc::now())),
+        }
     }
 }
 
@@ -214,7 +438,7 @@ mod tests {
             high_bidder: high_bid.map(|_| 3),
             bid_count: 0,
             starts_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
-            ends_at: Utc.timestamp_opt(1_700_000_100, 0).unwrap(),
+            ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
             closed: false,
             winner_id: None,
             version,
@@ -228,13 +452,13 @@ mod tests {
             high_bid,
             high_bidder: 4,
             bid_count: version - 1,
-            ends_at: Utc.timestamp_opt(1_700_000_130, 0).unwrap(),
+            ends_at: Utc.timestamp_opt(4_000_000_030, 0).unwrap(),
         }
     }
 
     #[test]
     fn only_newer_versions_are_applied() {
-        let c = Caches::new();
+        let c = Caches::default();
         assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Newer);
         assert_eq!(c.apply_auction(auction(1, None)), Applied::Stale);
         assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Stale);
@@ -245,7 +469,7 @@ mod tests {
 
     #[test]
     fn bid_states_update_held_auctions_and_never_go_back() {
-        let c = Caches::new();
+        let c = Caches::default();
         assert_eq!(c.apply_bid(&bid(2, 150)), Applied::Stale, "an auction not held stays so");
         assert_eq!(c.with_any_auction(7, |a| a.id), None);
         c.apply_auction(auction(1, None));
@@ -254,13 +478,13 @@ mod tests {
         assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Stale);
         assert_eq!(
             c.with_any_auction(7, |a| (a.version, a.high_bid, a.high_bidder, a.bid_count, a.ends_at.timestamp())),
-            Some((3, Some(170), Some(4), 2, 1_700_000_130))
+            Some((3, Some(170), Some(4), 2, 4_000_000_030))
         );
     }
 
     #[test]
     fn a_bids_notice_counts_each_state() {
-        let c = Caches::new();
+        let c = Caches::default();
         c.apply_auction(auction(1, None));
         let mut seen = Vec::new();
         c.apply_notice(Notice::Bids(vec![bid(2, 150), BidState { auction_id: 8, ..bid(2, 150) }]), |k, a| {
@@ -271,7 +495,7 @@ mod tests {
 
     #[test]
     fn reads_need_a_live_cache() {
-        let c = Caches::new();
+        let c = Caches::default();
         c.apply_auction(auction(1, None));
         assert_eq!(c.with_live_auction(7, |a| a.id), None);
         c.set_live(true);
@@ -280,7 +504,7 @@ mod tests {
 
     #[test]
     fn inventory_versions_follow_the_same_rule() {
-        let c = Caches::new();
+        let c = Caches::default();
         c.set_live(true);
         let item = |version: i64, available: i64| Item {
             sku: "A-1".into(),
@@ -293,5 +517,105 @@ mod tests {
         assert_eq!(c.apply_item(item(2, 5)), Applied::Newer);
         assert_eq!(c.apply_item(item(1, 9)), Applied::Stale);
         assert_eq!(c.with_live_item("A-1", |i| i.available), Some(5));
+    }
+
+    fn ending(id: i64, ends_at: DateTime<Utc>) -> Auction {
+        Auction { id, ends_at, ..auction(1, None) }
+    }
+
+    fn limits(capacity: usize, grace_secs: u64) -> CacheLimits {
+        CacheLimits { capacity, closed_grace: Duration::from_secs(grace_secs) }
+    }
+
+    #[test]
+    fn closed_auctions_leave_when_their_grace_runs_out() {
+        let c = Caches::new(limits(100, 300));
+        let now = Utc::now();
+        // With a grace of 300 s, the sweep runs every 5 s.
+        assert_eq!(sweep_period(Duration::from_secs(300)), Duration::from_secs(5));
+        c.apply_auction(ending(1, now - chrono::Duration::seconds(280)));
+        c.apply_auction(ending(2, now - chrono::Duration::seconds(10)));
+        c.apply_auction(ending(3, now + chrono::Duration::seconds(3600)));
+        assert_eq!(c.len(), 3);
+        let census = c.sweep(now);
+        assert_eq!(census.entries, [3, 0], "all within their grace");
+        // Auction 1 has 1 s of grace left at the next sweep: it goes now.
+        let census = c.sweep(now + chrono::Duration::seconds(16));
+        assert_eq!(census.entries, [2, 0]);
+        assert_eq!(census.evicted[Which::Auctions as usize], [1, 0]);
+        assert_eq!(c.with_any_auction(1, |a| a.id), None);
+        let later = now + chrono::Duration::seconds(286);
+        let census = c.sweep(later);
+        assert_eq!(census.entries, [1, 0], "auction 2's grace is over too");
+        assert_eq!(c.with_any_auction(3, |a| a.id), Some(3));
+    }
+
+    #[test]
+    fn an_auction_past_its_grace_is_not_cached_again() {
+        let c = Caches::new(limits(100, 60));
+        // Within the sweep period (6 s) of its grace's end: a sweep would evict it.
+        let old = ending(1, Utc::now() - chrono::Duration::seconds(55));
+        assert_eq!(c.apply_auction(old), Applied::Stale);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_full_cache_drops_the_entry_read_least_recently() {
+        let c = Caches::new(limits(2, 300));
+        c.set_live(true);
+        let far = Utc::now() + chrono::Duration::days(1);
+        let render = |a: &Auction, _| View {
+            body: Bytes::from(a.id.to_string()),
+            etag: HeaderValue::from_static("\"1\""),
+            fresh_until: DateTime::<Utc>::MAX_UTC,
+        };
+        c.apply_auction(ending(1, far));
+        c.apply_auction(ending(2, far));
+        assert!(c.auction_view(1, Utc::now(), render).is_some(), "1 is now the most recently read");
+        c.apply_auction(ending(3, far));
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.with_any_auction(2, |a| a.id), None, "2 was read least recently");
+        assert_eq!(c.sweep(Utc::now()).evicted[Which::Auctions as usize], [0, 1]);
+        for sku in ["A", "B", "C"] {
+            c.apply_item(Item {
+                sku: sku.into(),
+                seller_id: 1,
+                title: "t".into(),
+                available: 1,
+                reserved: 0,
+                version: 1,
+            });
+        }
+        let census = c.sweep(Utc::now());
+        assert_eq!(census.entries, [2, 2]);
+        assert_eq!(census.evicted[Which::Inventory as usize], [0, 1]);
+    }
+
+    #[test]
+    fn a_view_is_rendered_once_per_version_and_status() {
+        let c = Caches::new(limits(10, 300));
+        c.set_live(true);
+        let now = Utc::now();
+        let starts = now + chrono::Duration::seconds(10);
+        c.apply_auction(Auction { starts_at: starts, ..ending(1, now + chrono::Duration::seconds(60)) });
+        let renders = std::cell::Cell::new(0);
+        let render = |a: &Auction, at: DateTime<Utc>| {
+            renders.set(renders.get() + 1);
+            View {
+                body: Bytes::from(format!("{:?}", a.status_at(at))),
+                etag: HeaderValue::from_static("\"1\""),
+                fresh_until: a.status_turns_at(at),
+            }
+        };
+        assert_eq!(c.auction_view(1, now, render).unwrap().body, "Scheduled");
+        assert_eq!(c.auction_view(1, now, render).unwrap().body, "Scheduled");
+        assert_eq!(renders.get(), 1, "the second read reused the view");
+        assert_eq!(c.auction_view(1, starts, render).unwrap().body, "Open", "the status turned with the clock");
+        assert_eq!(renders.get(), 2);
+        c.apply_bid(&BidState { auction_id: 1, ..bid(2, 150) });
+        c.auction_view(1, starts, render);
+        assert_eq!(renders.get(), 3, "a bid invalidates the view");
+        c.set_live(false);
+        assert!(c.auction_view(1, starts, render).is_none(), "never from a cache that is not live");
     }
 }

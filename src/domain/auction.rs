@@ -67,6 +67,16 @@ impl Auction {
         }
     }
 
+    /// When [`Auction::status_at`] will next differ from what it is at `now`
+    /// without the auction changing; `DateTime::MAX_UTC` once closed.
+    pub fn status_turns_at(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self.status_at(now) {
+            Status::Scheduled => self.starts_at,
+            Status::Open => self.ends_at,
+            Status::Closed => DateTime::<Utc>::MAX_UTC,
+        }
+    }
+
     /// The least a bid must offer: the reserve before the first bid, else the high
     /// bid plus the increment.
     pub fn min_next_bid(&self) -> i64 {

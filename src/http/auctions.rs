@@ -13,8 +13,9 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
-use super::extract::{Id, Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller};
+use super::extract::{Id, IfNoneMatch, Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller};
 use super::respond;
+use crate::cache::View;
 use crate::core::Core;
 use crate::db;
 use crate::db::bids::BidRecord;
@@ -79,6 +80,12 @@ impl<'a> AuctionView<'a> {
 
 fn auction_response(status: StatusCode, a: &Auction, now: DateTime<Utc>) -> Response {
     respond::with_etag(respond::json(status, &AuctionView::of(a, now)), a.version)
+}
+
+/// An auction's read response, as the cache keeps it: right until the auction
+/// changes or its shown status turns.
+fn auction_view(a: &Auction, now: DateTime<Utc>) -> View {
+    respond::view(&AuctionView::of(a, now), a.version, a.status_turns_at(now))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -148,26 +155,36 @@ pub(crate) struct ReadQuery {
 /// `?consistent=true`, on a miss, or while the cache is recovering.
 #[utoipa::path(
     get, path = "/api/auctions/{id}", tag = "auctions",
-    params(Id, ReadQuery),
+    params(Id, ReadQuery, IfNoneMatch),
     responses(
         (status = 200, description = "The auction", body = AuctionView, headers(
             ("ETag" = String, description = "The auction's version"),
+            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use"),
+        )),
+        (status = 304, description = "The auction is still the version `If-None-Match` names", headers(
+            ("ETag" = String, description = "The auction's version"),
+            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use"),
         )),
         QueryProblems, ServerProblems,
         (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
     )
 )]
-async fn get_auction(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<ReadQuery>) -> Result<Response> {
+async fn get_auction(
+    State(core): State<Arc<Core>>,
+    Id(id): Id,
+    Params(q): Params<ReadQuery>,
+    IfNoneMatch(tags): IfNoneMatch,
+) -> Result<Response> {
     let now = Utc::now();
     if !q.consistent
-        && let Some(response) = core.caches.with_live_auction(id, |a| auction_response(StatusCode::OK, a, now))
+        && let Some(view) = core.caches.auction_view(id, now, auction_view)
     {
-        return Ok(response);
+        return Ok(respond::cached(view, tags.as_ref()));
     }
     let auction = db::auctions::get(&core.pool, id).await?.ok_or(Error::NotFound("no such auction"))?;
-    let response = auction_response(StatusCode::OK, &auction, now);
+    let view = auction_view(&auction, now);
     core.caches.apply_auction(auction);
-    Ok(response)
+    Ok(respond::cached(view, tags.as_ref()))
 }
 
 #[derive(Deserialize, IntoParams)]

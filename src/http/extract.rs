@@ -297,6 +297,33 @@ impl IntoParams for IdempotencyKey {
     }
 }
 
+/// The `If-None-Match` header, if sent: a read whose ETag it names is answered
+/// 304 (see [`super::respond::cached`]).
+pub struct IfNoneMatch(pub Option<header::HeaderValue>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(IfNoneMatch(parts.headers.get(header::IF_NONE_MATCH).cloned()))
+    }
+}
+
+impl IntoParams for IfNoneMatch {
+    fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let description = "ETags the client holds: when one is the current version's, the answer is 304 with no body";
+        vec![
+            ParameterBuilder::new()
+                .name("If-None-Match")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(description))
+                .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+                .build(),
+        ]
+    }
+}
+
 /// A sku from the path. One that cannot even be decoded (not UTF-8) is a 422
 /// naming the field, like any other invalid sku — never axum's plain-text 400.
 pub struct SkuPath(pub String);

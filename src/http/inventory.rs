@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -13,8 +14,9 @@ use utoipa_axum::routes;
 
 use super::auctions::{Page, ReadQuery, page_limit};
 use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
-use super::extract::{Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller, SkuPath};
+use super::extract::{IfNoneMatch, Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller, SkuPath};
 use super::respond;
+use crate::cache::View;
 use crate::core::Core;
 use crate::db::{self, inventory::Item, inventory::Restocked};
 use crate::domain::FieldError;
@@ -51,6 +53,11 @@ impl<'a> From<&'a Item> for ItemView<'a> {
 
 fn item_response(status: StatusCode, item: &Item) -> Response {
     respond::with_etag(respond::json(status, &ItemView::from(item)), item.version)
+}
+
+/// A sku's read response, as the cache keeps it: right until the stock changes.
+fn item_view(item: &Item, _: DateTime<Utc>) -> View {
+    respond::view(&ItemView::from(item), item.version, DateTime::<Utc>::MAX_UTC)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -105,10 +112,15 @@ async fn put_item(
 /// `?consistent=true`, on a miss, or while the cache is recovering.
 #[utoipa::path(
     get, path = "/api/inventory/{sku}", tag = "inventory",
-    params(("sku" = String, Path, description = "The sku"), ReadQuery),
+    params(("sku" = String, Path, description = "The sku"), ReadQuery, IfNoneMatch),
     responses(
         (status = 200, description = "The item", body = ItemView, headers(
             ("ETag" = String, description = "The item's version"),
+            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use"),
+        )),
+        (status = 304, description = "The item is still the version `If-None-Match` names", headers(
+            ("ETag" = String, description = "The item's version"),
+            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use"),
         )),
         QueryProblems, ServerProblems,
         (status = 404, description = "No such sku", body = Problem, content_type = PROBLEM_JSON),
@@ -120,19 +132,21 @@ async fn get_item(
     State(core): State<Arc<Core>>,
     SkuPath(sku): SkuPath,
     Params(q): Params<ReadQuery>,
+    IfNoneMatch(tags): IfNoneMatch,
 ) -> Result<Response> {
+    let now = Utc::now();
     if !q.consistent
-        && let Some(response) = core.caches.with_live_item(&sku, |i| item_response(StatusCode::OK, i))
+        && let Some(view) = core.caches.item_view(&sku, now, item_view)
     {
-        return Ok(response);
+        return Ok(respond::cached(view, tags.as_ref()));
     }
     if !valid_sku(&sku) {
         return Err(Error::NotFound("no such sku"));
     }
     let item = db::inventory::get(&core.pool, &sku).await?.ok_or(Error::NotFound("no such sku"))?;
-    let response = item_response(StatusCode::OK, &item);
+    let view = item_view(&item, now);
     core.caches.apply_item(item);
-    Ok(response)
+    Ok(respond::cached(view, tags.as_ref()))
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod extract;
 pub mod openapi;
+pub mod per_request;
 pub mod request_id;
 pub mod respond;
 
@@ -17,7 +18,6 @@ mod orders;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::middleware::from_fn_with_state;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
@@ -31,7 +31,7 @@ pub fn router(core: Arc<Core>) -> Router {
     api.merge(openapi::router(&document))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(from_fn_with_state(core.clone(), request_id::middleware))
+        .layer(per_request::PerRequestLayer { timeout: core.limits.request_timeout })
         .with_state(core)
 }
 

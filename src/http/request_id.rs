@@ -1,20 +1,15 @@
 //! Request ids: taken from `x-request-id` when the client sends a sane one, else
 //! made up per core; echoed on every response and quoted in every problem body.
 //!
-//! The id lives in a task-local for the request's duration, so error rendering deep
-//! in an extractor can quote it without threading it through every signature.
+//! The id lives in a task-local for the request's duration (see [`scope`]), so
+//! error rendering deep in an extractor can quote it without threading it through
+//! every signature.
 
 use std::cell::Cell;
-use std::sync::Arc;
+use std::future::Future;
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderValue;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-
-use super::error::Error;
-use crate::core::Core;
-use crate::metrics;
+use axum::http::{HeaderMap, HeaderValue};
+use tokio::task::futures::TaskLocalFuture;
 
 pub const HEADER: &str = "x-request-id";
 /// Longest client-supplied id echoed back; longer ones are replaced.
@@ -37,14 +32,38 @@ pub fn init_core(core: usize) {
     NEXT.with(|n| n.set((boot << 8 | (core as u32 & 0xff), 0)));
 }
 
+/// Writes `n` in lower-case hex, without leading zeros unless `width` asks for
+/// them, at the start of `out`; returns how many bytes it wrote.
+fn hex(mut n: u64, width: usize, out: &mut [u8]) -> usize {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut tmp = [0u8; 16];
+    let mut len = 0;
+    while n > 0 || len < width.max(1) {
+        tmp[len] = DIGITS[(n & 0xf) as usize];
+        n >>= 4;
+        len += 1;
+    }
+    for (o, t) in out.iter_mut().zip(tmp[..len].iter().rev()) {
+        *o = *t;
+    }
+    len
+}
+
+/// `<8 hex digits: boot and core>-<hex counter>`. Written by hand: `format!`
+/// was among the read path's visible costs (perf, `loadtest/compare` reads).
 fn generate() -> HeaderValue {
     let (prefix, n) = NEXT.with(|c| {
         let (prefix, n) = c.get();
         c.set((prefix, n.wrapping_add(1)));
         (prefix, n)
     });
-    // Hex digits only, so the value is always a valid header.
-    HeaderValue::try_from(format!("{prefix:08x}-{n:x}")).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    let mut buf = [0u8; 8 + 1 + 16];
+    let mut len = hex(u64::from(prefix), 8, &mut buf);
+    buf[len] = b'-';
+    len += 1;
+    len += hex(n, 1, &mut buf[len..]);
+    // Hex digits and a dash only, so the value is always a valid header.
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 fn acceptable(value: &HeaderValue) -> bool {
@@ -52,36 +71,27 @@ fn acceptable(value: &HeaderValue) -> bool {
     !bytes.is_empty() && bytes.len() <= MAX_LEN && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
+/// The request's id: the client's, when it sent a sane one, else a new one.
+pub fn of(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(HEADER) {
+        Some(v) if acceptable(v) => v.clone(),
+        _ => generate(),
+    }
+}
+
+/// Runs `f` with `id` as the current request's id.
+pub fn scope<F: Future>(id: HeaderValue, f: F) -> TaskLocalFuture<HeaderValue, F> {
+    CURRENT.scope(id, f)
+}
+
+/// Runs `f` with `id` as the current request's id, outside any future.
+pub fn sync_scope<R>(id: HeaderValue, f: impl FnOnce() -> R) -> R {
+    CURRENT.sync_scope(id, f)
+}
+
 /// The current request's id ("" outside a request).
 pub fn current() -> String {
     CURRENT.try_with(|v| v.to_str().unwrap_or_default().to_owned()).unwrap_or_default()
-}
-
-/// Sets the request id, bounds the request's time, echoes the id, and records
-/// the request's metrics.
-pub async fn middleware(State(core): State<Arc<Core>>, request: Request, next: Next) -> Response {
-    let started = std::time::Instant::now();
-    let method = metrics::method_label(request.method());
-    // The matched route template (fixed by the router), never the raw path.
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    metrics::request_started();
-    let id = match request.headers().get(HEADER) {
-        Some(v) if acceptable(v) => v.clone(),
-        _ => generate(),
-    };
-    let timeout = core.limits.request_timeout;
-    let mut response = CURRENT
-        .scope(id.clone(), async move {
-            match tokio::time::timeout(timeout, next.run(request)).await {
-                Ok(response) => response,
-                Err(_) => Error::Timeout.into_response(),
-            }
-        })
-        .await;
-    response.headers_mut().insert(HEADER, id);
-    let route = route.as_ref().map_or("unmatched", |r| r.as_str());
-    metrics::request_finished(route, method, response.status().as_u16(), started.elapsed());
-    response
 }
 
 #[cfg(test)]
@@ -104,10 +114,28 @@ mod tests {
     }
 
     #[test]
+    fn hex_matches_the_formatter() {
+        for (n, width) in [(0u64, 1), (0, 8), (0xabc, 8), (0x1234_5678, 8), (u64::MAX, 1), (255, 1)] {
+            let mut buf = [0u8; 16];
+            let len = hex(n, width, &mut buf);
+            assert_eq!(std::str::from_utf8(&buf[..len]).unwrap(), format!("{n:0width$x}"));
+        }
+    }
+
+    #[test]
     fn unreasonable_client_ids_are_not_echoed() {
         assert!(acceptable(&HeaderValue::from_static("abc-123")));
         assert!(!acceptable(&HeaderValue::from_static("")));
         assert!(!acceptable(&HeaderValue::from_static("has space")));
         assert!(!acceptable(&HeaderValue::try_from("x".repeat(MAX_LEN + 1)).unwrap()));
+    }
+
+    #[test]
+    fn a_sane_client_id_is_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER, HeaderValue::from_static("client-7"));
+        assert_eq!(of(&headers), "client-7");
+        headers.insert(HEADER, HeaderValue::from_static("has space"));
+        assert_ne!(of(&headers), "has space");
     }
 }

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::auth::Keys;
-use crate::cache::{self, Caches};
+use crate::cache::{self, CacheLimits, Caches};
 use crate::config::Serve;
 use crate::core::{Core, Health, Limits};
 use crate::db;
@@ -78,7 +78,8 @@ async fn core_main(start: Start) {
         }
     };
 
-    let caches = Arc::new(Caches::new());
+    let caches =
+        Arc::new(Caches::new(CacheLimits { capacity: config.cache_capacity, closed_grace: config.cache_closed_grace }));
     let bids = Batcher::spawn(
         pool.clone(),
         Bids::new(Announcer::spawn(pool.clone())),
@@ -116,6 +117,7 @@ async fn core_main(start: Start) {
         hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });
     let gauges = Arc::new(CoreGauges::new(index));
+    let sweep_task = tokio::spawn(cache::sweep(caches.clone(), gauges.clone(), shutdown.clone()));
     let listen_task =
         tokio::spawn(cache::listener::run(index, caches, database, pool.clone(), gauges.clone(), shutdown.clone()));
     let pool_task = tokio::spawn(sample_pool(pool.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
@@ -128,6 +130,7 @@ async fn core_main(start: Start) {
     serve(listener, http::router(core), &config, shutdown).await;
 
     let _ = listen_task.await;
+    let _ = sweep_task.await;
     let _ = pool_task.await;
     if let Some(task) = lifecycle_task {
         let _ = task.await;

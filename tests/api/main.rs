@@ -4,6 +4,7 @@
 mod accounts;
 mod batches;
 mod bids;
+mod caching;
 mod coherence;
 mod concurrency;
 mod dashboard;

@@ -126,6 +126,8 @@ async fn the_metric_families_have_the_right_types_and_labels() {
         ("gavel_cache_notify_lag_seconds", "histogram", &["core"]),
         ("gavel_cache_listener_reconnects_total", "counter", &["core"]),
         ("gavel_cache_live", "gauge", &["core"]),
+        ("gavel_cache_entries", "gauge", &["cache", "core"]),
+        ("gavel_cache_evictions_total", "counter", &["cache", "core", "reason"]),
         ("process_cpu_seconds_total", "counter", &[]),
         ("process_resident_memory_bytes", "gauge", &[]),
         ("process_open_fds", "gauge", &[]),
