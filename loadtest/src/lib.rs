@@ -10,15 +10,18 @@
 //! ```text
 //! gavel-loadtest seed --target URL [--auctions N] [--skus N] [--bidders N]
 //! gavel-loadtest run SCENARIO --target URL [--duration 10s] [--connections C] [--rate R] [--json]
+//!                   [--server-pid PID | --metrics-url URL]
 //! ```
 //!
 //! Every run stops by itself after `--duration` or `--requests`, and sends only to
-//! the target it is given.
+//! the target it is given. Each second of a run is one row of the report's `series`;
+//! on a terminal, each is printed on stderr as it completes.
 //!
 //! # Layout
 //! - [`http`]: the lean HTTP/1.1 client.
 //! - [`engine`]: threads, connections, the closed and open loops.
 //! - [`scenario`]: what each connection sends.
+//! - [`series`]: the per-second series, progress lines and the server's memory.
 //! - [`setup`]: accounts, tokens, seeding, finding the open auctions.
 //! - [`stats`]: histograms, counts and the report.
 //! - [`ticker`]: the open loop's precise per-thread timer.
@@ -26,6 +29,7 @@
 pub mod engine;
 pub mod http;
 pub mod scenario;
+pub mod series;
 pub mod setup;
 pub mod stats;
 pub mod ticker;
@@ -39,6 +43,7 @@ use tokio::task::LocalSet;
 
 use crate::http::Target;
 use crate::scenario::{Lot, Mix, Scenario, Workload};
+use crate::series::Rss;
 use crate::stats::{Kind, Report, Shape};
 
 #[derive(Debug, Parser)]
@@ -129,6 +134,16 @@ pub struct RunArgs {
     /// Print the report as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The server's process, on this machine: its resident memory (`VmRSS` of
+    /// /proc/PID/status) goes into each second of the series. Exact and cheap;
+    /// preferred over --metrics-url where the PID is known.
+    #[arg(long, conflicts_with = "metrics_url")]
+    pub server_pid: Option<u32>,
+    /// A Prometheus endpoint of the server, e.g. gavel's admin
+    /// http://127.0.0.1:9100/metrics: its `process_resident_memory_bytes` goes into
+    /// each second of the series. For a server whose PID is not at hand.
+    #[arg(long, value_parser = Rss::metrics)]
+    pub metrics_url: Option<Rss>,
 }
 
 fn parse_id_range(s: &str) -> Result<(i64, i64), String> {
@@ -189,6 +204,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         timeout: args.timeout,
         pin: !args.no_pin,
         seed: rand::random(),
+        rss: args.server_pid.map(Rss::Pid).or_else(|| args.metrics_url.clone()),
+        progress: series::stderr_is_terminal(),
     };
     let outcome = engine::run(&plan, Arc::new(work))?;
     let shape = Shape {
@@ -197,7 +214,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         connections: args.connections,
         threads: outcome.threads,
     };
-    Ok(Report::new(shape, &outcome.recorder, outcome.elapsed))
+    let mut report = Report::new(shape, &outcome.recorder, outcome.elapsed);
+    if let Some(kept) = outcome.schedule.filter(|k| k.behind) {
+        eprintln!("gavel-loadtest: warning: {}", kept.warning());
+    }
+    report.schedule = outcome.schedule;
+    report.rss_source = plan.rss.as_ref().map(Rss::name);
+    report.series = outcome.series;
+    Ok(report)
 }
 
 /// Finds what the scenario's requests refer to, before the clock starts.
@@ -272,5 +296,10 @@ mod tests {
         assert!(parse(&["run", "auction-read", "--target", "t", "--duration", "soon"]).is_err());
         assert!(parse(&["run", "mixed", "--target", "t", "--mix", "bid"]).is_err());
         assert!(parse(&["run", "auction-read", "--target", "t", "--connections", "-1"]).is_err());
+        let url = "http://127.0.0.1:9100/metrics";
+        assert!(parse(&["run", "mixed", "--target", "t", "--server-pid", "42"]).is_ok());
+        assert!(parse(&["run", "mixed", "--target", "t", "--metrics-url", url]).is_ok());
+        assert!(parse(&["run", "mixed", "--target", "t", "--metrics-url", "127.0.0.1:9100"]).is_err());
+        assert!(parse(&["run", "mixed", "--target", "t", "--server-pid", "42", "--metrics-url", url]).is_err());
     }
 }
