@@ -42,7 +42,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::task::LocalSet;
 
 use crate::http::Target;
-use crate::scenario::{Lot, Mix, Scenario, Workload};
+use crate::scenario::{Churn, Lot, Mix, Scenario, Workload};
 use crate::series::Rss;
 use crate::stats::{Kind, Report, Shape};
 
@@ -124,6 +124,13 @@ pub struct RunArgs {
     /// Weights of the mixed scenario.
     #[arg(long, default_value = "auction-read=75,bid=15,inventory-read=7,order=3")]
     pub mix: Mix,
+    /// Churn: how long before it opens an auction is created.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub churn_lead: Duration,
+    /// Churn: how long an auction stays open. 5 s at --rate 40 keeps some 200 of
+    /// them open at a time, and opens and closes 24,000 in 10 minutes.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub churn_lifetime: Duration,
     /// The server's token secret: with it, bidder tokens are minted here; without it,
     /// the bidders log in through the API.
     #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
@@ -257,16 +264,22 @@ async fn prepare(args: &RunArgs, target: &Target, kinds: &[(Kind, u32)]) -> anyh
             );
         }
     }
+    let keys = args.secret.as_deref().map(setup::Minter::new);
+    // Tokens outlive the run by an hour whatever the server's session lifetime.
+    let ttl = args.duration + Duration::from_secs(3600);
     let mut tokens = Vec::new();
     if bids || uses(Kind::Order) {
         anyhow::ensure!(args.bidders > 0, "--bidders must be at least 1");
-        let keys = args.secret.as_deref().map(setup::Minter::new);
-        // Tokens outlive the run by an hour whatever the server's session lifetime.
-        let ttl = args.duration + Duration::from_secs(3600);
         tokens =
             setup::bidders(&mut api, args.bidders, keys.as_ref(), ttl).await?.into_iter().map(|a| a.token).collect();
     }
-    Ok(Workload::new(kinds.to_vec(), lots, args.hot_auctions, args.skus, tokens))
+    let work = Workload::new(kinds.to_vec(), lots, args.hot_auctions, args.skus, tokens);
+    if !uses(Kind::CreateAuction) {
+        return Ok(work);
+    }
+    anyhow::ensure!(!args.churn_lifetime.is_zero(), "--churn-lifetime must be above zero");
+    let seller = setup::account(&mut api, &setup::seller_email(), setup::Role::Seller, keys.as_ref(), ttl).await?;
+    Ok(work.with_churn(Churn { seller: seller.token, lead: args.churn_lead, lifetime: args.churn_lifetime }))
 }
 
 /// Runs set-up work on a current-thread runtime inside a `LocalSet`.
@@ -298,6 +311,8 @@ mod tests {
         assert!(parse(&["run", "auction-read", "--target", "t", "--connections", "-1"]).is_err());
         let url = "http://127.0.0.1:9100/metrics";
         assert!(parse(&["run", "mixed", "--target", "t", "--server-pid", "42"]).is_ok());
+        assert!(parse(&["run", "churn", "--target", "t", "--rate", "40", "--churn-lifetime", "5s"]).is_ok());
+        assert!(parse(&["run", "churn", "--target", "t", "--churn-lead", "soon"]).is_err());
         assert!(parse(&["run", "mixed", "--target", "t", "--metrics-url", url]).is_ok());
         assert!(parse(&["run", "mixed", "--target", "t", "--metrics-url", "127.0.0.1:9100"]).is_err());
         assert!(parse(&["run", "mixed", "--target", "t", "--server-pid", "42", "--metrics-url", url]).is_err());

@@ -19,10 +19,11 @@ pub enum Kind {
     Bid,
     InventoryRead,
     Order,
+    CreateAuction,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::AuctionRead, Kind::Bid, Kind::InventoryRead, Kind::Order];
+    pub const ALL: [Kind; 5] = [Kind::AuctionRead, Kind::Bid, Kind::InventoryRead, Kind::Order, Kind::CreateAuction];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -30,6 +31,7 @@ impl Kind {
             Kind::Bid => "bid",
             Kind::InventoryRead => "inventory-read",
             Kind::Order => "order",
+            Kind::CreateAuction => "create-auction",
         }
     }
 }
@@ -65,7 +67,7 @@ impl Errors {
 /// One thread's measurements; merged into one at the end of a run.
 #[derive(Debug, Default, Clone)]
 pub struct Recorder {
-    kinds: [Option<KindStats>; 4],
+    kinds: [Option<KindStats>; Kind::ALL.len()],
     pub errors: Errors,
 }
 
