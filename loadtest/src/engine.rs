@@ -13,19 +13,27 @@
 //! counted in every request it delayed — coordinated omission cannot hide it. If the
 //! due time is ahead, the connection sleeps until then and latency runs from the
 //! actual send: tokio's timer fires up to a millisecond late, and that lateness is the
-//! generator's, not the server's.
+//! generator's, not the server's. An open-loop run that could not keep to its
+//! schedule says so ([`Schedule`]): its latencies are then those of a lower rate.
+//!
+//! Each thread counts every response and error in the second it completed in, and
+//! sends each second to the thread that started the run once it is over; that
+//! thread makes the per-second series of [`crate::series`]. Responses that come
+//! after the run's duration count in its last second, as they count in its totals.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::{Arc, Barrier, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use serde::Serialize;
 use tokio::task::LocalSet;
 
-use crate::http::{Conn, Target};
+use crate::http::{Conn, Fault, Target};
 use crate::scenario::{Generator, Workload};
-use crate::stats::Recorder;
+use crate::series::{self, Part, Reporter, Rss, Second};
+use crate::stats::{Kind, Recorder};
 use crate::ticker::Ticker;
 
 /// How hard and how long to drive the target.
@@ -46,6 +54,10 @@ pub struct Plan {
     pub pin: bool,
     /// Seed of the connections' random numbers.
     pub seed: u64,
+    /// Where to read the server's resident memory for the series, if anywhere.
+    pub rss: Option<Rss>,
+    /// Print each second of the series on stderr as it completes.
+    pub progress: bool,
 }
 
 /// What a run measured, and over how long.
@@ -55,6 +67,63 @@ pub struct Outcome {
     pub elapsed: Duration,
     /// Threads actually used: never more than connections.
     pub threads: usize,
+    /// One row per second of the run's duration.
+    pub series: Vec<Second>,
+    /// Open loop only: how well the run kept to its schedule.
+    pub schedule: Option<Schedule>,
+}
+
+/// A request sent more than this long after it was due counts as late: the timer
+/// wakes within tens of microseconds on an idle machine.
+pub const LATE: Duration = Duration::from_millis(1);
+
+/// Share of the scheduled requests that may be sent after the run's end, or late,
+/// before an open-loop run counts as behind its rate.
+pub const BEHIND_TOLERANCE: f64 = 0.01;
+
+/// How well an open-loop run kept to its schedule.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+pub struct Schedule {
+    /// Requests due within the run's duration.
+    pub scheduled: u64,
+    /// Of them, sent before the duration was over.
+    pub sent_in_time: u64,
+    /// Sent more than [`LATE`] after they were due: every connection was busy
+    /// (the server was slow) or the generator's thread woke late (it was starved).
+    pub late: u64,
+    /// The longest any request was sent after it was due, in microseconds.
+    pub max_lag_us: f64,
+    /// More than [`BEHIND_TOLERANCE`] of the scheduled requests were sent after the
+    /// run's end or late: the rate was not held, and the latencies are those of
+    /// whatever rate was.
+    pub behind: bool,
+}
+
+impl Schedule {
+    fn add(&mut self, other: &Schedule) {
+        self.scheduled += other.scheduled;
+        self.sent_in_time += other.sent_in_time;
+        self.late += other.late;
+        self.max_lag_us = self.max_lag_us.max(other.max_lag_us);
+        self.behind = self.fell_behind();
+    }
+
+    fn fell_behind(&self) -> bool {
+        let tolerance = (self.scheduled as f64 * BEHIND_TOLERANCE).ceil() as u64;
+        self.scheduled.saturating_sub(self.sent_in_time) > tolerance || self.late > tolerance
+    }
+
+    /// The warning a run that fell behind prints.
+    pub fn warning(&self) -> String {
+        format!(
+            "the run fell behind its rate: {} of {} scheduled requests sent within the run, {} sent more than {} ms late (up to {:.1} ms); add connections, or lower the rate",
+            self.sent_in_time,
+            self.scheduled,
+            self.late,
+            LATE.as_millis(),
+            self.max_lag_us / 1000.0
+        )
+    }
 }
 
 /// Runs `plan`, drawing requests from `work`; returns when every thread is done.
@@ -64,6 +133,7 @@ pub fn run(plan: &Plan, work: Arc<Workload>) -> anyhow::Result<Outcome> {
     let threads = plan.threads.clamp(1, plan.connections);
     let cores = if plan.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
     let barrier = Arc::new(Barrier::new(threads));
+    let (tx, rx) = mpsc::channel();
     let start = Arc::new(OnceLock::new());
     let mut handles = Vec::with_capacity(threads);
     let mut first_conn = 0;
@@ -85,6 +155,7 @@ pub fn run(plan: &Plan, work: Arc<Workload>) -> anyhow::Result<Outcome> {
         let barrier = Arc::clone(&barrier);
         let start = Arc::clone(&start);
         let core = if cores.is_empty() { None } else { Some(cores[t % cores.len()]) };
+        let reporter = Reporter::new(t, tx.clone());
         let handle = std::thread::Builder::new()
             .name(format!("loadtest-{t}"))
             .spawn(move || {
@@ -92,19 +163,27 @@ pub fn run(plan: &Plan, work: Arc<Workload>) -> anyhow::Result<Outcome> {
                     core_affinity::set_for_current(core);
                 }
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-                LocalSet::new().block_on(&rt, drive_thread(plan, share_of_plan, work, barrier, start))
+                let part = drive_thread(plan, share_of_plan, work, barrier, start, reporter);
+                LocalSet::new().block_on(&rt, part)
             })
             .context("cannot start a load thread")?;
         handles.push(handle);
     }
+    // The series ends when every thread has dropped its sender: this one goes first.
+    drop(tx);
+    let series = series::gather(&rx, threads, plan.rss.as_ref(), plan.progress);
     let mut recorder = Recorder::default();
     let mut elapsed = Duration::ZERO;
+    let mut schedule = plan.rate.map(|_| Schedule::default());
     let mut failure = None;
     for handle in handles {
         match handle.join() {
-            Ok(Ok((r, e))) => {
-                recorder.merge(r);
-                elapsed = elapsed.max(e);
+            Ok(Ok(done)) => {
+                recorder.merge(done.recorder);
+                elapsed = elapsed.max(done.elapsed);
+                if let (Some(all), Some(part)) = (schedule.as_mut(), done.schedule) {
+                    all.add(&part);
+                }
             }
             Ok(Err(e)) => failure = Some(e),
             Err(_) => failure = Some(anyhow::anyhow!("a load thread panicked")),
@@ -112,8 +191,15 @@ pub fn run(plan: &Plan, work: Arc<Workload>) -> anyhow::Result<Outcome> {
     }
     match failure {
         Some(e) => Err(e),
-        None => Ok(Outcome { recorder, elapsed, threads }),
+        None => Ok(Outcome { recorder, elapsed, threads, series, schedule }),
     }
+}
+
+/// What one thread measured.
+struct ThreadDone {
+    recorder: Recorder,
+    elapsed: Duration,
+    schedule: Option<Schedule>,
 }
 
 /// Thread `t`'s part of `total` split over `threads`, the remainder to the first.
@@ -141,6 +227,12 @@ struct Shared {
     /// Open loop only: the schedule and the timer that waits for it.
     pacer: Option<(Pacer, Rc<Ticker>)>,
     recorder: RefCell<Recorder>,
+    /// The series: the second being counted (from 1) and its measurements so far.
+    second: RefCell<(u64, Part)>,
+    start: Instant,
+    /// The run's last second: `deadline` rounded up.
+    last_second: u64,
+    reporter: Reporter,
     /// When the last response came in: see [`measured`].
     last_response: Cell<Option<Instant>>,
 }
@@ -157,24 +249,82 @@ impl Shared {
             Some(_) => false,
         }
     }
+
+    fn record(&self, kind: Kind, status: u16, latency: Duration, at: Instant) {
+        self.recorder.borrow_mut().record(kind, status, latency);
+        self.part_at(at).1.record(status, latency);
+    }
+
+    fn fault(&self, fault: &Fault) {
+        self.recorder.borrow_mut().fault(fault);
+        self.part_at(Instant::now()).1.errors += 1;
+    }
+
+    fn refused(&self) {
+        self.recorder.borrow_mut().errors.connect += 1;
+        self.part_at(Instant::now()).1.errors += 1;
+    }
+
+    /// The second `at` falls in (from 1), the run's last for anything after it.
+    fn second_of(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.start).as_secs() + 1).min(self.last_second)
+    }
+
+    /// The series' part for the second `at` falls in, once every earlier second is
+    /// sent. Times only move forward on one thread, so no second is sent twice.
+    fn part_at(&self, at: Instant) -> std::cell::RefMut<'_, (u64, Part)> {
+        self.send_seconds_before(self.second_of(at));
+        self.second.borrow_mut()
+    }
+
+    /// Sends each second before `second` not sent yet, empty ones too: they tell the
+    /// gatherer this thread is past them.
+    fn send_seconds_before(&self, second: u64) {
+        let mut current = self.second.borrow_mut();
+        while current.0 < second {
+            let part = std::mem::take(&mut current.1);
+            self.reporter.send(current.0, part);
+            current.0 += 1;
+        }
+    }
 }
 
 /// The open-loop schedule of one thread: request `k` is due at `start + (k + phase) ×
-/// interval`, and no request is due at or after `end`.
+/// interval`, and no request is due at or after `end`. It also keeps count of how
+/// well the sends kept to it.
 struct Pacer {
     start: Instant,
     interval_ns: f64,
     phase: f64,
     next: Cell<u64>,
     end: Instant,
+    kept: Cell<Schedule>,
 }
 
 impl Pacer {
+    fn new(start: Instant, rate: f64, phase: f64, end: Instant) -> Pacer {
+        Pacer { start, interval_ns: 1e9 / rate, phase, next: Cell::new(0), end, kept: Cell::default() }
+    }
+
     fn claim(&self) -> Option<Instant> {
         let k = self.next.get();
-        self.next.set(k + 1);
         let due = self.start + Duration::from_nanos(((k as f64 + self.phase) * self.interval_ns) as u64);
-        (due < self.end).then_some(due)
+        if due >= self.end {
+            return None;
+        }
+        self.next.set(k + 1);
+        Some(due)
+    }
+
+    /// Counts the request due at `due` as sent at `at`.
+    fn sent(&self, due: Instant, at: Instant) {
+        let mut kept = self.kept.get();
+        let lag = at.saturating_duration_since(due);
+        kept.scheduled += 1;
+        kept.sent_in_time += u64::from(at < self.end);
+        kept.late += u64::from(lag > LATE);
+        kept.max_lag_us = kept.max_lag_us.max(lag.as_secs_f64() * 1e6);
+        self.kept.set(kept);
     }
 }
 
@@ -184,7 +334,8 @@ async fn drive_thread(
     work: Arc<Workload>,
     barrier: Arc<Barrier>,
     start: Arc<OnceLock<Instant>>,
-) -> anyhow::Result<(Recorder, Duration)> {
+    reporter: Reporter,
+) -> anyhow::Result<ThreadDone> {
     // Connect before the clock starts: a run measures requests, not handshakes.
     let mut conns = Vec::with_capacity(part.conns);
     let mut refused = None;
@@ -206,14 +357,7 @@ async fn drive_thread(
     let pacer = match part.rate {
         Some(rate) => {
             let ticker = Ticker::new().context("cannot create the open loop's timer")?;
-            let schedule = Pacer {
-                start,
-                interval_ns: 1e9 / rate,
-                phase: part.phase,
-                next: Cell::new(0),
-                end: start + plan.duration,
-            };
-            Some((schedule, ticker))
+            Some((Pacer::new(start, rate, part.phase, start + plan.duration), ticker))
         }
         None => None,
     };
@@ -225,8 +369,13 @@ async fn drive_thread(
         budget: part.budget.map(Cell::new),
         pacer,
         recorder: RefCell::new(Recorder::default()),
+        second: RefCell::new((1, Part::default())),
+        start,
+        last_second: plan.duration.as_secs_f64().ceil().max(1.0) as u64,
+        reporter,
         last_response: Cell::new(None),
     });
+    let seconds = tokio::task::spawn_local(report_seconds(Rc::clone(&shared)));
     let mut tasks = Vec::with_capacity(conns.len());
     for (i, conn) in conns.into_iter().enumerate() {
         let generator = work.generator(part.first_conn + i, plan.seed ^ part.index as u64);
@@ -238,9 +387,23 @@ async fn drive_thread(
     if let Some(driver) = driver {
         driver.abort();
     }
+    seconds.abort();
+    // The second the thread ended in: the last one, or the one a request budget
+    // ran out in.
+    shared.send_seconds_before(shared.second_of(Instant::now()) + 1);
     let elapsed = measured(start.elapsed(), plan.duration, shared.last_response.get().map(|t| t - start));
     let recorder = shared.recorder.take();
-    Ok((recorder, elapsed))
+    let schedule = shared.pacer.as_ref().map(|(pacer, _)| pacer.kept.get());
+    Ok(ThreadDone { recorder, elapsed, schedule })
+}
+
+/// Sends each second as it ends, also when nothing came in it (a stalled server);
+/// runs until aborted. The last second is sent when the thread ends.
+async fn report_seconds(shared: Rc<Shared>) {
+    for second in 1u64.. {
+        tokio::time::sleep_until((shared.start + Duration::from_secs(second)).into()).await;
+        shared.send_seconds_before(shared.second_of(Instant::now()));
+    }
 }
 
 /// The length a thread's rate is computed over. A run that ended within its
@@ -262,24 +425,29 @@ async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut generator: Generat
         }
         // When latency starts: the due time if the request is late, else the send.
         let mut late_since = None;
+        let mut due = None;
         if let Some((pacer, ticker)) = &shared.pacer {
-            let Some(due) = pacer.claim() else { break };
-            if due > Instant::now() {
-                ticker.sleep_until(due).await;
+            let Some(at) = pacer.claim() else { break };
+            if at > Instant::now() {
+                ticker.sleep_until(at).await;
             } else {
-                late_since = Some(due);
+                late_since = Some(at);
             }
+            due = Some((pacer, at));
         } else if Instant::now() >= shared.deadline {
             break;
         }
         request.clear();
         let kind = generator.next(&shared.target.authority, &mut request);
         let sent = Instant::now();
+        if let Some((pacer, at)) = due {
+            pacer.sent(at, sent);
+        }
         if conn.is_none() {
             match Conn::connect(shared.target.addr).await {
                 Ok(c) => conn = Some(c),
                 Err(_) => {
-                    shared.recorder.borrow_mut().errors.connect += 1;
+                    shared.refused();
                     // Not a busy loop against a target that is down.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
@@ -292,14 +460,13 @@ async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut generator: Generat
                 let done = Instant::now();
                 shared.last_response.set(Some(done));
                 let latency = done - late_since.unwrap_or(sent);
-                let status = response.status;
-                shared.recorder.borrow_mut().record(kind, status, latency);
+                shared.record(kind, response.status, latency, done);
                 if c.closing() {
                     conn = None;
                 }
             }
             Err(fault) => {
-                shared.recorder.borrow_mut().fault(&fault);
+                shared.fault(&fault);
                 conn = None;
             }
         }
@@ -357,6 +524,8 @@ mod tests {
             timeout: Duration::from_secs(5),
             pin: false,
             seed: 1,
+            rss: None,
+            progress: false,
         }
     }
 
@@ -442,9 +611,64 @@ mod tests {
     #[test]
     fn the_pacer_keeps_a_fixed_schedule_and_stops_at_the_end() {
         let start = Instant::now();
-        let pacer =
-            Pacer { start, interval_ns: 1e6, phase: 0.5, next: Cell::new(0), end: start + Duration::from_millis(3) };
+        let pacer = Pacer::new(start, 1000.0, 0.5, start + Duration::from_millis(3));
         let due: Vec<Duration> = std::iter::from_fn(|| pacer.claim()).map(|t| t - start).collect();
         assert_eq!(due, [500_000, 1_500_000, 2_500_000].map(Duration::from_nanos));
+    }
+
+    #[test]
+    fn sends_after_the_end_or_late_beyond_the_tolerance_mean_the_run_fell_behind() {
+        let start = Instant::now();
+        let end = start + Duration::from_secs(1);
+        let pacer = Pacer::new(start, 1000.0, 0.0, end);
+        // 1000 due; the first 995 go out 100 µs after their time, 5 go out 2 ms late.
+        for k in 0..1000 {
+            let due = pacer.claim().unwrap();
+            let lag = if k < 995 { Duration::from_micros(100) } else { Duration::from_millis(2) };
+            pacer.sent(due, due + lag);
+        }
+        assert_eq!(pacer.claim(), None);
+        let mut kept = Schedule::default();
+        kept.add(&pacer.kept.get());
+        assert_eq!((kept.scheduled, kept.late), (1000, 5));
+        // The last ones, due just before the end, went out after it.
+        assert_eq!(kept.sent_in_time, 998);
+        assert!((kept.max_lag_us - 2000.0).abs() < 1.0, "{}", kept.max_lag_us);
+        assert!(!kept.behind, "5 late and 2 after the end of 1000 is within 1 %");
+
+        let slow = Schedule { scheduled: 1000, sent_in_time: 900, late: 0, max_lag_us: 0.0, behind: false };
+        let mut all = Schedule::default();
+        all.add(&slow);
+        assert!(all.behind, "100 of 1000 sent after the end");
+        let late = Schedule { scheduled: 1000, sent_in_time: 1000, late: 11, max_lag_us: 5000.0, behind: false };
+        let mut all = Schedule::default();
+        all.add(&late);
+        assert!(all.behind, "11 of 1000 late");
+        assert!(all.warning().contains("11 sent more than 1 ms late (up to 5.0 ms)"), "{}", all.warning());
+    }
+
+    #[test]
+    fn open_loop_runs_report_their_schedule_and_a_series_of_seconds() {
+        let mut p = plan(stalling_stub(0, Duration::ZERO), Some(1000.0), None);
+        p.duration = Duration::from_millis(2500);
+        let outcome = run(&p, reads()).unwrap();
+        let kept = outcome.schedule.unwrap();
+        // Whether it fell behind depends on the machine's load: not asserted here.
+        assert!((2400..=2500).contains(&kept.scheduled), "{kept:?}");
+        assert!(kept.sent_in_time + 50 >= kept.scheduled, "{kept:?}");
+        // Two whole seconds and a half one.
+        let seconds: Vec<u64> = outcome.series.iter().map(|s| s.second).collect();
+        assert_eq!(seconds, [1, 2, 3]);
+        let total: u64 = outcome.series.iter().map(|s| s.requests).sum();
+        assert_eq!(
+            total,
+            outcome.recorder.latency_ns(Kind::AuctionRead).unwrap().len(),
+            "every response is in a second"
+        );
+        for s in &outcome.series[..2] {
+            assert!((800..=1200).contains(&s.requests), "{s:?}");
+            assert_eq!((s.errors, s.rss_bytes), (0, None));
+            assert!(s.p99_us.is_some());
+        }
     }
 }

@@ -10,15 +10,18 @@
 //! ```text
 //! gavel-loadtest seed --target URL [--auctions N] [--skus N] [--bidders N]
 //! gavel-loadtest run SCENARIO --target URL [--duration 10s] [--connections C] [--rate R] [--json]
+//!                   [--server-pid PID | --metrics-url URL]
 //! ```
 //!
 //! Every run stops by itself after `--duration` or `--requests`, and sends only to
-//! the target it is given.
+//! the target it is given. Each second of a run is one row of the report's `series`;
+//! on a terminal, each is printed on stderr as it completes.
 //!
 //! # Layout
 //! - [`http`]: the lean HTTP/1.1 client.
 //! - [`engine`]: threads, connections, the closed and open loops.
 //! - [`scenario`]: what each connection sends.
+//! - [`series`]: the per-second series, progress lines and the server's memory.
 //! - [`setup`]: accounts, tokens, seeding, finding the open auctions.
 //! - [`stats`]: histograms, counts and the report.
 //! - [`ticker`]: the open loop's precise per-thread timer.
@@ -26,6 +29,7 @@
 pub mod engine;
 pub mod http;
 pub mod scenario;
+pub mod series;
 pub mod setup;
 pub mod stats;
 pub mod ticker;
@@ -38,7 +42,8 @@ use clap::{Args, Parser, Subcommand};
 use tokio::task::LocalSet;
 
 use crate::http::Target;
-use crate::scenario::{Lot, Mix, Scenario, Workload};
+use crate::scenario::{Churn, Lot, Mix, Scenario, Workload};
+use crate::series::Rss;
 use crate::stats::{Kind, Report, Shape};
 
 #[derive(Debug, Parser)]
@@ -119,6 +124,13 @@ pub struct RunArgs {
     /// Weights of the mixed scenario.
     #[arg(long, default_value = "auction-read=75,bid=15,inventory-read=7,order=3")]
     pub mix: Mix,
+    /// Churn: how long before it opens an auction is created.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub churn_lead: Duration,
+    /// Churn: how long an auction stays open. 5 s at --rate 40 keeps some 200 of
+    /// them open at a time, and opens and closes 24,000 in 10 minutes.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub churn_lifetime: Duration,
     /// The server's token secret: with it, bidder tokens are minted here; without it,
     /// the bidders log in through the API.
     #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
@@ -129,6 +141,16 @@ pub struct RunArgs {
     /// Print the report as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The server's process, on this machine: its resident memory (`VmRSS` of
+    /// /proc/PID/status) goes into each second of the series. Exact and cheap;
+    /// preferred over --metrics-url where the PID is known.
+    #[arg(long, conflicts_with = "metrics_url")]
+    pub server_pid: Option<u32>,
+    /// A Prometheus endpoint of the server, e.g. gavel's admin
+    /// http://127.0.0.1:9100/metrics: its `process_resident_memory_bytes` goes into
+    /// each second of the series. For a server whose PID is not at hand.
+    #[arg(long, value_parser = Rss::metrics)]
+    pub metrics_url: Option<Rss>,
 }
 
 fn parse_id_range(s: &str) -> Result<(i64, i64), String> {
@@ -189,6 +211,8 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         timeout: args.timeout,
         pin: !args.no_pin,
         seed: rand::random(),
+        rss: args.server_pid.map(Rss::Pid).or_else(|| args.metrics_url.clone()),
+        progress: series::stderr_is_terminal(),
     };
     let outcome = engine::run(&plan, Arc::new(work))?;
     let shape = Shape {
@@ -197,7 +221,14 @@ pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
         connections: args.connections,
         threads: outcome.threads,
     };
-    Ok(Report::new(shape, &outcome.recorder, outcome.elapsed))
+    let mut report = Report::new(shape, &outcome.recorder, outcome.elapsed);
+    if let Some(kept) = outcome.schedule.filter(|k| k.behind) {
+        eprintln!("gavel-loadtest: warning: {}", kept.warning());
+    }
+    report.schedule = outcome.schedule;
+    report.rss_source = plan.rss.as_ref().map(Rss::name);
+    report.series = outcome.series;
+    Ok(report)
 }
 
 /// Finds what the scenario's requests refer to, before the clock starts.
@@ -233,16 +264,22 @@ async fn prepare(args: &RunArgs, target: &Target, kinds: &[(Kind, u32)]) -> anyh
             );
         }
     }
+    let keys = args.secret.as_deref().map(setup::Minter::new);
+    // Tokens outlive the run by an hour whatever the server's session lifetime.
+    let ttl = args.duration + Duration::from_secs(3600);
     let mut tokens = Vec::new();
     if bids || uses(Kind::Order) {
         anyhow::ensure!(args.bidders > 0, "--bidders must be at least 1");
-        let keys = args.secret.as_deref().map(setup::Minter::new);
-        // Tokens outlive the run by an hour whatever the server's session lifetime.
-        let ttl = args.duration + Duration::from_secs(3600);
         tokens =
             setup::bidders(&mut api, args.bidders, keys.as_ref(), ttl).await?.into_iter().map(|a| a.token).collect();
     }
-    Ok(Workload::new(kinds.to_vec(), lots, args.hot_auctions, args.skus, tokens))
+    let work = Workload::new(kinds.to_vec(), lots, args.hot_auctions, args.skus, tokens);
+    if !uses(Kind::CreateAuction) {
+        return Ok(work);
+    }
+    anyhow::ensure!(!args.churn_lifetime.is_zero(), "--churn-lifetime must be above zero");
+    let seller = setup::account(&mut api, &setup::seller_email(), setup::Role::Seller, keys.as_ref(), ttl).await?;
+    Ok(work.with_churn(Churn { seller: seller.token, lead: args.churn_lead, lifetime: args.churn_lifetime }))
 }
 
 /// Runs set-up work on a current-thread runtime inside a `LocalSet`.
@@ -272,5 +309,12 @@ mod tests {
         assert!(parse(&["run", "auction-read", "--target", "t", "--duration", "soon"]).is_err());
         assert!(parse(&["run", "mixed", "--target", "t", "--mix", "bid"]).is_err());
         assert!(parse(&["run", "auction-read", "--target", "t", "--connections", "-1"]).is_err());
+        let url = "http://127.0.0.1:9100/metrics";
+        assert!(parse(&["run", "mixed", "--target", "t", "--server-pid", "42"]).is_ok());
+        assert!(parse(&["run", "churn", "--target", "t", "--rate", "40", "--churn-lifetime", "5s"]).is_ok());
+        assert!(parse(&["run", "churn", "--target", "t", "--churn-lead", "soon"]).is_err());
+        assert!(parse(&["run", "mixed", "--target", "t", "--metrics-url", url]).is_ok());
+        assert!(parse(&["run", "mixed", "--target", "t", "--metrics-url", "127.0.0.1:9100"]).is_err());
+        assert!(parse(&["run", "mixed", "--target", "t", "--server-pid", "42", "--metrics-url", url]).is_err());
     }
 }

@@ -7,7 +7,7 @@
 
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -28,6 +28,10 @@ pub enum Scenario {
     Orders,
     /// A weighted blend of the four (`--mix`).
     Mixed,
+    /// `POST /api/auctions` as the seeded seller: auctions that open `--churn-lead`
+    /// after they are created and close `--churn-lifetime` later, so that a run at
+    /// `--rate R` keeps R auctions a second opening and closing (the soak's churn).
+    Churn,
 }
 
 impl Scenario {
@@ -38,6 +42,7 @@ impl Scenario {
             Scenario::InventoryRead => "inventory-read",
             Scenario::Orders => "orders",
             Scenario::Mixed => "mixed",
+            Scenario::Churn => "churn",
         }
     }
 
@@ -49,6 +54,7 @@ impl Scenario {
             Scenario::InventoryRead => vec![(Kind::InventoryRead, 1)],
             Scenario::Orders => vec![(Kind::Order, 1)],
             Scenario::Mixed => mix.0.iter().copied().filter(|(_, w)| *w > 0).collect(),
+            Scenario::Churn => vec![(Kind::CreateAuction, 1)],
         }
     }
 }
@@ -72,10 +78,9 @@ impl std::str::FromStr for Mix {
         let mut weights = Vec::new();
         for part in s.split(',') {
             let (name, weight) = part.split_once('=').ok_or_else(|| format!("{part:?} is not kind=weight"))?;
-            let kind = Kind::ALL
-                .into_iter()
-                .find(|k| k.name() == name.trim())
-                .ok_or_else(|| format!("unknown kind {name:?}: auction-read, bid, inventory-read or order"))?;
+            let kind = Kind::ALL.into_iter().find(|k| k.name() == name.trim()).ok_or_else(|| {
+                format!("unknown kind {name:?}: auction-read, bid, inventory-read, order or create-auction")
+            })?;
             let weight = weight.trim().parse::<u32>().map_err(|_| format!("{weight:?} is not a whole weight"))?;
             weights.push((kind, weight));
         }
@@ -93,6 +98,17 @@ pub struct Lot {
     pub min_next_bid: i64,
 }
 
+/// The auctions the churn creates: as whom, and when they open and close.
+#[derive(Debug, Clone)]
+pub struct Churn {
+    /// The seller's bearer token.
+    pub seller: String,
+    /// From creation to opening: ahead of the clock, as sellers schedule auctions.
+    pub lead: Duration,
+    /// From opening to closing.
+    pub lifetime: Duration,
+}
+
 /// Everything the connections draw requests from.
 #[derive(Debug)]
 pub struct Workload {
@@ -107,6 +123,7 @@ pub struct Workload {
     /// Bid amounts rise by one per microsecond since this instant, from each lot's
     /// minimum: later bids beat earlier ones, whichever connection sends them.
     epoch: Instant,
+    churn: Option<Churn>,
 }
 
 impl Workload {
@@ -121,7 +138,12 @@ impl Workload {
             })
             .collect();
         let hot = if hot == 0 { lots.len() } else { hot.min(lots.len()) };
-        Workload { kinds, lots, hot, skus, bidders, epoch: Instant::now() }
+        Workload { kinds, lots, hot, skus, bidders, epoch: Instant::now(), churn: None }
+    }
+
+    /// Adds what `create-auction` requests need.
+    pub fn with_churn(self, churn: Churn) -> Workload {
+        Workload { churn: Some(churn), ..self }
     }
 
     /// The generator for connection `index`.
@@ -182,6 +204,18 @@ impl Generator {
                 }
                 self.body.push_str("]}");
                 write_request(out, authority, "POST", "/api/orders", bearer, Some(self.body.as_bytes()));
+            }
+            Kind::CreateAuction => {
+                let churn = self.work.churn.as_ref().expect("churn workloads carry a churn");
+                let opens = SystemTime::now() + churn.lead;
+                let _ = write!(
+                    self.body,
+                    r#"{{"title":"churn lot","reserve":100,"min_increment":1,"starts_at":"{}","ends_at":"{}"}}"#,
+                    humantime::format_rfc3339_millis(opens),
+                    humantime::format_rfc3339_millis(opens + churn.lifetime)
+                );
+                let seller = Some(churn.seller.as_str());
+                write_request(out, authority, "POST", "/api/auctions", seller, Some(self.body.as_bytes()));
             }
         }
         kind
@@ -273,6 +307,22 @@ mod tests {
         assert!((1_300..1_700).contains(&counts[1]), "{counts:?}");
         assert!((550..850).contains(&counts[2]), "{counts:?}");
         assert!((200..400).contains(&counts[3]), "{counts:?}");
+    }
+
+    #[test]
+    fn churned_auctions_open_after_the_lead_and_close_after_the_lifetime() {
+        let churn = Churn { seller: "s".into(), lead: Duration::from_secs(1), lifetime: Duration::from_secs(5) };
+        let kinds = Scenario::Churn.kinds(&Mix::default());
+        let work = Arc::new(Workload::new(kinds, Vec::new(), 0, 1, Vec::new()).with_churn(churn));
+        let before = SystemTime::now();
+        let (kind, req) = text(&mut work.generator(0, 1));
+        assert_eq!(kind, Kind::CreateAuction);
+        assert!(req.starts_with("POST /api/auctions HTTP/1.1\r\n") && req.contains("Bearer s\r\n"), "{req}");
+        let body: serde_json::Value = serde_json::from_str(req.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        let at = |field: &str| humantime::parse_rfc3339(body[field].as_str().unwrap()).unwrap();
+        let lead = at("starts_at").duration_since(before).unwrap();
+        assert!((Duration::from_millis(990)..Duration::from_millis(1100)).contains(&lead), "{lead:?}");
+        assert_eq!(at("ends_at").duration_since(at("starts_at")).unwrap(), Duration::from_secs(5));
     }
 
     #[test]

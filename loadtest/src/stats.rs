@@ -8,7 +8,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::engine::Schedule;
 use crate::http::Fault;
+use crate::series::Second;
 
 /// The kinds of request the scenarios send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -17,10 +19,11 @@ pub enum Kind {
     Bid,
     InventoryRead,
     Order,
+    CreateAuction,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::AuctionRead, Kind::Bid, Kind::InventoryRead, Kind::Order];
+    pub const ALL: [Kind; 5] = [Kind::AuctionRead, Kind::Bid, Kind::InventoryRead, Kind::Order, Kind::CreateAuction];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -28,13 +31,14 @@ impl Kind {
             Kind::Bid => "bid",
             Kind::InventoryRead => "inventory-read",
             Kind::Order => "order",
+            Kind::CreateAuction => "create-auction",
         }
     }
 }
 
 /// Latencies from 1 µs to 60 s at 3 significant digits (0.1 % error): ~400 KB a
 /// histogram, so one per kind per thread, not per connection.
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1_000, 60_000_000_000, 3).expect("constant bounds are valid")
 }
 
@@ -63,7 +67,7 @@ impl Errors {
 /// One thread's measurements; merged into one at the end of a run.
 #[derive(Debug, Default, Clone)]
 pub struct Recorder {
-    kinds: [Option<KindStats>; 4],
+    kinds: [Option<KindStats>; Kind::ALL.len()],
     pub errors: Errors,
 }
 
@@ -176,6 +180,15 @@ pub struct Report {
     pub statuses: BTreeMap<String, u64>,
     pub errors: Errors,
     pub by_kind: BTreeMap<&'static str, KindReport>,
+    /// Open loop only: how well the run kept to its schedule; `behind` when it did
+    /// not, and its latencies are then those of a lower rate.
+    pub schedule: Option<Schedule>,
+    /// Where `series[].rss_bytes` was read: `proc-status` (`--server-pid`),
+    /// `metrics` (`--metrics-url`), or null (neither given).
+    pub rss_source: Option<&'static str>,
+    /// One row per whole second of the run (the last part-second is in the totals
+    /// only).
+    pub series: Vec<Second>,
 }
 
 /// The run's shape, for the report's header fields.
@@ -226,6 +239,9 @@ impl Report {
             statuses,
             errors: recorder.errors,
             by_kind,
+            schedule: None,
+            rss_source: None,
+            series: Vec::new(),
         }
     }
 
@@ -253,6 +269,23 @@ impl Report {
                 "  errors     connect {}, i/o {}, timeout {}, protocol {}",
                 e.connect, e.io, e.timeout, e.protocol
             );
+        }
+        if let Some(kept) = &self.schedule {
+            let _ = writeln!(
+                out,
+                "  schedule   {} due, {} sent within the run, {} late, max lag {:.3} ms{}",
+                thousands(kept.scheduled),
+                thousands(kept.sent_in_time),
+                thousands(kept.late),
+                kept.max_lag_us / 1000.0,
+                if kept.behind { "  BEHIND ITS RATE" } else { "" }
+            );
+        }
+        let rss: Vec<u64> = self.series.iter().filter_map(|s| s.rss_bytes).collect();
+        if let (Some(first), Some(last), Some(max)) = (rss.first(), rss.last(), rss.iter().max()) {
+            let mib = |b: &u64| *b as f64 / f64::from(1 << 20);
+            let _ =
+                writeln!(out, "  server rss first {:.1}, last {:.1}, max {:.1} MiB", mib(first), mib(last), mib(max));
         }
         if self.by_kind.len() > 1 {
             for (name, k) in &self.by_kind {
@@ -286,7 +319,7 @@ fn statuses_line(statuses: &BTreeMap<String, u64>) -> String {
     statuses.iter().map(|(s, n)| format!("{s}: {}", thousands(*n))).collect::<Vec<_>>().join(", ")
 }
 
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

@@ -134,6 +134,10 @@ fn every_scenario_sends_valid_requests_and_counts_what_the_server_did() {
     let orders = gavel.run("orders", &["--requests", "200"]).unwrap();
     assert!(only(&orders, "201"), "{:?}", orders.statuses);
 
+    // The soak's churn: auctions created by the seeded seller, each a 201.
+    let churn = gavel.run("churn", &["--requests", "30", "--secret", SECRET]).unwrap();
+    assert!(only(&churn, "201"), "{:?} {:?}", churn.statuses, churn.errors);
+
     let mixed = gavel.run("mixed", &["--requests", "1000"]).unwrap();
     assert_eq!(mixed.requests, 1000);
     assert_eq!(mixed.by_kind.keys().copied().collect::<Vec<_>>(), ["auction-read", "bid", "inventory-read", "order"]);

@@ -1,0 +1,173 @@
+# loadtest/common.sh — what loadtest/compare and loadtest/soak share: processes
+# stopped by PID, packages, a private PostgreSQL cluster run as the postgres user
+# when root, free ports, waiting for HTTP, reading gavel's memory and metrics.
+# Sourced, not run. The sourcing script sets script_name (for messages) and, before
+# start_postgres, tmp (its temporary directory), pg_bin and pg_max_connections.
+# shellcheck shell=bash
+# shellcheck disable=SC2154,SC2034 # variables shared with the sourcing script
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+die() {
+    printf '%s: %s\n' "$script_name" "$*" >&2
+    exit 1
+}
+
+is_root() { [[ $(id -u) -eq 0 ]]; }
+
+# Waits up to $2 seconds for process $1 to exit.
+wait_exit() {
+    local pid=$1 deadline=$((SECONDS + $2))
+    while kill -0 "$pid" 2>/dev/null; do
+        ((SECONDS < deadline)) || return 1
+        sleep 0.1
+    done
+}
+
+# Stops a process we started: SIGTERM, then SIGKILL (with its children, found by
+# parent PID) if it outlives its grace period.
+stop_pid() {
+    local pid=$1 grace=$2 what=$3 children
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_exit "$pid" "$grace"; then
+        echo "$script_name: $what did not stop within ${grace}s; killing it" >&2
+        children=$(ps -o pid= --ppid "$pid" 2>/dev/null || true)
+        # shellcheck disable=SC2086 # a list of PIDs
+        kill -KILL "$pid" $children 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+as_root() {
+    if is_root; then
+        "$@"
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+        sudo -n "$@"
+    else
+        die "installing packages needs root (or password-less sudo): $*"
+    fi
+}
+
+apt_updated=0
+apt_install() {
+    if ((!apt_updated)); then
+        log "apt-get update"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        apt_updated=1
+    fi
+    log "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+# The newest directory holding PostgreSQL's server binaries: pg_config's, if it has
+# them, else the newest of Debian's /usr/lib/postgresql/*/bin.
+find_pg_bin() {
+    local dir
+    if command -v pg_config >/dev/null; then
+        dir=$(pg_config --bindir 2>/dev/null || true)
+        if [[ -n $dir && -x $dir/postgres && -x $dir/pgbench ]]; then
+            echo "$dir"
+            return
+        fi
+    fi
+    for dir in $(printf '%s\n' /usr/lib/postgresql/*/bin | sort -rV); do
+        if [[ -x $dir/postgres && -x $dir/pgbench ]]; then
+            echo "$dir"
+            return
+        fi
+    done
+}
+
+# Runs a PostgreSQL server command (initdb, pg_ctl) as the user that owns the cluster,
+# from a directory that user may enter.
+as_pg() {
+    if is_root; then
+        (cd / && runuser -u postgres -- "$@")
+    else
+        "$@"
+    fi
+}
+
+# A TCP port nobody listens on or talks from, among the ones not handed out yet.
+# Reads /proc/net/tcp* (no extra tools); a port appearing anywhere there is skipped.
+taken_ports=" "
+free_port() {
+    local port hex
+    for _ in $(seq 200); do
+        port=$((20000 + RANDOM % 30000))
+        [[ $taken_ports == *" $port "* ]] && continue
+        hex=$(printf ':%04X ' "$port")
+        if ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -qF "$hex"; then
+            taken_ports+="$port "
+            echo "$port"
+            return
+        fi
+    done
+    die "no free TCP port found"
+}
+
+# A private cluster with PostgreSQL's defaults (fsync and synchronous_commit on, as
+# in gavel's own embedded cluster), reachable only through a Unix socket in the
+# temporary directory.
+start_postgres() {
+    pgdir=$tmp/pg
+    pgdata=$pgdir/data
+    mkdir -p "$pgdir"
+    chmod 700 "$pgdir"
+    is_root && chown postgres: "$pgdir"
+    log "initdb and start PostgreSQL ($pg_bin) in $pgdir"
+    # The same initdb options as gavel's embedded cluster (src/db/embedded.rs).
+    as_pg "$pg_bin/initdb" --pgdata "$pgdata" --username gavel --auth trust \
+        --encoding UTF8 --locale C --no-sync >"$tmp/initdb.log" 2>&1 ||
+        { cat "$tmp/initdb.log" >&2; die "initdb failed"; }
+    pg_started=1
+    as_pg "$pg_bin/pg_ctl" -D "$pgdata" -l "$pgdir/postgres.log" -w -t 60 \
+        -o "-c listen_addresses= -c unix_socket_directories=$pgdir -c max_connections=$pg_max_connections" \
+        start >/dev/null || die "PostgreSQL did not start"
+    # sqlx rejects an empty host ("postgres://gavel@/gavel?host=…", the form psql
+    # takes); with a host named, its host= parameter still picks the socket directory.
+    database_url="postgres://gavel@localhost/gavel?host=$pgdir"
+    psql_db postgres -c "create database gavel" >/dev/null
+}
+
+# psql against the private cluster: quiet, unaligned, stop on the first error.
+psql_db() {
+    local db=$1
+    shift
+    PGCONNECT_TIMEOUT=10 "$pg_bin/psql" -X -q -At -v ON_ERROR_STOP=1 -h "$pgdir" -U gavel -d "$db" "$@"
+}
+
+sql() { psql_db gavel -c "$1"; }
+
+# Waits up to $2 seconds for URL $1 to answer 200, while process $3 lives.
+wait_http_ok() {
+    local url=$1 deadline=$((SECONDS + $2)) pid=$3
+    until curl -fs -o /dev/null --max-time 1 "$url"; do
+        kill -0 "$pid" 2>/dev/null || return 1
+        ((SECONDS < deadline)) || return 1
+        sleep 0.2
+    done
+}
+
+# scrape_metrics FILE: gavel's /metrics as it is now.
+scrape_metrics() {
+    curl -fsS --max-time 5 "http://127.0.0.1:$admin_port/metrics" >"$1" ||
+        die "scraping /metrics failed"
+}
+
+# A field of gavel's /proc status, in kB: VmHWM (peak resident) or VmRSS (now).
+gavel_status_kb() {
+    awk -v field="$1:" '$1 == field {print $2}' "/proc/$gavel_pid/status"
+}
+
+# Stops the private cluster, if start_postgres started one: fast, else at once.
+stop_postgres() {
+    ((pg_started)) || return 0
+    if ! as_pg "$pg_bin/pg_ctl" -D "$pgdata" -m fast -w -t 30 stop >/dev/null 2>&1; then
+        echo "$script_name: pg_ctl stop failed; stopping the postmaster immediately" >&2
+        local pm
+        pm=$(head -n1 "$pgdata/postmaster.pid" 2>/dev/null || true)
+        [[ -n $pm ]] && kill -QUIT "$pm" 2>/dev/null && wait_exit "$pm" 10
+    fi
+}
