@@ -7,24 +7,19 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
-use utoipa::{IntoParams, PartialSchema, ToSchema};
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
-use super::extract::{Id, IfNoneMatch, Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller};
+use super::extract::{Id, IfNoneMatch, Json, JsonProblems, Params, QueryProblems, ReadQuery, RoleProblems, Seller};
+use super::pagination::{Page, page_limit};
 use super::respond;
 use crate::cache::View;
 use crate::core::Core;
 use crate::db;
 use crate::db::bids::BidRecord;
 use crate::domain::auction::{Auction, NewAuction, Status};
-
-/// Largest page a list returns.
-pub const MAX_PAGE: i64 = 100;
-/// Page size when `limit` is not given.
-pub const DEFAULT_PAGE: i64 = 20;
 
 pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
     OpenApiRouter::default()
@@ -139,16 +134,6 @@ async fn create_auction(
     Ok(response)
 }
 
-/// `?consistent=true`: read the database, not the core's cache.
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-pub(crate) struct ReadQuery {
-    /// Read the database rather than this core's cache, which may lag it briefly.
-    #[serde(default)]
-    pub(crate) consistent: bool,
-}
-
 /// An auction.
 ///
 /// From the core's cache while it is live; from the database with
@@ -197,29 +182,6 @@ struct ListQuery {
     after: Option<i64>,
     /// Page size, 1 to 100; 20 when not given.
     limit: Option<i64>,
-}
-
-/// One page of a keyset-paginated list.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct Page<T, A> {
-    pub(crate) items: Vec<T>,
-    /// Pass as `after` to get the next page; null on the last page.
-    // utoipa drops the null from an `Option` of a type parameter, so say it here.
-    #[schema(schema_with = nullable::<A>)]
-    pub(crate) next_after: Option<A>,
-}
-
-/// `A`'s schema, or null.
-fn nullable<A: PartialSchema>() -> Schema {
-    OneOfBuilder::new().item(A::schema()).item(ObjectBuilder::new().schema_type(Type::Null)).into()
-}
-
-pub(crate) fn page_limit(limit: Option<i64>) -> Result<i64> {
-    match limit {
-        None => Ok(DEFAULT_PAGE),
-        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-        Some(_) => Err(Error::InvalidQuery(format!("limit must be between 1 and {MAX_PAGE}"))),
-    }
 }
 
 /// Auctions by ascending id; keyset pagination with `after`.

@@ -12,9 +12,11 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auctions::{Page, ReadQuery, page_limit};
 use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
-use super::extract::{IfNoneMatch, Json, JsonProblems, Params, QueryProblems, RoleProblems, Seller, SkuPath};
+use super::extract::{
+    IfNoneMatch, Json, JsonProblems, Params, QueryProblems, ReadQuery, RoleProblems, Seller, SkuPath,
+};
+use super::pagination::{Page, page_limit};
 use super::respond;
 use crate::cache::View;
 use crate::core::Core;

@@ -4,6 +4,7 @@
 pub mod error;
 pub mod extract;
 pub mod openapi;
+pub mod pagination;
 pub mod per_request;
 pub mod request_id;
 pub mod respond;
