@@ -296,8 +296,11 @@ pub async fn seed(plan: &SeedPlan) -> anyhow::Result<Seeded> {
     })
 }
 
+/// How often seeding sends a request again that the server shed (503).
+const SHED_RETRIES: u32 = 8;
+
 /// Sends requests `0..count` (made by `make`) over a few connections at once; fails
-/// with the first response that is not a 2xx.
+/// with the first response that is not a 2xx (after [`SHED_RETRIES`] for a 503).
 async fn fan_out(target: &Target, count: usize, make: impl Fn(usize, &mut Vec<u8>) + 'static) -> anyhow::Result<()> {
     let next = Rc::new(Cell::new(0usize));
     let failure: Rc<RefCell<Option<anyhow::Error>>> = Rc::default();
@@ -322,10 +325,18 @@ async fn fan_out(target: &Target, count: usize, make: impl Fn(usize, &mut Vec<u8
                 next.set(i + 1);
                 buf.clear();
                 make(i, &mut buf);
-                let outcome = match conn.exchange(&buf, CALL_TIMEOUT).await {
-                    Ok(r) if (200..300).contains(&r.status) => Ok(()),
-                    Ok(r) => Err(anyhow::anyhow!("got {}: {}", r.status, String::from_utf8_lossy(r.body))),
-                    Err(fault) => Err(anyhow::Error::new(fault)),
+                let mut attempt = 0;
+                let outcome = loop {
+                    match conn.exchange(&buf, CALL_TIMEOUT).await {
+                        Ok(r) if (200..300).contains(&r.status) => break Ok(()),
+                        // A server shedding load (503) did not do the request: wait and
+                        // send it again, a few times, before giving up.
+                        Ok(r) if r.status == 503 && attempt < SHED_RETRIES => {}
+                        Ok(r) => break Err(anyhow::anyhow!("got {}: {}", r.status, String::from_utf8_lossy(r.body))),
+                        Err(fault) => break Err(anyhow::Error::new(fault)),
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 << attempt.min(5))).await;
                 };
                 if let Err(e) = outcome {
                     *failure.borrow_mut() = Some(e);
