@@ -135,6 +135,24 @@ impl TestApp {
         }
     }
 
+    /// Waits until the cores have taken in everything sent to them so far: every
+    /// connection accepted, every byte read. Linux's `/proc/net/tcp` shows a
+    /// listener's accept queue, and an open connection's unread bytes, as its
+    /// `rx_queue`; this waits until it is 0 on every socket of the server's port.
+    pub async fn wait_until_taken_in(&self) {
+        let port = format!(":{:04X}", self.addr.port());
+        eventually(Duration::from_secs(5), "the cores take in what was sent", || async {
+            let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+            let waiting = table.lines().skip(1).any(|line| {
+                // local address, remote address, state, tx_queue:rx_queue
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields[1].ends_with(&port) && !fields[4].ends_with(":00000000")
+            });
+            (!waiting).then_some(())
+        })
+        .await;
+    }
+
     pub fn token(&self, account: i64, role: Role) -> String {
         self.keys.mint(account, role, Duration::from_secs(3600)).0
     }
