@@ -58,6 +58,9 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     seed_accounts(&options).await;
     let mut args =
         vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2", "--lifecycle-tick", "50ms"];
+    // Without --steer-by-cpu: a test's new connections must spread over both cores
+    // by the kernel's hash, whichever CPU the test's thread runs on.
+    args.extend_from_slice(&["--steer-by-cpu", "false"]);
     args.extend_from_slice(flags);
     let config = Serve::from_flags(args).expect("test flags parse");
     let keys = Keys::new(SECRET.as_bytes()).unwrap();
