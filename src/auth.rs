@@ -73,26 +73,52 @@ pub enum TokenError {
 #[error("the token secret must be at least {MIN_SECRET_LEN} bytes")]
 pub struct WeakSecret;
 
-/// Hashes a password with Argon2id (the `argon2` crate's defaults: 19 MiB, two
-/// passes, OWASP's recommendation). Slow on purpose: call it off the core's thread.
+/// Argon2id's memory cost for new hashes, in KiB: 7 MiB. OWASP's equal-strength
+/// sets (m=47104 t=1, m=19456 t=2, m=12288 t=3, m=9216 t=4, m=7168 t=5; p=1) trade
+/// memory for passes; a small server has memory to spare least, so gavel takes the
+/// set with the least. Each hash in progress holds this much (see
+/// `core::HASHES_PER_CORE`); the `argon2` crate's default set held 19 MiB, and two
+/// at once (one per core, bidders logging in) were 38 of the 56–61 MiB peak RSS of
+/// a `loadtest/compare` run.
+///
+/// Time per hash, measured side by side (release build, this crate's `argon2`, ten
+/// hashes each, two rounds, a 2-core machine shared with other builds): m=19456 t=2
+/// 27.2/22.8 ms, m=7168 t=5 15.5/19.6 ms — the same order, so log-ins cost no more.
+pub const HASH_MEMORY_KIB: u32 = 7168;
+/// Argon2id passes for new hashes: 5, OWASP's partner of [`HASH_MEMORY_KIB`].
+pub const HASH_PASSES: u32 = 5;
+
+/// The hasher of new passwords: Argon2id, [`HASH_MEMORY_KIB`], [`HASH_PASSES`], one lane.
+fn hasher() -> argon2::Argon2<'static> {
+    let params = argon2::Params::new(HASH_MEMORY_KIB, HASH_PASSES, 1, None)
+        .expect("OWASP's Argon2id parameters are within the algorithm's bounds");
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+}
+
+/// Hashes a password with Argon2id at [`HASH_MEMORY_KIB`] and [`HASH_PASSES`]; the
+/// PHC string it returns names them. Slow on purpose: call it off the core's thread.
 pub fn hash_password(password: &str) -> String {
     use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
     let salt = SaltString::generate(&mut OsRng);
-    argon2::Argon2::default()
+    hasher()
         .hash_password(password.as_bytes(), &salt)
-        .expect("argon2 with default parameters accepts any password")
+        .expect("argon2 with fixed, valid parameters accepts any password")
         .to_string()
 }
 
-/// Checks a password against a stored hash. Without a stored hash (an unknown
-/// e-mail) it checks against a fixed dummy, so both cases take the same time and
-/// a caller cannot tell them apart.
+/// Checks a password against a stored hash, with the algorithm, version and
+/// parameters that hash names (a PHC string carries them), so hashes made with
+/// other parameters — the `argon2` crate's defaults, before [`HASH_MEMORY_KIB`] —
+/// still verify. Without a stored hash (an unknown e-mail) it checks against a
+/// fixed dummy, so both cases take the same time and a caller cannot tell them apart.
 pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
     use argon2::password_hash::{PasswordHash, PasswordVerifier};
     static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let dummy = DUMMY.get_or_init(|| hash_password("gavel-dummy-password"));
     let Ok(parsed) = PasswordHash::new(stored.unwrap_or(dummy)) else { return false };
-    let matches = argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok();
+    // `verify_password` rebuilds the hasher from `parsed`'s own parameters; the
+    // hasher it is called on only lends its (absent) secret.
+    let matches = hasher().verify_password(password.as_bytes(), &parsed).is_ok();
     matches && stored.is_some()
 }
 
@@ -218,6 +244,26 @@ mod tests {
         assert!(!verify_password("wrong horse", Some(&hash)));
         assert!(!verify_password("correct horse", None));
         assert!(!verify_password("correct horse", Some("not a hash")));
+    }
+
+    /// A hash made before gavel chose its parameters (the `argon2` crate's
+    /// defaults: Argon2id, 19 MiB, two passes) still verifies; new hashes name
+    /// the new parameters.
+    #[test]
+    fn old_hashes_verify_and_new_ones_carry_the_new_parameters() {
+        use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+        let old_defaults = argon2::Params::new(19456, 2, 1, None).unwrap();
+        let old = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, old_defaults)
+            .hash_password(b"correct horse", &SaltString::generate(&mut OsRng))
+            .unwrap()
+            .to_string();
+        assert!(old.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{old}");
+        assert!(verify_password("correct horse", Some(&old)));
+        assert!(!verify_password("wrong horse", Some(&old)));
+
+        let new = hash_password("correct horse");
+        assert!(new.starts_with("$argon2id$v=19$m=7168,t=5,p=1$"), "{new}");
+        assert!(verify_password("correct horse", Some(&new)));
     }
 
     #[test]

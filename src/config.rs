@@ -80,6 +80,16 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_CORES")]
     pub cores: Option<usize>,
 
+    /// Tie each core's listener to the CPU the core is pinned to (`SO_INCOMING_CPU`),
+    /// so a connection goes to the core on the CPU that receives its packets. On
+    /// by default: with few connections the kernel's hash alone split them unevenly
+    /// (8 connections: up to 121 % more requests on one core; see
+    /// `runtime/socket.rs`). Turn it off when a NIC with fewer queues than gavel has
+    /// cores interrupts gavel's own CPUs: every connection would go to those cores
+    /// (tuning/README.md says how to lay interrupts out instead).
+    #[arg(long, env = "GAVEL_STEER_BY_CPU", default_value_t = true, action = clap::ArgAction::Set)]
+    pub steer_by_cpu: bool,
+
     /// PostgreSQL connections per core. Small on purpose: up to
     /// --bid-batches-in-flight carry bid batches, one announces them, the rest carry
     /// reads and orders; more mostly adds lock contention in the database. Total =

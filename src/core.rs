@@ -24,9 +24,13 @@ pub struct Limits {
     pub session_ttl: Duration,
 }
 
-/// Password hashes a core may compute at once. Each Argon2id hash takes 19 MiB
-/// and tens of milliseconds of a blocking thread; one per core keeps a burst of
-/// log-ins from eating memory, and they queue (within the request timeout).
+/// Password hashes a core may compute at once. Each Argon2id hash holds
+/// [`crate::auth::HASH_MEMORY_KIB`] (7 MiB) and 15–25 ms of a blocking thread's CPU; hashes
+/// beyond one per core only queue for the same CPU, so more would add 7 MiB each
+/// and no log-ins per second. One per core: two cores hashing add 14 MiB to the
+/// 13–17 MiB gavel holds under load, and a burst of log-ins queues (within the
+/// request timeout). Measured with VmHWM during `gavel-loadtest seed --bidders 16`
+/// and the bid-storm's log-ins: peak RSS 20.7–23.8 MiB with 2 cores.
 pub const HASHES_PER_CORE: usize = 1;
 
 /// Process-wide readiness, read by `GET /ready` and written at start and shutdown.

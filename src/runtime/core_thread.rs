@@ -43,10 +43,17 @@ pub(super) struct Start {
 
 /// The body of thread `gavel-core-N`.
 pub(super) fn run(start: Start) {
-    if let Some(id) = start.pin
-        && !core_affinity::set_for_current(id)
-    {
-        tracing::warn!(core = start.index, cpu = id.id, "could not pin the core thread");
+    if let Some(id) = start.pin {
+        if !core_affinity::set_for_current(id) {
+            tracing::warn!(core = start.index, cpu = id.id, "could not pin the core thread");
+        } else {
+            #[cfg(target_os = "linux")]
+            if start.config.steer_by_cpu
+                && let Err(e) = super::socket::steer_to_cpu(&start.listener, id.id)
+            {
+                tracing::warn!(core = start.index, cpu = id.id, error = %e, "could not steer connections to the core's CPU");
+            }
+        }
     }
     http::request_id::init_core(start.index);
     metrics::init_core(start.index);

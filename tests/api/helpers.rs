@@ -58,6 +58,9 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     seed_accounts(&options).await;
     let mut args =
         vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2", "--lifecycle-tick", "50ms"];
+    // Without --steer-by-cpu: a test's new connections must spread over both cores
+    // by the kernel's hash, whichever CPU the test's thread runs on.
+    args.extend_from_slice(&["--steer-by-cpu", "false"]);
     args.extend_from_slice(flags);
     let config = Serve::from_flags(args).expect("test flags parse");
     let keys = Keys::new(SECRET.as_bytes()).unwrap();
@@ -133,6 +136,24 @@ impl TestApp {
         if let Some(server) = &self.server {
             server.begin_shutdown();
         }
+    }
+
+    /// Waits until the cores have taken in everything sent to them so far: every
+    /// connection accepted, every byte read. Linux's `/proc/net/tcp` shows a
+    /// listener's accept queue, and an open connection's unread bytes, as its
+    /// `rx_queue`; this waits until it is 0 on every socket of the server's port.
+    pub async fn wait_until_taken_in(&self) {
+        let port = format!(":{:04X}", self.addr.port());
+        eventually(Duration::from_secs(5), "the cores take in what was sent", || async {
+            let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+            let waiting = table.lines().skip(1).any(|line| {
+                // local address, remote address, state, tx_queue:rx_queue
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields[1].ends_with(&port) && !fields[4].ends_with(":00000000")
+            });
+            (!waiting).then_some(())
+        })
+        .await;
     }
 
     pub fn token(&self, account: i64, role: Role) -> String {
@@ -216,6 +237,58 @@ impl TestApp {
         .fetch_one(&self.db)
         .await
         .unwrap()
+    }
+
+    /// Kills every core's LISTEN connection and waits until each core has
+    /// reconnected and reloaded its caches: its reconnect counter goes up only
+    /// after the reload. Reads nothing from the public port meanwhile.
+    pub async fn reconnect_listeners(&self) {
+        let before = self.per_core(gavel::metrics::CACHE_LISTENER_RECONNECTS_TOTAL, &[]).await;
+        assert_eq!(self.kill_listeners().await, 2);
+        eventually(Duration::from_secs(5), "every core reconnected and reloaded", || async {
+            let now = self.per_core(gavel::metrics::CACHE_LISTENER_RECONNECTS_TOTAL, &[]).await;
+            (now[0] > before[0] && now[1] > before[1]).then_some(())
+        })
+        .await;
+    }
+
+    /// The samples of `family` summed per core (`[core 0, core 1]`), over the
+    /// sample lines that contain every one of `having` (e.g. `status="200"`).
+    pub async fn per_core(&self, family: &str, having: &[&str]) -> [f64; 2] {
+        let mut sums = [0.0; 2];
+        let prefix = format!("{family}{{");
+        for line in self.scrape().await.lines().filter(|l| l.starts_with(&prefix)) {
+            if !having.iter().all(|h| line.contains(h)) {
+                continue;
+            }
+            let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a sample's value");
+            if line.contains("core=\"0\"") {
+                sums[0] += value;
+            } else if line.contains("core=\"1\"") {
+                sums[1] += value;
+            }
+        }
+        sums
+    }
+
+    /// GETs `path` (of route template `route`) on new connections until every core
+    /// has answered it with 200 at least once; returns the bodies read.
+    pub async fn read_on_every_core(&self, path: &str, route: &str) -> Vec<Value> {
+        let route = format!("route=\"{route}\"");
+        let having = [route.as_str(), "status=\"200\""];
+        let before = self.per_core(gavel::metrics::HTTP_REQUESTS_TOTAL, &having).await;
+        let client = fresh_connection_client();
+        let mut bodies = Vec::new();
+        for _ in 0..100 {
+            let response = client.get(self.url(path)).send().await.expect("request");
+            assert_eq!(response.status(), StatusCode::OK, "GET {path}");
+            bodies.push(response.json().await.unwrap());
+            let now = self.per_core(gavel::metrics::HTTP_REQUESTS_TOTAL, &having).await;
+            if now[0] > before[0] && now[1] > before[1] {
+                return bodies;
+            }
+        }
+        panic!("100 new connections to {path} did not reach both cores");
     }
 
     /// Runs `sql` (with `$1` = `id`) with triggers off, so no notification tells
