@@ -332,7 +332,7 @@ fn router(c: &mut Criterion) {
     };
     let (token, _) = keys.mint(3, Role::Bidder, Duration::from_secs(3600));
     let bearer = format!("Bearer {token}");
-    let app = gavel::http::router(core(&rt, keys));
+    let app = gavel::http::app(core(&rt, keys));
 
     let get = || Request::get("/api/auctions/1").body(Body::empty()).unwrap_or_default();
     // Below the cached minimum of 1010: rejected on the core, never reaching the database.

@@ -341,16 +341,34 @@ pub const CLIENT_CLOSED: u16 = 499;
 /// [`InFlight::start`] until dropped, so a request whose future hyper drops (its
 /// client went away) leaves the gauge too, counted with status 499.
 pub struct InFlight {
-    route: Option<axum::extract::MatchedPath>,
+    route: Route,
     method: &'static str,
     started: Instant,
     answered: bool,
 }
 
+/// A request's route label: always a route template (the set is fixed by the
+/// router, so the label is bounded), or "unmatched".
+pub enum Route {
+    /// As the router matched it.
+    Matched(axum::extract::MatchedPath),
+    /// Known before routing (the hot reads, `http::hot`).
+    Template(&'static str),
+    Unmatched,
+}
+
+impl Route {
+    fn as_str(&self) -> &str {
+        match self {
+            Route::Matched(m) => m.as_str(),
+            Route::Template(t) => t,
+            Route::Unmatched => "unmatched",
+        }
+    }
+}
+
 impl InFlight {
-    /// `route` is the matched route template, or `None` (unmatched); the set is
-    /// fixed by the router, so the label is bounded.
-    pub fn start(route: Option<axum::extract::MatchedPath>, method: &'static str, started: Instant) -> Self {
+    pub fn start(route: Route, method: &'static str, started: Instant) -> Self {
         with_core(|c| c.in_flight.increment(1.0));
         InFlight { route, method, started, answered: false }
     }
@@ -362,7 +380,7 @@ impl InFlight {
     }
 
     fn record(&self, status: u16) {
-        let route = self.route.as_ref().map_or("unmatched", |r| r.as_str());
+        let route = self.route.as_str();
         let (method, elapsed) = (self.method, self.started.elapsed());
         with_core(|c| {
             let index = match c.routes.iter().position(|r| r.method == method && &*r.route == route) {
@@ -521,8 +539,8 @@ mod tests {
 
     #[test]
     fn recording_without_a_core_is_a_no_op() {
-        InFlight::start(None, "GET", Instant::now()).answered(200);
-        drop(InFlight::start(None, "GET", Instant::now()));
+        InFlight::start(Route::Unmatched, "GET", Instant::now()).answered(200);
+        drop(InFlight::start(Route::Template("/x"), "GET", Instant::now()));
         bid(BidOutcome::Accepted);
         drop(time_query(Query::PlaceBids));
     }

@@ -134,6 +134,12 @@ async fn create_auction(
     Ok(response)
 }
 
+/// `GET /api/auctions/{id}` when the core's live cache holds the auction (also
+/// answered before routing, by [`super::hot`]).
+pub(crate) fn cached_read(core: &Core, id: i64, now: DateTime<Utc>, tags: Option<&HeaderValue>) -> Option<Response> {
+    core.caches.auction_view(id, now, auction_view).map(|view| respond::cached(view, tags))
+}
+
 /// An auction.
 ///
 /// From the core's cache while it is live; from the database with
@@ -162,9 +168,9 @@ async fn get_auction(
 ) -> Result<Response> {
     let now = Utc::now();
     if !q.consistent
-        && let Some(view) = core.caches.auction_view(id, now, auction_view)
+        && let Some(response) = cached_read(&core, id, now, tags.as_ref())
     {
-        return Ok(respond::cached(view, tags.as_ref()));
+        return Ok(response);
     }
     let auction = db::auctions::get(&core.pool, id).await?.ok_or(Error::NotFound("no such auction"))?;
     let view = auction_view(&auction, now);

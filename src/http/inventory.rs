@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,12 @@ async fn put_item(
     Ok(response)
 }
 
+/// `GET /api/inventory/{sku}` when the core's live cache holds the sku (also
+/// answered before routing, by [`super::hot`]).
+pub(crate) fn cached_read(core: &Core, sku: &str, now: DateTime<Utc>, tags: Option<&HeaderValue>) -> Option<Response> {
+    core.caches.item_view(sku, now, item_view).map(|view| respond::cached(view, tags))
+}
+
 /// A sku's stock.
 ///
 /// From the core's cache while it is live; from the database with
@@ -138,9 +144,9 @@ async fn get_item(
 ) -> Result<Response> {
     let now = Utc::now();
     if !q.consistent
-        && let Some(view) = core.caches.item_view(&sku, now, item_view)
+        && let Some(response) = cached_read(&core, &sku, now, tags.as_ref())
     {
-        return Ok(respond::cached(view, tags.as_ref()));
+        return Ok(response);
     }
     if !valid_sku(&sku) {
         return Err(Error::NotFound("no such sku"));

@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod hot;
 pub mod openapi;
 pub mod pagination;
 pub mod per_request;
@@ -26,7 +27,13 @@ use crate::core::Core;
 pub use auctions::AuctionView;
 pub use error::Error;
 
-/// The whole public API for one core.
+/// The whole public API for one core, as it is served: the hot reads straight
+/// from the cache (see [`hot`]), everything else through [`router`].
+pub fn app(core: Arc<Core>) -> hot::App {
+    hot::App::new(core.clone(), router(core))
+}
+
+/// Every route of the public API for one core.
 pub fn router(core: Arc<Core>) -> Router {
     let (api, document) = documented().split_for_parts();
     api.merge(openapi::router(&document))

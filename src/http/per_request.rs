@@ -24,7 +24,7 @@ use tower::{Layer, Service};
 
 use super::error::Error;
 use super::request_id;
-use crate::metrics::{self, InFlight};
+use crate::metrics::{self, InFlight, Route};
 
 /// Wraps each route in [`PerRequest`].
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +64,7 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         let started = Instant::now();
         // The matched route template (fixed by the router), never the raw path.
-        let route = request.extensions().get::<MatchedPath>().cloned();
+        let route = request.extensions().get::<MatchedPath>().cloned().map_or(Route::Unmatched, Route::Matched);
         let in_flight = InFlight::start(route, metrics::method_label(request.method()), started);
         let id = request_id::of(request.headers());
         Answer {

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
-use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -134,7 +133,7 @@ async fn core_main(start: Start) {
     tracing::info!(core = index, cpu = pin.map(|p| p.id), "core serving");
     health.core_serving();
     let _ = started.send(Ok(index));
-    serve(listener, http::router(core), &config, shutdown).await;
+    serve(listener, http::app(core), &config, shutdown).await;
 
     let _ = listen_task.await;
     let _ = sweep_task.await;
@@ -148,7 +147,7 @@ async fn core_main(start: Start) {
 
 /// Accepts connections until shutdown, then lets in-flight requests finish within
 /// the grace period.
-async fn serve(listener: TcpListener, router: Router, config: &Serve, mut shutdown: watch::Receiver<bool>) {
+async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut shutdown: watch::Receiver<bool>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout).keep_alive(true);
     let graceful = GracefulShutdown::new();
@@ -178,7 +177,7 @@ async fn serve(listener: TcpListener, router: Router, config: &Serve, mut shutdo
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
