@@ -16,8 +16,6 @@ use std::time::Instant;
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::cache::{Census, Evicted, Which};
-
 pub const HTTP_REQUESTS_TOTAL: &str = "http_requests_total";
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "http_request_duration_seconds";
 pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
@@ -465,6 +463,44 @@ pub fn time_query(query: Query) -> QueryTimer {
     QueryTimer { query, started: Instant::now() }
 }
 
+/// The two caches of a core (`crate::cache`), as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    Auctions,
+    Inventory,
+}
+
+impl Which {
+    pub const ALL: [Which; 2] = [Which::Auctions, Which::Inventory];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Which::Auctions => "auctions",
+            Which::Inventory => "inventory",
+        }
+    }
+}
+
+/// Why an entry left a cache (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evicted {
+    /// A closed auction's grace ran out.
+    Closed,
+    /// The cache was full and the entry was the least recently read.
+    Capacity,
+}
+
+impl Evicted {
+    pub const ALL: [Evicted; 2] = [Evicted::Closed, Evicted::Capacity];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Evicted::Closed => "closed",
+            Evicted::Capacity => "capacity",
+        }
+    }
+}
+
 /// Handles for the per-core values sampled off the hot path (pool, cache).
 pub struct CoreGauges {
     pub pool_idle: Gauge,
@@ -507,12 +543,13 @@ impl CoreGauges {
         }
     }
 
-    /// Publishes what a cache sweep counted.
-    pub fn census(&self, census: &Census) {
+    /// Publishes what a cache sweep counted: entries by [`Which`], evictions by
+    /// [`Which`] then [`Evicted`].
+    pub fn census(&self, entries: [usize; 2], evicted: [[u64; 2]; 2]) {
         for w in Which::ALL {
-            self.cache_entries[w as usize].set(census.entries[w as usize] as f64);
+            self.cache_entries[w as usize].set(entries[w as usize] as f64);
             for r in Evicted::ALL {
-                self.cache_evictions[w as usize][r as usize].absolute(census.evicted[w as usize][r as usize]);
+                self.cache_evictions[w as usize][r as usize].absolute(evicted[w as usize][r as usize]);
             }
         }
     }

@@ -26,6 +26,7 @@ use hashlink::LruCache;
 use crate::db::inventory::Item;
 use crate::db::notice::Notice;
 use crate::domain::auction::{Auction, BidState};
+pub use crate::metrics::{Evicted, Which};
 
 /// The kinds of update the caches apply (a label of the notification metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,44 +64,6 @@ pub struct CacheLimits {
 impl Default for CacheLimits {
     fn default() -> Self {
         CacheLimits { capacity: 50_000, closed_grace: Duration::from_secs(300) }
-    }
-}
-
-/// The two caches of a core, as metric labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Which {
-    Auctions,
-    Inventory,
-}
-
-impl Which {
-    pub const ALL: [Which; 2] = [Which::Auctions, Which::Inventory];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Which::Auctions => "auctions",
-            Which::Inventory => "inventory",
-        }
-    }
-}
-
-/// Why an entry left a cache (a metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Evicted {
-    /// A closed auction's grace ran out.
-    Closed,
-    /// The cache was full and the entry was the least recently read.
-    Capacity,
-}
-
-impl Evicted {
-    pub const ALL: [Evicted; 2] = [Evicted::Closed, Evicted::Capacity];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Evicted::Closed => "closed",
-            Evicted::Capacity => "capacity",
-        }
     }
 }
 
@@ -415,7 +378,10 @@ pub async fn sweep(
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
-            _ = interval.tick() => gauges.census(&caches.sweep(Utc::now())),
+            _ = interval.tick() => {
+                let census = caches.sweep(Utc::now());
+                gauges.census(census.entries, census.evicted);
+            }
         }
     }
 }
