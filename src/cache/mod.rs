@@ -210,12 +210,8 @@ impl Caches {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// True while the LISTEN connection is up and the cache was reloaded after it
+    /// Live while the LISTEN connection is up and the cache was reloaded after it
     /// last came up: only then may reads be served from the cache.
-    pub fn is_live(&self) -> bool {
-        self.lock().live
-    }
-
     pub fn set_live(&self, live: bool) {
         self.lock().live = live;
     }
@@ -234,15 +230,6 @@ impl Caches {
             return None;
         }
         inner.auctions.view(&id, now, render)
-    }
-
-    /// Runs `f` on the cached auction, if the cache is live and holds it.
-    pub fn with_live_auction<R>(&self, id: i64, f: impl FnOnce(&Auction) -> R) -> Option<R> {
-        let inner = self.lock();
-        if !inner.live {
-            return None;
-        }
-        inner.auctions.entries.peek(&id).map(|e| f(&e.value))
     }
 
     /// Runs `f` on the cached auction even while the cache is not live. Only for
@@ -286,15 +273,6 @@ impl Caches {
             return None;
         }
         inner.inventory.view(sku, now, render)
-    }
-
-    /// Runs `f` on the cached stock of `sku`, if the cache is live and holds it.
-    pub fn with_live_item<R>(&self, sku: &str, f: impl FnOnce(&Item) -> R) -> Option<R> {
-        let inner = self.lock();
-        if !inner.live {
-            return None;
-        }
-        inner.inventory.entries.peek(sku).map(|e| f(&e.value))
     }
 
     /// Stores `item` unless a newer or equal version is held.
@@ -459,13 +437,19 @@ mod tests {
         assert_eq!(seen, [(Kind::Bid, Applied::Newer), (Kind::Bid, Applied::Stale)]);
     }
 
+    /// A view of `body` that stays fresh.
+    fn plain(body: String) -> View {
+        View { body: Bytes::from(body), etag: HeaderValue::from_static("\"1\""), fresh_until: DateTime::<Utc>::MAX_UTC }
+    }
+
     #[test]
     fn reads_need_a_live_cache() {
         let c = Caches::default();
         c.apply_auction(auction(1, None));
-        assert_eq!(c.with_live_auction(7, |a| a.id), None);
+        let render = |a: &Auction, _| plain(a.id.to_string());
+        assert!(c.auction_view(7, Utc::now(), render).is_none());
         c.set_live(true);
-        assert_eq!(c.with_live_auction(7, |a| a.id), Some(7));
+        assert_eq!(c.auction_view(7, Utc::now(), render).unwrap().body, "7");
     }
 
     #[test]
@@ -482,7 +466,7 @@ mod tests {
         };
         assert_eq!(c.apply_item(item(2, 5)), Applied::Newer);
         assert_eq!(c.apply_item(item(1, 9)), Applied::Stale);
-        assert_eq!(c.with_live_item("A-1", |i| i.available), Some(5));
+        assert_eq!(c.item_view("A-1", Utc::now(), |i, _| plain(i.available.to_string())).unwrap().body, "5");
     }
 
     fn ending(id: i64, ends_at: DateTime<Utc>) -> Auction {
@@ -530,11 +514,7 @@ mod tests {
         let c = Caches::new(limits(2, 300));
         c.set_live(true);
         let far = Utc::now() + chrono::Duration::days(1);
-        let render = |a: &Auction, _| View {
-            body: Bytes::from(a.id.to_string()),
-            etag: HeaderValue::from_static("\"1\""),
-            fresh_until: DateTime::<Utc>::MAX_UTC,
-        };
+        let render = |a: &Auction, _| plain(a.id.to_string());
         c.apply_auction(ending(1, far));
         c.apply_auction(ending(2, far));
         assert!(c.auction_view(1, Utc::now(), render).is_some(), "1 is now the most recently read");

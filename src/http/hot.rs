@@ -24,7 +24,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::{Body, HttpBody};
 use axum::extract::Request;
-use axum::http::{HeaderValue, Method, header};
+use axum::http::{Method, header};
 use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use bytes::Bytes;
@@ -32,6 +32,7 @@ use chrono::Utc;
 use pin_project_lite::pin_project;
 use tower::Service;
 
+use super::per_request::Outgoing;
 use super::{auctions, inventory, request_id};
 use crate::core::Core;
 use crate::domain::stock::valid_sku;
@@ -79,8 +80,8 @@ impl App {
 
     /// The cache's answer to `request`, if it is a hot read of a cached row.
     fn answer<B>(&self, request: &Request<B>) -> Option<Response> {
-        let started = Instant::now();
         let hot = classify(request)?;
+        let started = Instant::now();
         let tags = request.headers().get(header::IF_NONE_MATCH);
         let now = Utc::now();
         let (route, mut response) = match hot {
@@ -88,9 +89,7 @@ impl App {
             Hot::Item(sku) => (ITEM, inventory::cached_read(&self.core, sku, now, tags)?),
         };
         let in_flight = InFlight::start(Route::Template(route), "GET", started);
-        let id: HeaderValue = request_id::of(request.headers());
-        response.headers_mut().insert(request_id::HEADER, id);
-        in_flight.answered(response.status().as_u16());
+        Outgoing { id: request_id::of(request.headers()), in_flight }.finish(&mut response);
         Some(response)
     }
 }

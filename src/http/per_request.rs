@@ -72,8 +72,7 @@ where
             deadline: None,
             limit: self.timeout,
             started,
-            id: Some(id),
-            in_flight: Some(in_flight),
+            outgoing: Some(Outgoing { id, in_flight }),
         }
     }
 }
@@ -87,9 +86,24 @@ pin_project! {
         deadline: Option<Pin<Box<Sleep>>>,
         limit: Duration,
         started: Instant,
-        id: Option<HeaderValue>,
         // Dropped unanswered when hyper drops this future.
-        in_flight: Option<InFlight>,
+        outgoing: Option<Outgoing>,
+    }
+}
+
+/// What every answer gets on its way out, routed or not (see `super::hot`).
+pub(super) struct Outgoing {
+    /// The request's id, echoed.
+    pub id: HeaderValue,
+    /// Counted in flight until [`Outgoing::finish`], or until dropped unanswered.
+    pub in_flight: InFlight,
+}
+
+impl Outgoing {
+    /// Echoes the request id and records the request's metrics.
+    pub fn finish(self, response: &mut Response) {
+        response.headers_mut().insert(request_id::HEADER, self.id);
+        self.in_flight.answered(response.status().as_u16());
     }
 }
 
@@ -110,15 +124,12 @@ where
                     this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep_until((started + limit).into())));
                 ready!(deadline.as_mut().poll(cx));
                 // The route's future is dropped with this one.
-                let id = this.id.clone().unwrap_or_else(|| HeaderValue::from_static("unknown"));
+                let id = this.outgoing.as_ref().map_or_else(|| HeaderValue::from_static("unknown"), |o| o.id.clone());
                 request_id::sync_scope(id, || Error::Timeout.into_response())
             }
         };
-        if let Some(id) = this.id.take() {
-            response.headers_mut().insert(request_id::HEADER, id);
-        }
-        if let Some(in_flight) = this.in_flight.take() {
-            in_flight.answered(response.status().as_u16());
+        if let Some(outgoing) = this.outgoing.take() {
+            outgoing.finish(&mut response);
         }
         Poll::Ready(Ok(response))
     }

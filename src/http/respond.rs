@@ -27,10 +27,15 @@ pub const APPLICATION_JSON: &str = "application/json";
 pub const CACHED_READ: HeaderValue = HeaderValue::from_static("no-cache");
 
 /// Serialises `value` as JSON.
-pub fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
+fn to_vec<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // Serialising plain data into memory cannot fail: our types have no maps with
     // non-string keys and no fallible Serialize impls.
-    serde_json::to_vec(value).map_or_else(|_| Bytes::from_static(b"null"), Bytes::from)
+    serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec())
+}
+
+/// Serialises `value` as JSON, for a body sent once.
+pub fn to_bytes<T: Serialize + ?Sized>(value: &T) -> Bytes {
+    Bytes::from(to_vec(value))
 }
 
 /// A JSON response with the given status and content type.
@@ -72,8 +77,7 @@ pub fn with_etag(mut response: Response, version: i64) -> Response {
 pub fn view<T: Serialize + ?Sized>(value: &T, version: i64, fresh_until: DateTime<Utc>) -> View {
     // Kept as long as the row is cached: trimmed to its length, since the
     // serialiser's buffer grows by doubling (a 300-byte auction sat in 512).
-    let body = serde_json::to_vec(value).map_or_else(|_| Bytes::from_static(b"null"), |v| v.into_boxed_slice().into());
-    View { body, etag: etag(version), fresh_until }
+    View { body: to_vec(value).into_boxed_slice().into(), etag: etag(version), fresh_until }
 }
 
 /// The answer to a read of `view`: 304 with no body when `If-None-Match` names
