@@ -312,7 +312,12 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
         caches.set_live(true);
         Arc::new(Core {
             id: 0,
-            bids: Batcher::spawn(pool.clone(), Bids::new(Announcer::spawn(pool.clone())), limits, Box::new(|_| {})),
+            bids: Batcher::spawn(
+                pool.clone(),
+                Bids::new(Announcer::spawn(pool.clone())),
+                limits.clone(),
+                Box::new(|_| {}),
+            ),
             orders: Batcher::spawn(pool.clone(), Orders, limits, Box::new(|_| {})),
             pool,
             caches,

@@ -15,14 +15,24 @@
 //! figures are with the flags in `config.rs`). Writes on the same row in two
 //! batches are ordered by the database's row lock, as they would be from two
 //! cores.
+//!
+//! A kind of write may also share [`Lanes`] across the cores of the process: a
+//! batch then waits for a lane before it is sent, and keeps growing while it
+//! waits, and the writer gives its lane back once its statement has answered,
+//! before its commit. With one lane, the process's batches of that kind run in the
+//! database one after another, each as large as the wait made it, while the last
+//! one's commit waits for the disk. That is the one thing cores share on the bid
+//! path, taken once per batch, never per request; `config.rs` has the figures.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::DbError;
@@ -31,13 +41,26 @@ use super::DbError;
 pub trait BatchWrite: Send + Sync + 'static {
     type Request: Send + Sync + 'static;
     type Outcome: Send + 'static;
+    /// What a batch of a kind with [`Lanes`] writes on, opened while the batch
+    /// waits for its lane so that opening it costs the lane nothing (bids: a
+    /// transaction already begun).
+    type Opened: Send + 'static;
+
+    /// Opens what the next batch will write on; called as a batch starts to wait
+    /// for a lane. The batch's `write` finds it in its [`Lane`].
+    fn open(&self, pool: &PgPool) -> impl Future<Output = Result<Self::Opened, DbError>> + Send + 'static;
 
     /// Writes `requests` in one statement; returns one outcome per request, in
     /// order. Must have no effect when it fails: the batcher may run it again.
+    /// `lane` is the batch's turn in the database when the kind has [`Lanes`], with
+    /// what [`open`](Self::open) opened for it: give the turn back
+    /// ([`Lane::release`]) once nothing more needs it (at the latest it goes back
+    /// when the write returns).
     fn write(
         &self,
         pool: &PgPool,
         requests: &[&Self::Request],
+        lane: Lane<Self::Opened>,
     ) -> impl Future<Output = Result<Vec<Self::Outcome>, DbError>> + Send;
 
     /// Called with a committed batch's outcomes before they are answered, to hand
@@ -82,6 +105,56 @@ impl<W: BatchWrite> std::fmt::Debug for Batcher<W> {
     }
 }
 
+/// Turns in the database that the batchers of one kind of write share across the
+/// process's cores: at most this many of their batches run in the database at
+/// once. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Lanes(Arc<Semaphore>);
+
+impl Lanes {
+    /// `count` lanes; at least one.
+    pub fn new(count: usize) -> Self {
+        Lanes(Arc::new(Semaphore::new(count.max(1))))
+    }
+}
+
+/// What a kind's [`BatchWrite::open`] is still opening, or has opened.
+type Opening<T> = Pin<Box<dyn Future<Output = Result<T, DbError>> + Send>>;
+
+/// A batch's turn in the database, when its kind has [`Lanes`], and what was
+/// opened for it meanwhile; the turn goes back on [`release`](Lane::release) or
+/// drop.
+pub struct Lane<T> {
+    turn: Option<OwnedSemaphorePermit>,
+    opened: Option<Opening<T>>,
+}
+
+impl<T> Default for Lane<T> {
+    fn default() -> Self {
+        Lane { turn: None, opened: None }
+    }
+}
+
+impl<T> Lane<T> {
+    /// Whether the batch holds a turn that others wait for: a writer that does
+    /// not need its commit inside the turn ends the statement first, releases,
+    /// then commits.
+    pub fn is_held(&self) -> bool {
+        self.turn.is_some()
+    }
+
+    /// What [`BatchWrite::open`] opened for this batch (waiting for it if it is
+    /// not open yet); `None` without a lane, or the second time.
+    pub async fn opened(&mut self) -> Option<Result<T, DbError>> {
+        Some(self.opened.take()?.await)
+    }
+
+    /// Gives the turn back: the next batch of any core may go.
+    pub fn release(&mut self) {
+        self.turn = None;
+    }
+}
+
 /// What a batch looked like when it was sent (for metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchStart {
@@ -95,7 +168,7 @@ pub struct BatchStart {
 pub type BatchObserver = Box<dyn Fn(BatchStart) + Send + 'static>;
 
 /// How a batcher sizes its batches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BatchLimits {
     /// Writes that may wait; past it, new ones are shed.
     pub queue_depth: usize,
@@ -108,12 +181,15 @@ pub struct BatchLimits {
     pub overlap_at: usize,
     /// ...or how long the newest batch in the database must have taken.
     pub overlap_after: Duration,
+    /// Turns in the database shared with other cores' batchers of this kind; none:
+    /// this core's `in_flight` is the only limit.
+    pub lanes: Option<Lanes>,
 }
 
 impl BatchLimits {
     /// One batch in the database at a time.
     pub fn one_at_a_time(queue_depth: usize, max_batch: usize) -> Self {
-        BatchLimits { queue_depth, max_batch, in_flight: 1, overlap_at: 1, overlap_after: Duration::ZERO }
+        BatchLimits { queue_depth, max_batch, in_flight: 1, overlap_at: 1, overlap_after: Duration::ZERO, lanes: None }
     }
 }
 
@@ -186,14 +262,43 @@ async fn run<W: BatchWrite>(
             continue;
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        // Wait for a lane, if the kind has them, while what the batch writes on is
+        // opened; the batch grows meanwhile.
+        let lane = match &limits.lanes {
+            None => Lane::default(),
+            Some(Lanes(lanes)) => {
+                let mut opening: Opening<W::Opened> = Box::pin(writer.open(&pool));
+                let mut opened = None;
+                let turn = loop {
+                    let room = max_batch - batch.len();
+                    tokio::select! {
+                        biased;
+                        // Never closed; should it be, the batch goes without.
+                        turn = lanes.clone().acquire_owned() => break turn.ok(),
+                        result = &mut opening, if opened.is_none() => opened = Some(result),
+                        n = rx.recv_many(&mut batch, room), if room > 0 && !closed => {
+                            closed = n == 0;
+                        }
+                    }
+                };
+                // Still opening: the batch's own task waits for the rest.
+                let opened = match opened {
+                    Some(result) => Box::pin(std::future::ready(result)),
+                    None => opening,
+                };
+                Lane { turn, opened: Some(opened) }
+            }
+        };
         last_sent = Instant::now();
         observe(BatchStart { size: batch.len(), in_flight: busy + 1 });
         // The batch goes to its own task; the next one grows as writes arrive.
         let batch = std::mem::take(&mut batch);
         let (pool, writer, outage, finished) = (pool.clone(), writer.clone(), outage.clone(), finished.clone());
-        tokio::spawn(async move {
+        let mut task = Box::pin(async move {
             let requests: Vec<&W::Request> = batch.iter().map(|p| &p.request).collect();
-            let result = retry_transient(|| writer.write(&pool, &requests)).await;
+            // A retry runs without the lane: the first attempt gave it back.
+            let mut lane = Some(lane);
+            let result = retry_transient(|| writer.write(&pool, &requests, lane.take().unwrap_or_default())).await;
             drop(requests);
             // The batch's connection is back in the pool: the next batch may go.
             drop(slot);
@@ -216,6 +321,12 @@ async fn run<W: BatchWrite>(
                 }
             }
         });
+        // The first step here, so that the batch is on its way to the database
+        // before the tasks already queued on this core run; its own task does the
+        // rest.
+        if std::future::poll_fn(|cx| Poll::Ready(task.as_mut().poll(cx))).await.is_pending() {
+            tokio::spawn(task);
+        }
     }
 }
 
@@ -281,24 +392,53 @@ where
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
 
     use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
     use super::*;
 
     /// Answers each write with itself after `took` (or fails the batch), on a pool
-    /// that never connects.
+    /// that never connects; counts what it opened and how many of its writes ran
+    /// at once.
+    #[derive(Default)]
     struct Slow {
         took: Duration,
         fail: bool,
+        counts: Arc<Counts>,
+    }
+
+    #[derive(Default)]
+    struct Counts {
+        opened: AtomicUsize,
+        writing: AtomicUsize,
+        most_writing: AtomicUsize,
+    }
+
+    impl Slow {
+        fn taking(took: Duration) -> Self {
+            Slow { took, ..Slow::default() }
+        }
     }
 
     impl BatchWrite for Slow {
         type Request = u32;
         type Outcome = u32;
+        type Opened = ();
 
-        async fn write(&self, _: &PgPool, requests: &[&u32]) -> Result<Vec<u32>, DbError> {
+        fn open(&self, _: &PgPool) -> impl Future<Output = Result<(), DbError>> + Send + 'static {
+            self.counts.opened.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(Ok(()))
+        }
+
+        async fn write(&self, _: &PgPool, requests: &[&u32], mut lane: Lane<()>) -> Result<Vec<u32>, DbError> {
+            if let Some(opened) = lane.opened().await {
+                opened?;
+            }
+            let now = self.counts.writing.fetch_add(1, Ordering::Relaxed) + 1;
+            self.counts.most_writing.fetch_max(now, Ordering::Relaxed);
             tokio::time::sleep(self.took).await;
+            self.counts.writing.fetch_sub(1, Ordering::Relaxed);
             if self.fail {
                 return Err(DbError::Unavailable(sqlx::Error::PoolTimedOut));
             }
@@ -341,8 +481,9 @@ mod tests {
             in_flight: 2,
             overlap_at: 4,
             overlap_after: Duration::from_secs(3600),
+            lanes: None,
         };
-        let (batcher, seen) = start(limits, Slow { took: Duration::from_millis(10), fail: false });
+        let (batcher, seen) = start(limits, Slow::taking(Duration::from_millis(10)));
         let mut writes = vec![submit(&batcher, 1)];
         settle().await;
         writes.extend((2..5).map(|n| submit(&batcher, n)));
@@ -366,8 +507,9 @@ mod tests {
             in_flight: 2,
             overlap_at: 100,
             overlap_after: Duration::from_millis(5),
+            lanes: None,
         };
-        let (batcher, seen) = start(limits, Slow { took: Duration::from_millis(50), fail: false });
+        let (batcher, seen) = start(limits, Slow::taking(Duration::from_millis(50)));
         let first = submit(&batcher, 1);
         settle().await;
         let second = submit(&batcher, 2);
@@ -383,8 +525,7 @@ mod tests {
     /// queues meanwhile.
     #[tokio::test(start_paused = true)]
     async fn one_at_a_time_never_overlaps() {
-        let (batcher, seen) =
-            start(BatchLimits::one_at_a_time(64, 64), Slow { took: Duration::from_millis(10), fail: false });
+        let (batcher, seen) = start(BatchLimits::one_at_a_time(64, 64), Slow::taking(Duration::from_millis(10)));
         let writes: Vec<_> = (1..=20).map(|n| submit(&batcher, n)).collect();
         for write in writes {
             write.await.unwrap().unwrap();
@@ -396,7 +537,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_batch_gives_each_write_the_real_cause() {
         let (batcher, _) =
-            start(BatchLimits::one_at_a_time(64, 64), Slow { took: Duration::from_millis(1), fail: true });
+            start(BatchLimits::one_at_a_time(64, 64), Slow { fail: true, ..Slow::taking(Duration::from_millis(1)) });
         let writes: Vec<_> = (1..=3).map(|n| submit(&batcher, n)).collect();
         for write in writes {
             match write.await.unwrap() {
@@ -412,7 +553,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_queue_is_refused_at_once() {
         let limits = BatchLimits::one_at_a_time(2, 1);
-        let (batcher, _) = start(limits, Slow { took: Duration::from_secs(1), fail: false });
+        let (batcher, _) = start(limits, Slow::taking(Duration::from_secs(1)));
         let _first = submit(&batcher, 1);
         settle().await;
         // One waits in the batcher for the next batch, two fill the queue.
@@ -423,5 +564,57 @@ mod tests {
         }
         let r = batcher.submit(5).await;
         assert!(matches!(r, Err(SubmitError::QueueFull)), "{r:?}");
+    }
+
+    fn with_lanes(lanes: &Lanes) -> BatchLimits {
+        BatchLimits {
+            queue_depth: 64,
+            max_batch: 64,
+            in_flight: 2,
+            overlap_at: 1,
+            overlap_after: Duration::ZERO,
+            lanes: Some(lanes.clone()),
+        }
+    }
+
+    /// Two cores' batchers sharing one lane never write at the same time, however
+    /// many batches each may have in flight; every write still gets its outcome.
+    #[tokio::test(start_paused = true)]
+    async fn batchers_sharing_one_lane_write_one_at_a_time() {
+        let lanes = Lanes::new(1);
+        let counts = Arc::new(Counts::default());
+        let writer = || Slow { counts: counts.clone(), ..Slow::taking(Duration::from_millis(3)) };
+        let (a, _) = start(with_lanes(&lanes), writer());
+        let (b, _) = start(with_lanes(&lanes), writer());
+        let mut writes = Vec::new();
+        for n in 0..40 {
+            writes.push((n, submit(if n % 2 == 0 { &a } else { &b }, n)));
+            if n % 5 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        for (n, write) in writes {
+            assert_eq!(write.await.unwrap().unwrap(), n);
+        }
+        assert_eq!(counts.most_writing.load(Ordering::Relaxed), 1, "one lane, one write at a time");
+        assert!(counts.opened.load(Ordering::Relaxed) > 0, "batches opened while they waited");
+    }
+
+    /// A batch waiting for a lane keeps taking the writes that arrive meanwhile,
+    /// and goes as one once the lane is free.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_grows_while_it_waits_for_its_lane() {
+        let lanes = Lanes::new(1);
+        let held = lanes.0.clone().acquire_owned().await.unwrap();
+        let (batcher, seen) = start(with_lanes(&lanes), Slow::taking(Duration::from_millis(1)));
+        let writes: Vec<_> = (1..=5).map(|n| submit(&batcher, n)).collect();
+        settle().await;
+        assert!(seen.lock().unwrap().is_empty(), "nothing goes while another core holds the lane");
+        drop(held);
+        settle().await;
+        assert_eq!(*seen.lock().unwrap(), [started(5, 1)]);
+        for (write, n) in writes.into_iter().zip(1..) {
+            assert_eq!(write.await.unwrap().unwrap(), n);
+        }
     }
 }

@@ -11,9 +11,11 @@
 //! Every body an order route returns is built by `order_json` in the database, so
 //! creating, reading, cancelling and fulfilling answer with the same shape.
 
+use std::future::Future;
+
 use sqlx::PgPool;
 
-use super::batch::BatchWrite;
+use super::batch::{BatchWrite, Lane};
 use super::{DbError, protocol};
 use crate::domain::stock::{NewOrder, OrderStatus};
 use crate::metrics::{self, Query};
@@ -50,8 +52,14 @@ pub struct Orders;
 impl BatchWrite for Orders {
     type Request = OrderRequest;
     type Outcome = Placed;
+    /// Orders have no lanes: nothing is opened ahead.
+    type Opened = ();
 
-    async fn write(&self, pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
+    fn open(&self, _: &PgPool) -> impl Future<Output = Result<(), DbError>> + Send + 'static {
+        std::future::ready(Ok(()))
+    }
+
+    async fn write(&self, pool: &PgPool, requests: &[&OrderRequest], _lane: Lane<()>) -> Result<Vec<Placed>, DbError> {
         place(pool, requests).await
     }
 }

@@ -18,7 +18,7 @@ use crate::cache::{self, CacheLimits, Caches};
 use crate::config::Serve;
 use crate::core::{Core, Health, Limits};
 use crate::db;
-use crate::db::batch::{BatchLimits, BatchStart, Batcher};
+use crate::db::batch::{BatchLimits, BatchStart, Batcher, Lanes};
 use crate::db::bids::{Announcer, Bids};
 use crate::db::orders::Orders;
 use crate::http;
@@ -36,6 +36,8 @@ pub(super) struct Start {
     pub database: PgConnectOptions,
     pub keys: Arc<Keys>,
     pub health: Arc<Health>,
+    /// The process's bid lanes, shared by every core's bid batcher.
+    pub bid_lanes: Option<Lanes>,
     pub shutdown: watch::Receiver<bool>,
     pub started: SyncSender<Result<usize, String>>,
 }
@@ -67,7 +69,7 @@ pub(super) fn run(start: Start) {
 }
 
 async fn core_main(start: Start) {
-    let Start { index, pin, listener, config, database, keys, health, shutdown, started } = start;
+    let Start { index, pin, listener, config, database, keys, health, bid_lanes, shutdown, started } = start;
     // The pool is created here, inside this core's runtime: its connections belong
     // to the runtime that opened them.
     let pool = db::core_pool(&database, index, config.db_conns_per_core, config.db_acquire_timeout);
@@ -96,6 +98,7 @@ async fn core_main(start: Start) {
             in_flight: config.bid_batches_in_flight.min((config.db_conns_per_core as usize).saturating_sub(1).max(1)),
             overlap_at: config.bid_overlap_at,
             overlap_after: config.bid_overlap_after,
+            lanes: bid_lanes,
         },
         Box::new(|b: BatchStart| metrics::bid_batch(b.size, b.in_flight)),
     );

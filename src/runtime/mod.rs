@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::auth::Keys;
 use crate::config::{self, Serve};
 use crate::core::Health;
+use crate::db::batch::Lanes;
 use crate::db::{self, embedded};
 
 /// How long start-up may take for all cores to serve.
@@ -56,6 +57,7 @@ impl Server {
         let health = Arc::new(Health::new(cores));
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (started_tx, started_rx) = mpsc::sync_channel(cores);
+        let bid_lanes = (config.bid_lanes > 0).then(|| Lanes::new(config.bid_lanes));
         let config = Arc::new(config.clone());
         let mut threads = Vec::with_capacity(cores);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -67,6 +69,7 @@ impl Server {
                 database: database.clone(),
                 keys: keys.clone(),
                 health: health.clone(),
+                bid_lanes: bid_lanes.clone(),
                 shutdown: shutdown_rx.clone(),
                 started: started_tx.clone(),
             };

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use gavel::db::batch::{BatchLimits, BatchStart, BatchWrite, Batcher};
+use gavel::db::batch::{BatchLimits, BatchStart, BatchWrite, Batcher, Lanes};
 use gavel::db::bids::{self, Announcer, BidRequest, Bids, Placed};
 use gavel::domain::bid::NewBid;
 use reqwest::StatusCode;
@@ -108,6 +108,53 @@ async fn one_batch_of_good_and_bad_bids_gives_each_its_own_outcome() {
     );
 }
 
+/// gavel sends a batch sorted by auction; sent in any other order, place_bids
+/// sorts it itself and still decides each auction's bids in the order sent.
+#[tokio::test]
+async fn place_bids_decides_an_unsorted_batch_in_the_order_sent() {
+    let app = spawn_app().await;
+    let a = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let b = app.open_auction(500, 5, 60.0, 0).await["id"].as_i64().unwrap();
+    let rows: Vec<(i32, String)> =
+        sqlx::query_as("select ord, outcome from place_bids($1, $2, $3, $4, $5) order by ord")
+            .bind([b, a, b, a, a])
+            .bind([2i64, 3, 4, 5, 6])
+            .bind([500i64, 100, 504, 105, 110])
+            .bind([None::<String>, None, None, None, None])
+            .bind([None::<String>, None, None, None, None])
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    let outcomes: Vec<&str> = rows.iter().map(|(_, o)| o.as_str()).collect();
+    assert_eq!(outcomes, ["accepted", "accepted", "too_low", "too_low", "accepted"]);
+    let amounts: Vec<(i64, i64)> =
+        bid_rows(&app, a).await.into_iter().map(|(_, bidder, amount)| (bidder, amount)).collect();
+    assert_eq!(amounts, [(3, 100), (6, 110)]);
+}
+
+/// Bids have no foreign keys (place_bids checks what they refer to); what they
+/// refer to never goes away instead: deleting, truncating or renumbering accounts
+/// and auctions is refused.
+#[tokio::test]
+async fn accounts_and_auctions_bids_refer_to_are_never_removed() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    assert_eq!(app.place_bid(&app.bidder(2), id, 100).await.status(), StatusCode::CREATED);
+    for sql in [
+        format!("delete from auctions where id = {id}"),
+        "delete from accounts where id = 2".to_owned(),
+        "truncate auctions, bids".to_owned(),
+        "truncate accounts cascade".to_owned(),
+        format!("update auctions set id = default where id = {id}"),
+        "update accounts set id = default where id = 2".to_owned(),
+    ] {
+        let err = sqlx::query(&sql).execute(&app.db).await.expect_err(&sql);
+        let code = err.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        assert_eq!(code.as_deref(), Some("23001"), "{sql}: {err}");
+    }
+    assert_eq!(bid_rows(&app, id).await.len(), 1, "the bid and what it names are all still there");
+}
+
 /// Only an accepted bid pushes the end out: a late bid that is too low does not.
 #[tokio::test]
 async fn a_late_bid_that_is_rejected_does_not_extend_the_auction() {
@@ -134,25 +181,47 @@ async fn a_late_bid_that_is_rejected_does_not_extend_the_auction() {
 /// amounts rise strictly in bid id order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bids_on_one_auction_over_several_batches_in_flight_stay_ordered() {
+    several_batches_on_one_auction(1, None).await;
+}
+
+/// The same from two cores' batchers sharing one lane: a batch gives the lane
+/// back before its commit, so the next one runs while it commits and waits for
+/// its row lock; the order still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bids_on_one_auction_from_two_cores_sharing_a_lane_stay_ordered() {
+    several_batches_on_one_auction(2, Some(Lanes::new(1))).await;
+}
+
+async fn several_batches_on_one_auction(cores: usize, lanes: Option<Lanes>) {
     let app = spawn_app().await;
     let id = app.open_auction(100, 1, 120.0, 0).await["id"].as_i64().unwrap();
-    let pool = PgPoolOptions::new().max_connections(3).connect_with(app.options.clone()).await.unwrap();
     let most_in_flight = Arc::new(AtomicUsize::new(0));
-    let seen = most_in_flight.clone();
-    let batcher = Batcher::spawn(
-        pool.clone(),
-        Bids::new(Announcer::spawn(pool)),
-        BatchLimits { queue_depth: 1024, max_batch: 8, in_flight: 3, overlap_at: 1, overlap_after: Duration::ZERO },
-        Box::new(move |b: BatchStart| {
-            seen.fetch_max(b.in_flight, Ordering::Relaxed);
-        }),
-    );
+    let mut batchers = Vec::new();
+    for _ in 0..cores {
+        let pool = PgPoolOptions::new().max_connections(4).connect_with(app.options.clone()).await.unwrap();
+        let seen = most_in_flight.clone();
+        batchers.push(Batcher::spawn(
+            pool.clone(),
+            Bids::new(Announcer::spawn(pool)),
+            BatchLimits {
+                queue_depth: 1024,
+                max_batch: 8,
+                in_flight: 3,
+                overlap_at: 1,
+                overlap_after: Duration::ZERO,
+                lanes: lanes.clone(),
+            },
+            Box::new(move |b: BatchStart| {
+                seen.fetch_max(b.in_flight, Ordering::Relaxed);
+            }),
+        ));
+    }
 
-    // 400 bids from 40 tasks; amounts interleave, so many are too low by the time
-    // the database sees them.
+    // 400 bids from 40 tasks spread over the batchers; amounts interleave, so many
+    // are too low by the time the database sees them.
     let mut tasks = Vec::new();
     for t in 0..40i64 {
-        let batcher = batcher.clone();
+        let batcher = batchers[t as usize % cores].clone();
         tasks.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             for i in 0..10i64 {
