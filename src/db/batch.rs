@@ -122,8 +122,8 @@ impl Lanes {
 type Opening<T> = Pin<Box<dyn Future<Output = Result<T, DbError>> + Send>>;
 
 /// A batch's turn in the database, when its kind has [`Lanes`], and what was
-/// opened for it meanwhile; the turn goes back on [`release`](Lane::release) or
-/// drop.
+/// opened for it meanwhile (only with a turn); the turn goes back on
+/// [`release`](Lane::release) or drop.
 pub struct Lane<T> {
     turn: Option<OwnedSemaphorePermit>,
     opened: Option<Opening<T>>,
@@ -136,15 +136,10 @@ impl<T> Default for Lane<T> {
 }
 
 impl<T> Lane<T> {
-    /// Whether the batch holds a turn that others wait for: a writer that does
-    /// not need its commit inside the turn ends the statement first, releases,
-    /// then commits.
-    pub fn is_held(&self) -> bool {
-        self.turn.is_some()
-    }
-
     /// What [`BatchWrite::open`] opened for this batch (waiting for it if it is
-    /// not open yet); `None` without a lane, or the second time.
+    /// not open yet); `None` without a turn, or the second time. A batch with a
+    /// turn that does not need its commit inside the turn ends its statement,
+    /// releases, then commits.
     pub async fn opened(&mut self) -> Option<Result<T, DbError>> {
         Some(self.opened.take()?.await)
     }
@@ -282,11 +277,11 @@ async fn run<W: BatchWrite>(
                     }
                 };
                 // Still opening: the batch's own task waits for the rest.
-                let opened = match opened {
+                let opened: Opening<W::Opened> = match opened {
                     Some(result) => Box::pin(std::future::ready(result)),
                     None => opening,
                 };
-                Lane { turn, opened: Some(opened) }
+                Lane { opened: turn.is_some().then_some(opened), turn }
             }
         };
         last_sent = Instant::now();
@@ -427,8 +422,11 @@ mod tests {
         type Opened = ();
 
         fn open(&self, _: &PgPool) -> impl Future<Output = Result<(), DbError>> + Send + 'static {
-            self.counts.opened.fetch_add(1, Ordering::Relaxed);
-            std::future::ready(Ok(()))
+            let counts = self.counts.clone();
+            async move {
+                counts.opened.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
         }
 
         async fn write(&self, _: &PgPool, requests: &[&u32], mut lane: Lane<()>) -> Result<Vec<u32>, DbError> {
@@ -606,10 +604,13 @@ mod tests {
     async fn a_batch_grows_while_it_waits_for_its_lane() {
         let lanes = Lanes::new(1);
         let held = lanes.0.clone().acquire_owned().await.unwrap();
-        let (batcher, seen) = start(with_lanes(&lanes), Slow::taking(Duration::from_millis(1)));
+        let writer = Slow::taking(Duration::from_millis(1));
+        let counts = writer.counts.clone();
+        let (batcher, seen) = start(with_lanes(&lanes), writer);
         let writes: Vec<_> = (1..=5).map(|n| submit(&batcher, n)).collect();
         settle().await;
         assert!(seen.lock().unwrap().is_empty(), "nothing goes while another core holds the lane");
+        assert_eq!(counts.opened.load(Ordering::Relaxed), 1, "what it writes on opened while it waited");
         drop(held);
         settle().await;
         assert_eq!(*seen.lock().unwrap(), [started(5, 1)]);

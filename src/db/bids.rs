@@ -101,13 +101,10 @@ impl BatchWrite for Bids {
         requests: &[&BidRequest],
         mut lane: Lane<Self::Opened>,
     ) -> Result<Vec<Placed>, DbError> {
-        if !lane.is_held() {
+        let Some(opened) = lane.opened().await else {
             return place(pool, requests).await;
-        }
-        let mut tx = match lane.opened().await {
-            Some(opened) => opened?,
-            None => pool.begin().await?,
         };
+        let mut tx = opened?;
         let placed = place(&mut *tx, requests).await;
         lane.release();
         let placed = placed?;

@@ -167,4 +167,14 @@ mod tests {
         let head = Request::head("/api/auctions/42").body(()).unwrap();
         assert_eq!(classify(&head), None, "HEAD goes to the router");
     }
+
+    /// The labels the hot reads record are the router's own route templates, so a
+    /// cached read and a routed one count under one label.
+    #[test]
+    fn hot_read_labels_are_router_paths() {
+        let document = crate::http::document();
+        for template in [AUCTION, ITEM] {
+            assert!(document.paths.paths.contains_key(template), "{template} is not a route");
+        }
+    }
 }
