@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use sqlx::PgPool;
@@ -23,6 +23,8 @@ use crate::db::bids::{Announcer, Bids};
 use crate::db::orders::Orders;
 use crate::http;
 use crate::metrics::{self, CoreGauges};
+
+use super::deadlines::Deadlines;
 
 /// How long a core waits for its first database connection before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -152,7 +154,9 @@ async fn core_main(start: Start) {
 /// the grace period.
 async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut shutdown: watch::Receiver<bool>) {
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout).keep_alive(true);
+    http.header_read_timeout(config.header_read_timeout).keep_alive(true);
+    let deadlines = Deadlines::default();
+    let sweep = tokio::spawn(deadlines.clone().sweep());
     let graceful = GracefulShutdown::new();
     // A connection holds a slot until it closes; with none free the core stops
     // accepting, and new connections wait in the kernel's backlog.
@@ -180,7 +184,10 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = http
+            .clone()
+            .timer(deadlines.timer())
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -197,6 +204,7 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
             tracing::warn!("shutdown grace period over; closing the remaining connections");
         }
     }
+    sweep.abort();
 }
 
 #[cold]

@@ -3,6 +3,7 @@
 
 mod admin;
 mod core_thread;
+mod deadlines;
 pub mod socket;
 
 use std::net::SocketAddr;
