@@ -108,9 +108,38 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Answer {
+        self.serve(request)
+    }
+}
+
+/// How each core's connections call gavel: hyper's service trait takes `&self`,
+/// so a request costs no clone of the app (tower's `&mut self` does, through
+/// hyper-util's adapter: two reference counts up and down and a oneshot per
+/// request); only a request the router takes clones the router, as axum's own
+/// `serve` does.
+impl<B> hyper::service::Service<Request<B>> for App
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Answer;
+
+    fn call(&self, request: Request<B>) -> Answer {
+        self.serve(request)
+    }
+}
+
+impl App {
+    fn serve<B>(&self, request: Request<B>) -> Answer
+    where
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
         match self.answer(&request) {
             Some(response) => Answer::Hot { response: Some(response) },
-            None => Answer::Routed { inner: self.router.call(request.map(Body::new)) },
+            None => Answer::Routed { inner: self.router.clone().call(request.map(Body::new)) },
         }
     }
 }

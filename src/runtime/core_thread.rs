@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
@@ -184,10 +183,7 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let connection = http
-            .clone()
-            .timer(deadlines.timer())
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = http.clone().timer(deadlines.timer()).serve_connection(TokioIo::new(stream), app.clone());
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
