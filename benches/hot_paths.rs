@@ -321,6 +321,11 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
             orders: Batcher::spawn(pool.clone(), Orders, limits, Box::new(|_| {})),
             pool,
             caches,
+            events: Arc::new(gavel::events::Hub::new(
+                gavel::events::StreamLimits::default(),
+                gavel::http::auction_json,
+                gavel::metrics::StreamMetrics::new(0),
+            )),
             keys,
             limits: Limits {
                 body_limit: 64 * 1024,

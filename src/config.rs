@@ -124,6 +124,29 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_MAX_CONNECTIONS_PER_CORE", default_value_t = 10_000)]
     pub max_connections_per_core: usize,
 
+    /// Kernel send buffer of each accepted connection, in bytes (`SO_SNDBUF`); unset,
+    /// the kernel sizes it (Linux grows it to 4 MiB). What a client too slow to read
+    /// leaves queued in the kernel — for an event stream, states that newer ones
+    /// have superseded — is bounded by it; past it, gavel keeps only each auction's
+    /// newest state for that stream.
+    #[arg(long, env = "GAVEL_SEND_BUFFER")]
+    pub send_buffer: Option<usize>,
+
+    /// Event streams (`text/event-stream`) a core keeps open at once; past it a new
+    /// one gets 503 with Retry-After. Each holds a connection too.
+    #[arg(long, env = "GAVEL_MAX_STREAMS_PER_CORE", default_value_t = 10_000)]
+    pub max_streams_per_core: usize,
+
+    /// How often an event stream gets a comment line, so that proxies and load
+    /// balancers do not close it as idle.
+    #[arg(long, env = "GAVEL_STREAM_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub stream_heartbeat: Duration,
+
+    /// The reconnection delay event streams are told (`retry:`) when the server
+    /// shuts down, so their clients come back, to another instance, soon after.
+    #[arg(long, env = "GAVEL_STREAM_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub stream_retry: Duration,
+
     /// Most entries of each per-core cache (auctions; inventory). Past it, the entry
     /// read least recently leaves, and its next read goes to the database. An
     /// auction with its rendered response takes under 1 KiB: reading 21,000 of

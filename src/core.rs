@@ -15,6 +15,7 @@ use crate::cache::Caches;
 use crate::db::batch::Batcher;
 use crate::db::bids::Bids;
 use crate::db::orders::Orders;
+use crate::events::Hub;
 
 /// Limits the HTTP layer enforces per request.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +72,8 @@ pub struct Core {
     pub id: usize,
     pub pool: PgPool,
     pub caches: Arc<Caches>,
+    /// The core's event streams.
+    pub events: Arc<Hub>,
     pub bids: Batcher<Bids>,
     pub orders: Batcher<Orders>,
     pub keys: Arc<Keys>,

@@ -8,8 +8,8 @@
 //!
 //! # Layout
 //!
-//! Dependencies point downwards only: `runtime` → `http` → `core` → `cache` → `db`
-//! → `domain`; `config`, `auth` and `metrics` are leaves anything may use.
+//! Dependencies point downwards only: `runtime` → `http` → `core` → `cache` →
+//! `events` → `db` → `domain`; `config`, `auth` and `metrics` are leaves anything may use.
 //!
 //! - [`runtime`]: the per-core engine (pinning, runtimes, listeners, shutdown), the
 //!   admin listener (`/metrics`) and the `serve` / `migrate` commands.
@@ -17,6 +17,7 @@
 //!   extractors; the OpenAPI document the routers' attributes generate.
 //! - [`core`]: one core's state — pool, caches, batchers, limits.
 //! - [`cache`]: per-core caches and the LISTEN/NOTIFY applier.
+//! - [`events`]: per-core event streams (SSE), fed by the same notifications.
 //! - [`db`]: queries per resource, the generic write batcher, the bid
 //!   announcer, the one decoder of what the database announces (`db::notice`),
 //!   the embedded PostgreSQL, migrations.
@@ -30,6 +31,7 @@ pub mod config;
 pub mod core;
 pub mod db;
 pub mod domain;
+pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod runtime;

@@ -33,6 +33,10 @@ pub const CACHE_LIVE: &str = "gavel_cache_live";
 pub const CACHE_ENTRIES: &str = "gavel_cache_entries";
 pub const CACHE_EVICTIONS_TOTAL: &str = "gavel_cache_evictions_total";
 pub const BUILD_INFO: &str = "gavel_build_info";
+pub const EVENT_STREAMS_OPEN: &str = "gavel_event_streams_open";
+pub const EVENTS_SENT_TOTAL: &str = "gavel_events_sent_total";
+pub const EVENTS_COALESCED_TOTAL: &str = "gavel_events_coalesced_total";
+pub const EVENT_DELIVERY_SECONDS: &str = "gavel_event_delivery_seconds";
 
 /// Latency buckets, in seconds: from 50 µs (a cached read) to 10 s (a request
 /// timeout's order of magnitude).
@@ -243,6 +247,17 @@ fn describe() {
     describe_counter!(
         CACHE_EVICTIONS_TOTAL,
         "Entries that left a core's cache, by cache and reason (closed: a closed auction's grace ran out; capacity: the cache was full)"
+    );
+    describe_gauge!(EVENT_STREAMS_OPEN, "Event streams (text/event-stream) open on a core");
+    describe_counter!(EVENTS_SENT_TOTAL, "Events written to event streams, by kind (heartbeat: a comment line)");
+    describe_counter!(
+        EVENTS_COALESCED_TOTAL,
+        "Events that replaced an unread one of the same auction in a slow stream's mailbox"
+    );
+    describe_histogram!(
+        EVENT_DELIVERY_SECONDS,
+        Unit::Seconds,
+        "From a change's announcement (after its commit) to its event being handed to the connection"
     );
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -580,5 +595,54 @@ mod tests {
         drop(InFlight::start(Route::Template("/x"), "GET", Instant::now()));
         bid(BidOutcome::Accepted);
         drop(time_query(Query::PlaceBids));
+    }
+}
+
+/// The kinds of what event streams send (`crate::events`), as metric labels and
+/// as the SSE `event:` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A new state of a watched auction.
+    Auction,
+    /// A watched auction's final state.
+    Closed,
+    /// A comment line that keeps an idle stream open.
+    Heartbeat,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 3] = [EventKind::Auction, EventKind::Closed, EventKind::Heartbeat];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            EventKind::Auction => "auction",
+            EventKind::Closed => "closed",
+            EventKind::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// One core's event-stream handles.
+pub struct StreamMetrics {
+    pub open: Gauge,
+    sent: [Counter; EventKind::ALL.len()],
+    pub coalesced: Counter,
+    pub delivery: Histogram,
+}
+
+impl StreamMetrics {
+    pub fn new(core: usize) -> Self {
+        let core = core.to_string();
+        StreamMetrics {
+            open: metrics::gauge!(EVENT_STREAMS_OPEN, "core" => core.clone()),
+            sent: EventKind::ALL
+                .map(|k| metrics::counter!(EVENTS_SENT_TOTAL, "core" => core.clone(), "kind" => k.label())),
+            coalesced: metrics::counter!(EVENTS_COALESCED_TOTAL, "core" => core.clone()),
+            delivery: metrics::histogram!(EVENT_DELIVERY_SECONDS, "core" => core),
+        }
+    }
+
+    pub fn sent(&self, kind: EventKind) {
+        self.sent[kind as usize].increment(1);
     }
 }

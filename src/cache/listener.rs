@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use super::Caches;
 use crate::db::{self, CACHE_CHANNEL, notice};
+use crate::events::Hub;
 use crate::metrics::CoreGauges;
 
 /// Longest wait between reconnection attempts.
@@ -24,6 +25,7 @@ pub fn application_name(core: usize) -> String {
 pub async fn run(
     core: usize,
     caches: Arc<Caches>,
+    events: Arc<Hub>,
     options: PgConnectOptions,
     pool: PgPool,
     gauges: std::sync::Arc<CoreGauges>,
@@ -39,7 +41,7 @@ pub async fn run(
     while !*shutdown.borrow() {
         tokio::select! {
             _ = shutdown.changed() => break,
-            result = listen_once(&caches, &listen_pool, &pool, &gauges) => {
+            result = listen_once(&caches, &events, &listen_pool, &pool, &gauges) => {
                 caches.set_live(false);
                 gauges.cache_live.set(0.0);
                 match result {
@@ -65,6 +67,7 @@ pub async fn run(
 /// connection is lost (`Ok`) or cannot be set up (`Err`).
 async fn listen_once(
     caches: &Caches,
+    events: &Hub,
     listen_pool: &PgPool,
     pool: &PgPool,
     gauges: &CoreGauges,
@@ -75,7 +78,7 @@ async fn listen_once(
     // Subscribed first, then reloaded: a change committed after the reload's read
     // arrives as a notification, one before it is in what the reload read, and the
     // version rule sorts out any overlap.
-    reload(caches, pool).await?;
+    reload(caches, events, pool).await?;
     caches.set_live(true);
     gauges.cache_live.set(1.0);
     gauges.reconnects.increment(1);
@@ -85,6 +88,7 @@ async fn listen_once(
                 Ok(n) => {
                     let lag_us = chrono::Utc::now().timestamp_micros() - n.at_us;
                     gauges.lag.record(lag_us.max(0) as f64 / 1e6);
+                    events.apply(&n.notice, n.at_us);
                     caches.apply_notice(n.notice, |kind, applied| {
                         gauges.notifications[kind as usize][(applied == super::Applied::Newer) as usize].increment(1);
                     });
@@ -100,8 +104,8 @@ async fn listen_once(
     }
 }
 
-/// Refreshes everything cached from the database.
-async fn reload(caches: &Caches, pool: &PgPool) -> Result<(), sqlx::Error> {
+/// Refreshes everything cached, and every watched auction, from the database.
+async fn reload(caches: &Caches, events: &Hub, pool: &PgPool) -> Result<(), sqlx::Error> {
     let unwrap = |e: db::DbError| match e {
         db::DbError::Unavailable(e) | db::DbError::Other(e) => e,
         db::DbError::UnknownAccount => sqlx::Error::Protocol("a reload read named a missing account".into()),
@@ -111,6 +115,11 @@ async fn reload(caches: &Caches, pool: &PgPool) -> Result<(), sqlx::Error> {
         for auction in db::auctions::get_many(pool, &ids).await.map_err(unwrap)? {
             caches.apply_auction(auction);
         }
+    }
+    let watched = events.watched();
+    if !watched.is_empty() {
+        let auctions = db::auctions::get_many(pool, &watched).await.map_err(unwrap)?;
+        events.reloaded(auctions, chrono::Utc::now().timestamp_micros());
     }
     if !skus.is_empty() {
         for item in db::inventory::get_many(pool, &skus).await.map_err(unwrap)? {

@@ -232,6 +232,15 @@ impl Caches {
         inner.auctions.view(&id, now, render)
     }
 
+    /// The cached auction, if the cache is live and holds it.
+    pub fn auction(&self, id: i64) -> Option<Auction> {
+        let inner = self.lock();
+        if !inner.live {
+            return None;
+        }
+        inner.auctions.entries.peek(&id).map(|e| e.value.clone())
+    }
+
     /// Runs `f` on the cached auction even while the cache is not live. Only for
     /// decisions a stale entry cannot get wrong (a bid below the cached minimum).
     pub fn with_any_auction<R>(&self, id: i64, f: impl FnOnce(&Auction) -> R) -> Option<R> {
@@ -371,22 +380,7 @@ mod tests {
     use super::*;
 
     fn auction(version: i64, high_bid: Option<i64>) -> Auction {
-        Auction {
-            id: 7,
-            seller_id: 1,
-            title: "lamp".into(),
-            reserve: 100,
-            min_increment: 10,
-            extend_secs: 0,
-            high_bid,
-            high_bidder: high_bid.map(|_| 3),
-            bid_count: 0,
-            starts_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
-            ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
-            closed: false,
-            winner_id: None,
-            version,
-        }
+        Auction { high_bid, high_bidder: high_bid.map(|_| 3), ..Auction::sample(7, version) }
     }
 
     fn bid(version: i64, high_bid: i64) -> BidState {

@@ -105,6 +105,29 @@ pub struct BidState {
 }
 
 impl Auction {
+    /// An open auction for tests: a lamp, reserve 100, increment 10, no bids,
+    /// opened in 2023 and ending in 2096.
+    #[cfg(test)]
+    pub fn sample(id: i64, version: i64) -> Auction {
+        use chrono::TimeZone;
+        Auction {
+            id,
+            seller_id: 1,
+            title: "lamp".into(),
+            reserve: 100,
+            min_increment: 10,
+            extend_secs: 0,
+            high_bid: None,
+            high_bidder: None,
+            bid_count: 0,
+            starts_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+            ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
+            closed: false,
+            winner_id: None,
+            version,
+        }
+    }
+
     /// Applies what an accepted bid changed. The caller checks versions.
     pub fn apply_bid(&mut self, state: &BidState) {
         debug_assert_eq!(self.id, state.auction_id);

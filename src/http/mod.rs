@@ -13,6 +13,7 @@ pub mod respond;
 mod accounts;
 mod auctions;
 mod bids;
+mod events;
 mod health;
 mod inventory;
 mod orders;
@@ -24,7 +25,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::core::Core;
-pub use auctions::AuctionView;
+pub use auctions::{AuctionView, auction_json};
 pub use error::Error;
 
 /// The whole public API for one core, as it is served: the hot reads straight
@@ -54,6 +55,7 @@ fn documented() -> OpenApiRouter<Arc<Core>> {
         .merge(health::router())
         .merge(auctions::router())
         .merge(bids::router())
+        .merge(events::router())
         .merge(accounts::router())
         .merge(inventory::router())
         .merge(orders::router())

@@ -107,6 +107,8 @@ mod tests {
             "/api/auctions",
             "/api/auctions/{id}",
             "/api/auctions/{id}/bids",
+            "/api/auctions/{id}/events",
+            "/api/events",
             "/api/bids",
             "/api/accounts",
             "/api/sessions",

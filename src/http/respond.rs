@@ -27,7 +27,7 @@ pub const APPLICATION_JSON: &str = "application/json";
 pub const CACHED_READ: HeaderValue = HeaderValue::from_static("no-cache");
 
 /// Serialises `value` as JSON.
-fn to_vec<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     // Serialising plain data into memory cannot fail: our types have no maps with
     // non-string keys and no fallible Serialize impls.
     serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec())

@@ -20,8 +20,9 @@ use crate::db;
 use crate::db::batch::{BatchLimits, BatchStart, Batcher, Lanes};
 use crate::db::bids::{Announcer, Bids};
 use crate::db::orders::Orders;
+use crate::events::{Hub, StreamLimits};
 use crate::http;
-use crate::metrics::{self, CoreGauges};
+use crate::metrics::{self, CoreGauges, StreamMetrics};
 
 use super::deadlines::Deadlines;
 
@@ -111,10 +112,20 @@ async fn core_main(start: Start) {
         BatchLimits::one_at_a_time(config.order_queue_depth, config.max_order_batch),
         Box::new(|b: BatchStart| metrics::order_batch(b.size)),
     );
+    let events = Arc::new(Hub::new(
+        StreamLimits {
+            max_streams: config.max_streams_per_core,
+            heartbeat: config.stream_heartbeat,
+            retry: config.stream_retry,
+        },
+        http::auction_json,
+        StreamMetrics::new(index),
+    ));
     let core = Arc::new(Core {
         id: index,
         pool: pool.clone(),
         caches: caches.clone(),
+        events: events.clone(),
         bids,
         orders,
         keys,
@@ -128,8 +139,18 @@ async fn core_main(start: Start) {
     });
     let gauges = Arc::new(CoreGauges::new(index));
     let sweep_task = tokio::spawn(cache::sweep(caches.clone(), gauges.clone(), shutdown.clone()));
-    let listen_task =
-        tokio::spawn(cache::listener::run(index, caches, database, pool.clone(), gauges.clone(), shutdown.clone()));
+    let listen_task = tokio::spawn(cache::listener::run(
+        index,
+        caches,
+        events.clone(),
+        database,
+        pool.clone(),
+        gauges.clone(),
+        shutdown.clone(),
+    ));
+    // Heartbeats, and on shutdown the end of every stream (before the drain of
+    // connections waits for them).
+    let events_task = tokio::spawn(events.run(shutdown.clone()));
     let pool_task = tokio::spawn(sample_pool(pool.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
     let lifecycle_task =
         (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), config.lifecycle_tick, shutdown.clone())));
@@ -141,6 +162,7 @@ async fn core_main(start: Start) {
 
     let _ = listen_task.await;
     let _ = sweep_task.await;
+    let _ = events_task.await;
     let _ = pool_task.await;
     if let Some(task) = lifecycle_task {
         let _ = task.await;
@@ -182,6 +204,11 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
         };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        if let Some(bytes) = config.send_buffer
+            && let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(bytes)
+        {
+            tracing::debug!(error = %e, "cannot set SO_SNDBUF");
         }
         let connection = http.clone().timer(deadlines.timer()).serve_connection(TokioIo::new(stream), app.clone());
         let connection = graceful.watch(connection);

@@ -18,3 +18,4 @@ mod openapi;
 mod operations;
 mod orders;
 mod shop;
+mod streams;

@@ -18,6 +18,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/auctions"),
     ("GET", "/api/auctions/{id}"),
     ("GET", "/api/auctions/{id}/bids"),
+    ("GET", "/api/auctions/{id}/events"),
+    ("GET", "/api/events"),
     ("POST", "/api/bids"),
     ("POST", "/api/accounts"),
     ("POST", "/api/sessions"),

@@ -1,0 +1,677 @@
+//! Live event streams (Server-Sent Events), served from one core's notifications.
+//!
+//! Each core owns one [`Hub`]. A stream subscribes to auctions; the hub keeps,
+//! per watched auction, its newest state (a *topic*), fed by the same
+//! notifications as the core's cache ([`Hub::apply`], called by the cache
+//! listener). A change is rendered once per version into an SSE frame, shared by
+//! every watcher, and left in each watcher's [`Mailbox`]: at most one pending
+//! frame per auction, so a watcher that reads slowly or not at all holds at most
+//! the newest state of each auction it watches (older ones are *coalesced* away,
+//! and counted) and delays nobody. A stream holds no database connection; opening
+//! one reads the auction from the cache, or from the database like a cache miss.
+//!
+//! The frames:
+//!
+//! ```text
+//! event: auction            every state of a watched auction, oldest first
+//! id: <version>
+//! data: <the auction's JSON, as GET /api/auctions/{id} answers it>
+//!
+//! event: closed             its final state, winner included; the last event of
+//! id: <version>             that auction (a single-auction stream then ends)
+//! data: <the auction's JSON>
+//!
+//! : heartbeat               every --stream-heartbeat, so proxies keep it open
+//!
+//! retry: <ms>               on shutdown, before the stream ends
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http_body::{Body, Frame, SizeHint};
+
+use crate::db::notice::Notice;
+use crate::domain::auction::Auction;
+use crate::metrics::{EventKind, StreamMetrics};
+
+/// How a core renders an auction as JSON (the body of `GET /api/auctions/{id}`).
+pub type Render = fn(&Auction, DateTime<Utc>) -> Vec<u8>;
+
+/// The limits of a core's streams.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Streams a core keeps open at once; past it a new one gets 503.
+    pub max_streams: usize,
+    /// How often an idle stream gets a comment line.
+    pub heartbeat: Duration,
+    /// The reconnection delay a stream suggests when the server shuts down.
+    pub retry: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits { max_streams: 10_000, heartbeat: Duration::from_secs(15), retry: Duration::from_secs(1) }
+    }
+}
+
+/// Why a stream was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The core has `max_streams` open.
+    Full,
+    /// The server is shutting down.
+    Draining,
+}
+
+/// One rendered event, shared by every watcher of its auction.
+#[derive(Debug, Clone)]
+struct Event {
+    kind: EventKind,
+    version: i64,
+    frame: Bytes,
+    /// When the change was announced (epoch µs), for the delivery lag; 0 for a
+    /// stream's first state, which is no change.
+    at_us: i64,
+}
+
+/// An auction someone on this core watches, and who.
+#[derive(Default)]
+struct Topic {
+    /// Its newest state; `None` until its first load has been installed.
+    state: Option<Auction>,
+    /// The newest version announced while it had no state: a load older than this
+    /// missed a change and must be read again.
+    missed: i64,
+    /// The newest state, rendered; cleared when the state changes.
+    event: Option<Event>,
+    watchers: Vec<(u64, Arc<Mailbox>)>,
+}
+
+impl Topic {
+    /// The event of the current state, rendered now if it was not yet.
+    fn event(&mut self, render: Render, at_us: i64) -> Option<Event> {
+        let state = self.state.as_ref()?;
+        if self.event.is_none() {
+            let kind = if state.closed { EventKind::Closed } else { EventKind::Auction };
+            self.event = Some(Event { kind, version: state.version, frame: frame(kind, state, render), at_us });
+        }
+        self.event.clone()
+    }
+}
+
+fn frame(kind: EventKind, a: &Auction, render: Render) -> Bytes {
+    let json = render(a, Utc::now());
+    let mut out = Vec::with_capacity(json.len() + 48);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(kind.label().as_bytes());
+    out.extend_from_slice(b"\nid: ");
+    out.extend_from_slice(a.version.to_string().as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend_from_slice(&json);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+struct Inner {
+    topics: HashMap<i64, Topic>,
+    /// Every open stream, for heartbeats and the drain.
+    streams: HashMap<u64, Arc<Mailbox>>,
+    /// Slots taken by streams being opened or open.
+    reserved: usize,
+    next: u64,
+    draining: bool,
+}
+
+/// One core's streams and the auctions they watch.
+pub struct Hub {
+    limits: StreamLimits,
+    render: Render,
+    metrics: StreamMetrics,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.lock();
+        f.debug_struct("Hub").field("streams", &inner.streams.len()).field("topics", &inner.topics.len()).finish()
+    }
+}
+
+impl Hub {
+    pub fn new(limits: StreamLimits, render: Render, metrics: StreamMetrics) -> Self {
+        Hub {
+            limits,
+            render,
+            metrics,
+            inner: Mutex::new(Inner {
+                topics: HashMap::new(),
+                streams: HashMap::new(),
+                reserved: 0,
+                next: 0,
+                draining: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Only this core's thread takes the lock, and nothing panics while holding
+        // it half-way through a change.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a stream slot, or says why not.
+    pub fn reserve(self: &Arc<Self>) -> Result<Slot, Refused> {
+        let mut inner = self.lock();
+        if inner.draining {
+            return Err(Refused::Draining);
+        }
+        if inner.reserved >= self.limits.max_streams {
+            return Err(Refused::Full);
+        }
+        inner.reserved += 1;
+        Ok(Slot { hub: Some(self.clone()) })
+    }
+
+    /// Of `ids`, those whose state this hub does not hold yet. Each gets a topic
+    /// from now on, so a change announced while the caller reads it is noticed.
+    pub fn unknown(&self, ids: &[i64]) -> Vec<i64> {
+        let mut inner = self.lock();
+        ids.iter().copied().filter(|id| inner.topics.entry(*id).or_default().state.is_none()).collect()
+    }
+
+    /// Installs states read by the caller of [`Hub::unknown`]. Returns the ids
+    /// whose read missed a change announced meanwhile: read them again.
+    pub fn install(&self, auctions: Vec<Auction>) -> Vec<i64> {
+        let mut inner = self.lock();
+        let mut again = Vec::new();
+        for a in auctions {
+            let Some(topic) = inner.topics.get_mut(&a.id) else { continue };
+            if a.version < topic.missed {
+                again.push(a.id);
+                continue;
+            }
+            if topic.state.as_ref().is_none_or(|held| a.version > held.version) {
+                topic.state = Some(a);
+                topic.event = None;
+            }
+        }
+        again
+    }
+
+    /// Opens a stream of `ids`, whose states the hub holds (ids it does not hold
+    /// are returned: they do not exist). With `last_version` (a single auction's
+    /// `Last-Event-ID`), the current state is not sent again if it is that version.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        mut slot: Slot,
+        ids: &[i64],
+        last_version: Option<i64>,
+    ) -> Result<EventStream, Vec<i64>> {
+        let mut inner = self.lock();
+        let missing: Vec<i64> =
+            ids.iter().copied().filter(|id| inner.topics.get(id).is_none_or(|t| t.state.is_none())).collect();
+        if !missing.is_empty() {
+            for id in ids {
+                forget_if_unwatched(&mut inner.topics, *id);
+            }
+            return Err(missing);
+        }
+        inner.next += 1;
+        let id = inner.next;
+        let mailbox = Arc::new(Mailbox::default());
+        let mut watching = Vec::with_capacity(ids.len());
+        {
+            let mut pending = mailbox.lock();
+            pending.floor = last_version.unwrap_or(0);
+            for auction in ids {
+                let Some(topic) = inner.topics.get_mut(auction) else { continue };
+                let event = topic.event(self.render, 0);
+                let closed = event.as_ref().is_some_and(|e| e.kind == EventKind::Closed);
+                // The core may not have seen the version the client names yet: then
+                // nothing is sent until a newer one.
+                if let Some(event) = event
+                    && (event.version > pending.floor || closed)
+                {
+                    pending.events.push_back((*auction, event));
+                }
+                if closed {
+                    forget_if_unwatched(&mut inner.topics, *auction);
+                } else {
+                    topic.watchers.push((id, mailbox.clone()));
+                    watching.push(*auction);
+                    pending.open += 1;
+                }
+            }
+        }
+        inner.streams.insert(id, mailbox.clone());
+        slot.hub = None;
+        self.metrics.open.increment(1.0);
+        Ok(EventStream { hub: self.clone(), id, watching, mailbox, retry_sent: false })
+    }
+
+    /// Applies a notification to the watched auctions, and tells their watchers.
+    pub fn apply(&self, notice: &Notice, at_us: i64) {
+        let mut inner = self.lock();
+        if inner.topics.is_empty() {
+            return;
+        }
+        match notice {
+            Notice::Auction(a) => self.update(&mut inner, a.id, at_us, |topic| match &topic.state {
+                Some(held) if a.version <= held.version => false,
+                _ => {
+                    topic.state = Some(a.clone());
+                    true
+                }
+            }),
+            Notice::Bids(states) => {
+                for s in states {
+                    self.update(&mut inner, s.auction_id, at_us, |topic| match &mut topic.state {
+                        Some(held) if s.version > held.version => {
+                            held.apply_bid(s);
+                            true
+                        }
+                        Some(_) => false,
+                        None => {
+                            topic.missed = topic.missed.max(s.version);
+                            false
+                        }
+                    });
+                }
+            }
+            Notice::Inventory(_) => {}
+        }
+    }
+
+    /// Runs `change` on the topic of `auction`, if watched; if it changed the
+    /// state, renders it and leaves it with every watcher.
+    fn update(&self, inner: &mut Inner, auction: i64, at_us: i64, change: impl FnOnce(&mut Topic) -> bool) {
+        let Some(topic) = inner.topics.get_mut(&auction) else { return };
+        let had_state = topic.state.is_some();
+        if !change(topic) || !had_state {
+            // A first state arriving by notification is installed like a load's:
+            // nobody watches a topic without a state yet.
+            return;
+        }
+        topic.event = None;
+        let Some(event) = topic.event(self.render, at_us) else { return };
+        let closed = event.kind == EventKind::Closed;
+        for (_, mailbox) in &topic.watchers {
+            if mailbox.leave(auction, event.clone(), closed) {
+                self.metrics.coalesced.increment(1);
+            }
+        }
+        if closed {
+            // Its last event is with every watcher; nothing will change it again.
+            inner.topics.remove(&auction);
+        }
+    }
+
+    /// Ids of the auctions watched, for a reload after the notifications were
+    /// interrupted.
+    pub fn watched(&self) -> Vec<i64> {
+        self.lock().topics.iter().filter(|(_, t)| t.state.is_some()).map(|(id, _)| *id).collect()
+    }
+
+    /// Applies states read after the notifications were interrupted, like
+    /// notifications of whole auctions.
+    pub fn reloaded(&self, auctions: Vec<Auction>, at_us: i64) {
+        for a in auctions {
+            self.apply(&Notice::Auction(a), at_us);
+        }
+    }
+
+    /// Asks every open stream for a heartbeat.
+    pub fn heartbeat(&self) {
+        for mailbox in self.lock().streams.values() {
+            mailbox.poke(|m| m.heartbeat = true);
+        }
+    }
+
+    /// Refuses new streams and ends the open ones, each with a `retry:` hint.
+    pub fn drain(&self) {
+        let mut inner = self.lock();
+        inner.draining = true;
+        for mailbox in inner.streams.values() {
+            mailbox.poke(|m| m.draining = true);
+        }
+    }
+
+    /// Streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.lock().streams.len()
+    }
+
+    /// Runs the heartbeat until `shutdown`, then drains.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut interval = tokio::time::interval(self.limits.heartbeat);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        interval.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = interval.tick() => self.heartbeat(),
+            }
+        }
+        self.drain();
+    }
+
+    fn close(&self, id: u64, watching: &[i64]) {
+        let mut inner = self.lock();
+        inner.streams.remove(&id);
+        inner.reserved = inner.reserved.saturating_sub(1);
+        for auction in watching {
+            if let Some(topic) = inner.topics.get_mut(auction) {
+                topic.watchers.retain(|(w, _)| *w != id);
+                forget_if_unwatched(&mut inner.topics, *auction);
+            }
+        }
+        self.metrics.open.decrement(1.0);
+    }
+}
+
+/// Drops a topic nobody watches any more: its state would only age.
+fn forget_if_unwatched(topics: &mut HashMap<i64, Topic>, auction: i64) {
+    if topics.get(&auction).is_some_and(|t| t.watchers.is_empty()) {
+        topics.remove(&auction);
+    }
+}
+
+/// A stream slot taken by [`Hub::reserve`]; given back when dropped unless a
+/// stream was opened with it.
+pub struct Slot {
+    hub: Option<Arc<Hub>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(hub) = self.hub.take() {
+            let mut inner = hub.lock();
+            inner.reserved = inner.reserved.saturating_sub(1);
+        }
+    }
+}
+
+/// What waits for one stream's next read.
+#[derive(Default)]
+pub struct Mailbox {
+    inner: Mutex<Pending>,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// At most one event per auction, oldest change first.
+    events: VecDeque<(i64, Event)>,
+    /// Watched auctions whose `closed` event has not been left here yet.
+    open: usize,
+    /// The version the client said it has (`Last-Event-ID`): none older or equal
+    /// is sent.
+    floor: i64,
+    heartbeat: bool,
+    draining: bool,
+    waker: Option<Waker>,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Leaves `event` of `auction`, replacing one still unread (returns whether it
+    /// did: a coalesced event).
+    fn leave(&self, auction: i64, event: Event, closed: bool) -> bool {
+        let mut pending = self.lock();
+        if closed {
+            pending.open = pending.open.saturating_sub(1);
+        } else if event.version <= pending.floor {
+            return false;
+        }
+        let coalesced = match pending.events.iter_mut().find(|(a, _)| *a == auction) {
+            Some((_, unread)) => {
+                *unread = event;
+                true
+            }
+            None => {
+                pending.events.push_back((auction, event));
+                false
+            }
+        };
+        if let Some(waker) = pending.waker.take() {
+            waker.wake();
+        }
+        coalesced
+    }
+
+    fn poke(&self, set: impl FnOnce(&mut Pending)) {
+        let mut pending = self.lock();
+        set(&mut pending);
+        if let Some(waker) = pending.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The body of an event stream: its mailbox's frames as they come.
+pub struct EventStream {
+    hub: Arc<Hub>,
+    id: u64,
+    watching: Vec<i64>,
+    mailbox: Arc<Mailbox>,
+    retry_sent: bool,
+}
+
+const HEARTBEAT: &[u8] = b": heartbeat\n\n";
+
+impl Body for EventStream {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let mut pending = this.mailbox.lock();
+        if let Some((_, event)) = pending.events.pop_front() {
+            drop(pending);
+            this.hub.metrics.sent(event.kind);
+            if event.at_us > 0 {
+                let lag_us = Utc::now().timestamp_micros() - event.at_us;
+                this.hub.metrics.delivery.record(lag_us.max(0) as f64 / 1e6);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(event.frame))));
+        }
+        if pending.draining {
+            if this.retry_sent {
+                return Poll::Ready(None);
+            }
+            this.retry_sent = true;
+            let retry = format!("retry: {}\n\n", this.hub.limits.retry.as_millis());
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(retry)))));
+        }
+        if pending.open == 0 {
+            return Poll::Ready(None);
+        }
+        if pending.heartbeat {
+            pending.heartbeat = false;
+            drop(pending);
+            this.hub.metrics.sent(EventKind::Heartbeat);
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(HEARTBEAT)))));
+        }
+        match &pending.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => pending.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        false
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.hub.close(self.id, &self.watching);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::domain::auction::BidState;
+
+    fn render(a: &Auction, _: DateTime<Utc>) -> Vec<u8> {
+        format!("{{\"id\":{},\"v\":{},\"high\":{:?}}}", a.id, a.version, a.high_bid).into_bytes()
+    }
+
+    fn hub(max_streams: usize) -> Arc<Hub> {
+        let limits = StreamLimits { max_streams, ..StreamLimits::default() };
+        Arc::new(Hub::new(limits, render, StreamMetrics::new(0)))
+    }
+
+    fn auction(id: i64, version: i64) -> Auction {
+        Auction::sample(id, version)
+    }
+
+    fn bid(id: i64, version: i64, high_bid: i64) -> Notice {
+        Notice::Bids(vec![BidState {
+            auction_id: id,
+            version,
+            high_bid,
+            high_bidder: 9,
+            bid_count: version - 1,
+            ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
+        }])
+    }
+
+    fn open(hub: &Arc<Hub>, ids: &[i64], last: Option<i64>) -> EventStream {
+        let unknown = hub.unknown(ids);
+        assert!(hub.install(unknown.iter().map(|id| auction(*id, 1)).collect()).is_empty());
+        hub.subscribe(hub.reserve().unwrap(), ids, last).unwrap_or_else(|m| panic!("unknown {m:?}"))
+    }
+
+    /// The frames the stream has ready now, as text.
+    fn ready(stream: &mut EventStream) -> Vec<String> {
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut out = Vec::new();
+        while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut *stream).poll_frame(&mut cx) {
+            out.push(String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn a_stream_starts_with_the_current_state_then_follows_in_version_order() {
+        let hub = hub(10);
+        let mut s = open(&hub, &[7], None);
+        assert_eq!(ready(&mut s), ["event: auction\nid: 1\ndata: {\"id\":7,\"v\":1,\"high\":None}\n\n"]);
+        hub.apply(&bid(7, 2, 150), 1);
+        assert_eq!(ready(&mut s), ["event: auction\nid: 2\ndata: {\"id\":7,\"v\":2,\"high\":Some(150)}\n\n"]);
+        hub.apply(&bid(7, 2, 150), 1);
+        hub.apply(&bid(7, 1, 100), 1);
+        assert!(ready(&mut s).is_empty(), "old and repeated versions are not sent");
+    }
+
+    #[test]
+    fn a_slow_watcher_holds_only_the_newest_state_per_auction() {
+        let hub = hub(10);
+        let mut slow = open(&hub, &[7, 8], None);
+        let mut live = open(&hub, &[7], None);
+        ready(&mut live);
+        for v in 2..=50 {
+            hub.apply(&bid(7, v, 100 + v), 1);
+            assert_eq!(ready(&mut live).len(), 1, "a live watcher gets every version");
+        }
+        hub.apply(&bid(8, 2, 300), 1);
+        let frames = ready(&mut slow);
+        assert_eq!(frames.len(), 2, "one per auction: {frames:?}");
+        assert!(frames[0].contains("id: 50"), "the newest state of 7 first: {frames:?}");
+        assert!(frames[1].contains("\"id\":8") && frames[1].contains("id: 2"));
+    }
+
+    #[test]
+    fn last_event_id_of_the_current_version_sends_nothing_until_a_change() {
+        let hub = hub(10);
+        let mut first = open(&hub, &[7], None);
+        ready(&mut first);
+        hub.apply(&bid(7, 2, 150), 1);
+        let mut current = open(&hub, &[7], Some(2));
+        assert!(ready(&mut current).is_empty());
+        let mut older = open(&hub, &[7], Some(1));
+        assert_eq!(ready(&mut older).len(), 1, "an older version gets the current state");
+        hub.apply(&bid(7, 3, 160), 1);
+        assert_eq!(ready(&mut current).len(), 1);
+    }
+
+    #[test]
+    fn a_closed_auction_ends_its_stream_after_the_closed_event() {
+        let hub = hub(10);
+        let mut s = open(&hub, &[7], None);
+        ready(&mut s);
+        let mut closed = auction(7, 5);
+        closed.closed = true;
+        closed.winner_id = Some(9);
+        hub.apply(&Notice::Auction(closed), 1);
+        let frames = ready(&mut s);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].starts_with("event: closed\nid: 5\n"));
+        let waker = Waker::noop();
+        assert!(matches!(Pin::new(&mut s).poll_frame(&mut Context::from_waker(waker)), Poll::Ready(None)));
+        assert!(hub.watched().is_empty(), "nothing watches a closed auction");
+    }
+
+    #[test]
+    fn a_change_announced_during_the_first_read_makes_it_read_again() {
+        let hub = hub(10);
+        assert_eq!(hub.unknown(&[7]), [7]);
+        hub.apply(&bid(7, 3, 150), 1);
+        assert_eq!(hub.install(vec![auction(7, 2)]), [7], "the read missed version 3");
+        assert!(hub.install(vec![auction(7, 3)]).is_empty());
+    }
+
+    #[test]
+    fn unknown_auctions_are_refused_and_forgotten() {
+        let hub = hub(10);
+        assert_eq!(hub.unknown(&[7, 8]), [7, 8]);
+        hub.install(vec![auction(7, 1)]);
+        let refused = hub.subscribe(hub.reserve().unwrap(), &[7, 8], None);
+        assert_eq!(refused.err(), Some(vec![8]));
+        assert!(hub.watched().is_empty());
+        assert_eq!(hub.lock().reserved, 0, "the slot was given back");
+    }
+
+    #[test]
+    fn the_cap_refuses_streams_beyond_it_until_one_closes() {
+        let hub = hub(2);
+        let a = open(&hub, &[7], None);
+        let _b = open(&hub, &[7], None);
+        assert_eq!(hub.reserve().err(), Some(Refused::Full));
+        drop(a);
+        assert!(hub.reserve().is_ok());
+        assert_eq!(hub.open_streams(), 1);
+    }
+
+    #[test]
+    fn a_drain_ends_every_stream_with_a_retry_hint_and_refuses_new_ones() {
+        let hub = hub(10);
+        let mut s = open(&hub, &[7], None);
+        ready(&mut s);
+        hub.heartbeat();
+        assert_eq!(ready(&mut s), [": heartbeat\n\n"]);
+        hub.drain();
+        assert_eq!(ready(&mut s), ["retry: 1000\n\n"]);
+        let waker = Waker::noop();
+        assert!(matches!(Pin::new(&mut s).poll_frame(&mut Context::from_waker(waker)), Poll::Ready(None)));
+        assert_eq!(hub.reserve().err(), Some(Refused::Draining));
+    }
+}

@@ -1,0 +1,153 @@
+//! Event streams of auctions (`text/event-stream`), served by the core's
+//! [`Hub`](crate::events::Hub) from its notifications: see [`crate::events`] for
+//! the frames and what a slow watcher costs.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use serde::Deserialize;
+use utoipa::IntoParams;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
+use super::extract::{Id, Params, QueryProblems};
+use crate::core::Core;
+use crate::db;
+use crate::events::{EventStream, Refused};
+
+/// Auctions one stream may watch.
+pub const MAX_STREAM_AUCTIONS: usize = 100;
+
+/// How many times a stream's first read is repeated when changes keep arriving
+/// during it; past that it is served as read (the next change corrects it).
+const MAX_FIRST_READS: usize = 3;
+
+pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
+    OpenApiRouter::default().routes(routes!(auction_events)).routes(routes!(events))
+}
+
+/// One auction's changes, as they happen.
+///
+/// Server-Sent Events. The first event is the auction's current state (`event:
+/// auction`, `id:` its version, `data:` the same JSON as `GET
+/// /api/auctions/{id}`); every later state follows, oldest first, and a reader
+/// too slow for them gets only the newest. When the auction closes, `event:
+/// closed` carries its final state and winner, and the stream ends. With
+/// `Last-Event-ID` naming the current version nothing is sent until the next
+/// change; an older one gets the current state (states are complete). A comment
+/// line (`: heartbeat`) comes every `--stream-heartbeat`; on shutdown the stream
+/// ends with a `retry:` hint.
+#[utoipa::path(
+    get, path = "/api/auctions/{id}/events", tag = "auctions",
+    params(Id, ("Last-Event-ID" = Option<i64>, Header, description = "The version last received; the current state is sent only if it is newer")),
+    responses(
+        (status = 200, description = "The auction's events", content_type = "text/event-stream", body = String),
+        ServerProblems,
+        (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+async fn auction_events(State(core): State<Arc<Core>>, Id(id): Id, headers: HeaderMap) -> Result<Response> {
+    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<i64>().ok());
+    open(&core, &[id], last).await.map(stream_response)
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct Watch {
+    /// Up to 100 auction ids, comma-separated.
+    auctions: Option<String>,
+}
+
+/// Several auctions' changes in one stream.
+///
+/// Server-Sent Events, as `GET /api/auctions/{id}/events` sends them for each of
+/// up to 100 auctions (`?auctions=ID,ID,…`): first each one's current state, then
+/// their changes, each auction's oldest first. Each auction's `closed` event is
+/// its last; the stream ends when every one has closed. `Last-Event-ID` is not
+/// used: a reconnected stream starts with every current state.
+#[utoipa::path(
+    get, path = "/api/events", tag = "auctions",
+    params(Watch),
+    responses(
+        (status = 200, description = "The auctions' events", content_type = "text/event-stream", body = String),
+        QueryProblems, ServerProblems,
+        (status = 404, description = "One of the auctions does not exist", body = Problem, content_type = PROBLEM_JSON),
+    )
+)]
+async fn events(State(core): State<Arc<Core>>, Params(watch): Params<Watch>) -> Result<Response> {
+    let ids = parse_ids(watch.auctions.as_deref().unwrap_or(""))?;
+    open(&core, &ids, None).await.map(stream_response)
+}
+
+/// The ids of `?auctions=`: 1 to [`MAX_STREAM_AUCTIONS`] positive integers, each
+/// once.
+fn parse_ids(list: &str) -> Result<Vec<i64>> {
+    let invalid =
+        || Error::InvalidQuery(format!("auctions must be 1 to {MAX_STREAM_AUCTIONS} comma-separated auction ids"));
+    let mut ids = Vec::new();
+    for part in list.split(',') {
+        let id = part.trim().parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(invalid)?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if ids.len() > MAX_STREAM_AUCTIONS {
+        return Err(invalid());
+    }
+    Ok(ids)
+}
+
+/// Opens a stream of `ids`, reading the states the hub does not hold from the
+/// cache, or else from the database.
+async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream> {
+    let slot = core.events.reserve().map_err(|refused| match refused {
+        Refused::Full => Error::Overloaded,
+        Refused::Draining => Error::NotReady("the server is shutting down"),
+    })?;
+    let mut wanted = core.events.unknown(ids);
+    for _ in 0..MAX_FIRST_READS {
+        if wanted.is_empty() {
+            break;
+        }
+        let (cached, missed): (Vec<_>, Vec<_>) =
+            wanted.iter().map(|id| (*id, core.caches.auction(*id))).partition(|(_, a)| a.is_some());
+        let mut read: Vec<_> = cached.into_iter().filter_map(|(_, a)| a).collect();
+        let missed: Vec<i64> = missed.into_iter().map(|(id, _)| id).collect();
+        if !missed.is_empty() {
+            read.extend(db::auctions::get_many(&core.pool, &missed).await?);
+        }
+        wanted = core.events.install(read);
+    }
+    core.events.subscribe(slot, ids, last).map_err(|_| Error::NotFound("no such auction"))
+}
+
+fn stream_response(stream: EventStream) -> Response {
+    let mut response = Response::new(Body::new(stream));
+    *response.status_mut() = StatusCode::OK;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // nginx and others buffer responses unless told not to.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auction_lists_are_positive_ids_at_most_a_hundred() {
+        assert_eq!(parse_ids("3,1, 2,3").unwrap(), [3, 1, 2]);
+        let hundred = (1..=100).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        assert_eq!(parse_ids(&hundred).unwrap().len(), 100);
+        let too_many = (1..=101).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        for bad in ["", "1,,2", "0", "-4", "x", "1;2", &too_many] {
+            assert!(parse_ids(bad).is_err(), "{bad:?}");
+        }
+    }
+}

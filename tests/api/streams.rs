@@ -1,0 +1,256 @@
+//! Event streams (`text/event-stream`): what a watcher receives, in what order,
+//! and what slow watchers, the stream cap and shutdown do.
+
+use std::io::Write as _;
+use std::net::TcpStream;
+use std::pin::Pin;
+use std::time::Duration;
+
+use eventsource_stream::{Event, Eventsource};
+use futures::{Stream, StreamExt};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+type Events = Pin<Box<dyn Stream<Item = Result<Event, eventsource_stream::EventStreamError<reqwest::Error>>> + Send>>;
+
+/// Opens an event stream on its own connection, asserting it was accepted.
+async fn watch(app: &TestApp, path: &str, last_event_id: Option<i64>) -> Events {
+    let mut request = fresh_connection_client().get(app.url(path));
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id.to_string());
+    }
+    let response = request.send().await.expect("stream request");
+    assert_eq!(response.status(), StatusCode::OK, "{path}");
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    Box::pin(response.bytes_stream().eventsource())
+}
+
+/// The next event, failing after `within`.
+async fn next(events: &mut Events, within: Duration) -> Event {
+    match tokio::time::timeout(within, events.next()).await {
+        Ok(Some(Ok(event))) => event,
+        Ok(other) => panic!("the stream ended or failed: {other:?}"),
+        Err(_) => panic!("no event within {within:?}"),
+    }
+}
+
+/// Whether an event arrives within `within`.
+async fn quiet(events: &mut Events, within: Duration) -> bool {
+    tokio::time::timeout(within, events.next()).await.is_err()
+}
+
+fn data(event: &Event) -> Value {
+    serde_json::from_str(&event.data).expect("event data is JSON")
+}
+
+const SOON: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn a_stream_starts_with_the_read_state_and_follows_every_bid_in_version_order() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let mut events = watch(&app, &format!("/api/auctions/{id}/events"), None).await;
+    let first = next(&mut events, SOON).await;
+    assert_eq!(first.event, "auction");
+    assert_eq!(data(&first), app.auction(id, false).await, "the first event is what a read answers");
+    assert_eq!(first.id, data(&first)["version"].to_string());
+    let mut last_version = data(&first)["version"].as_i64().unwrap();
+    for (i, amount) in [100, 120, 150, 170, 200].into_iter().enumerate() {
+        let bidder = app.bidder(2 + (i as i64 % 2));
+        assert_eq!(app.place_bid(&bidder, id, amount).await.status(), StatusCode::CREATED);
+        let event = next(&mut events, SOON).await;
+        let state = data(&event);
+        assert_eq!(event.event, "auction");
+        assert_eq!(state["high_bid"], amount, "each accepted bid's state, in order");
+        let version = state["version"].as_i64().unwrap();
+        assert!(version > last_version, "versions only rise");
+        assert_eq!(event.id, version.to_string());
+        last_version = version;
+    }
+}
+
+#[tokio::test]
+async fn last_event_id_resumes_without_repeating_the_current_state() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    assert_eq!(app.place_bid(&app.bidder(2), id, 100).await.status(), StatusCode::CREATED);
+    let current = app.auction(id, true).await["version"].as_i64().unwrap();
+    let path = format!("/api/auctions/{id}/events");
+
+    let mut resumed = watch(&app, &path, Some(current)).await;
+    assert!(quiet(&mut resumed, Duration::from_millis(400)).await, "nothing new since the version it names");
+    let mut behind = watch(&app, &path, Some(current - 1)).await;
+    assert_eq!(next(&mut behind, SOON).await.id, current.to_string(), "an older version gets the current state");
+
+    assert_eq!(app.place_bid(&app.bidder(3), id, 110).await.status(), StatusCode::CREATED);
+    let event = next(&mut resumed, SOON).await;
+    assert_eq!(data(&event)["high_bid"], 110);
+    assert_eq!(event.id, (current + 1).to_string());
+}
+
+#[tokio::test]
+async fn a_closing_auction_sends_its_final_state_and_winner_then_ends_the_stream() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 1.5, 0).await["id"].as_i64().unwrap();
+    let mut events = watch(&app, &format!("/api/auctions/{id}/events"), None).await;
+    assert_eq!(next(&mut events, SOON).await.event, "auction");
+    assert_eq!(app.place_bid(&app.bidder(4), id, 150).await.status(), StatusCode::CREATED);
+    assert_eq!(data(&next(&mut events, SOON).await)["high_bid"], 150);
+    let closed = next(&mut events, SOON).await;
+    assert_eq!(closed.event, "closed");
+    let state = data(&closed);
+    assert_eq!(state["status"], "closed");
+    assert_eq!(state["winner_id"], 4);
+    assert_eq!(state["high_bid"], 150);
+    match tokio::time::timeout(SOON, events.next()).await {
+        Ok(None) => {}
+        other => panic!("the stream should end after the closed event: {other:?}"),
+    }
+    // Watching a closed auction gets its final state and ends at once.
+    let mut late = watch(&app, &format!("/api/auctions/{id}/events"), None).await;
+    assert_eq!(next(&mut late, SOON).await.event, "closed");
+    assert!(matches!(tokio::time::timeout(SOON, late.next()).await, Ok(None)));
+}
+
+#[tokio::test]
+async fn one_stream_carries_several_auctions_and_bad_lists_are_refused() {
+    let app = spawn_app().await;
+    let a = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let b = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let mut events = watch(&app, &format!("/api/events?auctions={a},{b}"), None).await;
+    let mut first: Vec<i64> = Vec::new();
+    for _ in 0..2 {
+        first.push(data(&next(&mut events, SOON).await)["id"].as_i64().unwrap());
+    }
+    first.sort();
+    assert_eq!(first, [a, b], "each auction's current state first");
+    assert_eq!(app.place_bid(&app.bidder(2), b, 130).await.status(), StatusCode::CREATED);
+    let event = data(&next(&mut events, SOON).await);
+    assert_eq!((event["id"].as_i64(), event["high_bid"].as_i64()), (Some(b), Some(130)));
+
+    for bad in ["/api/events", "/api/events?auctions=", "/api/events?auctions=1,x", "/api/events?auctions=0"] {
+        assert_problem(app.get(bad).await, StatusCode::UNPROCESSABLE_ENTITY, "/problems/invalid-query").await;
+    }
+    let too_many = (1..=101).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let response = app.get(&format!("/api/events?auctions={too_many}")).await;
+    assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, "/problems/invalid-query").await;
+    assert_problem(
+        app.get(&format!("/api/events?auctions={a},999999")).await,
+        StatusCode::NOT_FOUND,
+        "/problems/not-found",
+    )
+    .await;
+    assert_problem(app.get("/api/auctions/999999/events").await, StatusCode::NOT_FOUND, "/problems/not-found").await;
+}
+
+/// A watcher that never reads holds only the newest state (its events coalesce),
+/// and a live watcher of the same auction gets every change as it happens.
+#[tokio::test]
+async fn a_stalled_watcher_does_not_slow_a_live_one() {
+    // Small kernel buffers on both ends and no reads: the server's writes to the
+    // stalled watcher soon block.
+    let app = spawn_app_with(&["--send-buffer", "4096"]).await;
+    let id = app.open_auction(100, 1, 120.0, 0).await["id"].as_i64().unwrap();
+    let stalled = {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(1024).unwrap();
+        socket.connect(&app.addr.into()).unwrap();
+        let mut stream: TcpStream = socket.into();
+        write!(stream, "GET /api/auctions/{id}/events HTTP/1.1\r\nhost: gavel\r\n\r\n").unwrap();
+        stream
+    };
+    let mut live = watch(&app, &format!("/api/auctions/{id}/events"), None).await;
+    next(&mut live, SOON).await;
+    let bidders = [app.bidder(2), app.bidder(3)];
+    for i in 0..400 {
+        let amount = 100 + i;
+        let placed = app.place_bid(&bidders[i as usize % 2], id, amount).await;
+        assert_eq!(placed.status(), StatusCode::CREATED);
+        let event = next(&mut live, Duration::from_secs(2)).await;
+        assert_eq!(data(&event)["high_bid"], amount, "the live watcher is never held back");
+    }
+    let coalesced = app.per_core("gavel_events_coalesced_total", &[]).await;
+    assert!(coalesced.iter().sum::<f64>() > 0.0, "the stalled watcher's events coalesced: {coalesced:?}");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn streams_beyond_the_cap_get_503_with_retry_after() {
+    let app = spawn_app_with(&["--max-streams-per-core", "1"]).await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let path = app.url(&format!("/api/auctions/{id}/events"));
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..3 {
+        let response = fresh_connection_client().get(&path).send().await.unwrap();
+        match response.status() {
+            StatusCode::OK => open.push(response),
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(response.headers().contains_key("retry-after"));
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert!(open.len() <= 2, "one stream per core at most");
+    assert!(refused >= 1);
+    // A closed stream frees its slot.
+    drop(open);
+    eventually(SOON, "a slot is free again", || async {
+        let response = fresh_connection_client().get(&path).send().await.unwrap();
+        (response.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_streams_with_a_retry_hint() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let response = fresh_connection_client().get(app.url(&format!("/api/auctions/{id}/events"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.bytes_stream();
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(SOON, body.next()).await.expect("the first state").unwrap().unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    app.drain();
+    // A retry field alone dispatches no event (it sets the client's reconnection
+    // delay), so the raw bytes are read.
+    let rest = tokio::time::timeout(SOON, async {
+        let mut rest = String::new();
+        while let Some(chunk) = body.next().await {
+            rest.push_str(std::str::from_utf8(&chunk.expect("a clean end")).unwrap());
+        }
+        rest
+    })
+    .await
+    .expect("the stream ends soon after the drain begins");
+    assert!(rest.ends_with("retry: 1000\n\n"), "ends with a retry hint: {rest:?}");
+}
+
+#[tokio::test]
+async fn streams_are_counted_per_core() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let mut events = watch(&app, &format!("/api/auctions/{id}/events"), None).await;
+    next(&mut events, SOON).await;
+    assert_eq!(app.place_bid(&app.bidder(2), id, 100).await.status(), StatusCode::CREATED);
+    next(&mut events, SOON).await;
+    let open = app.per_core("gavel_event_streams_open", &[]).await;
+    assert_eq!(open.iter().sum::<f64>(), 1.0);
+    let sent = app.per_core("gavel_events_sent_total", &["kind=\"auction\""]).await;
+    assert_eq!(sent.iter().sum::<f64>(), 2.0, "the first state and one change");
+    let delivered = app.per_core("gavel_event_delivery_seconds_count", &[]).await;
+    assert_eq!(delivered.iter().sum::<f64>(), 1.0, "a change's delivery is timed; the first state is no change");
+    drop(events);
+    eventually(SOON, "the stream is no longer counted", || async {
+        let open = app.per_core("gavel_event_streams_open", &[]).await;
+        (open.iter().sum::<f64>() == 0.0).then_some(())
+    })
+    .await;
+}
