@@ -142,6 +142,13 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_STREAM_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub stream_heartbeat: Duration,
 
+    /// Events a core hands its event streams per second at most (0: no limit).
+    /// Past it, an auction's changes wait for the next 10 ms tick and only the
+    /// newest is sent, so the fan-out to many watchers cannot take the CPU that
+    /// bids need. Each event costs a write to its connection.
+    #[arg(long, env = "GAVEL_STREAM_EVENTS_PER_SEC", default_value_t = 20_000)]
+    pub stream_events_per_sec: usize,
+
     /// The reconnection delay event streams are told (`retry:`) when the server
     /// shuts down, so their clients come back, to another instance, soon after.
     #[arg(long, env = "GAVEL_STREAM_RETRY", default_value = "1s", value_parser = humantime::parse_duration)]

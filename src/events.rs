@@ -40,6 +40,9 @@ use crate::db::notice::Notice;
 use crate::domain::auction::Auction;
 use crate::metrics::{EventKind, StreamMetrics};
 
+/// How often the delivery budget (`--stream-events-per-sec`) is refilled.
+pub const DELIVERY_TICK: Duration = Duration::from_millis(10);
+
 /// How a core renders an auction as JSON (the body of `GET /api/auctions/{id}`).
 pub type Render = fn(&Auction, DateTime<Utc>) -> Vec<u8>;
 
@@ -52,11 +55,20 @@ pub struct StreamLimits {
     pub heartbeat: Duration,
     /// The reconnection delay a stream suggests when the server shuts down.
     pub retry: Duration,
+    /// Events a core hands its streams per second at most (0: no limit). Past it,
+    /// changes wait for the next tick and coalesce, so that the fan-out cannot
+    /// take the CPU that bids need.
+    pub events_per_sec: usize,
 }
 
 impl Default for StreamLimits {
     fn default() -> Self {
-        StreamLimits { max_streams: 10_000, heartbeat: Duration::from_secs(15), retry: Duration::from_secs(1) }
+        StreamLimits {
+            max_streams: 10_000,
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(1),
+            events_per_sec: 0,
+        }
     }
 }
 
@@ -90,6 +102,10 @@ struct Topic {
     missed: i64,
     /// The newest state, rendered; cleared when the state changes.
     event: Option<Event>,
+    /// When its newest change was announced (epoch µs).
+    changed_at_us: i64,
+    /// Its newest change waits in the hub's queue for delivery.
+    queued: bool,
     watchers: Vec<(u64, Arc<Mailbox>)>,
 }
 
@@ -120,6 +136,8 @@ fn frame(kind: EventKind, a: &Auction, render: Render) -> Bytes {
 
 struct Inner {
     topics: HashMap<i64, Topic>,
+    /// Topics whose newest change is not yet with their watchers, oldest first.
+    queue: VecDeque<i64>,
     /// Every open stream, for heartbeats and the drain.
     streams: HashMap<u64, Arc<Mailbox>>,
     /// Slots taken by streams being opened or open.
@@ -133,6 +151,8 @@ pub struct Hub {
     limits: StreamLimits,
     render: Render,
     metrics: StreamMetrics,
+    /// Wakes the delivery task when a change is queued.
+    wake: tokio::sync::Notify,
     inner: Mutex<Inner>,
 }
 
@@ -149,8 +169,10 @@ impl Hub {
             limits,
             render,
             metrics,
+            wake: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 topics: HashMap::new(),
+                queue: VecDeque::new(),
                 streams: HashMap::new(),
                 reserved: 0,
                 next: 0,
@@ -228,7 +250,9 @@ impl Hub {
         let mut watching = Vec::with_capacity(ids.len());
         {
             let mut pending = mailbox.lock();
-            pending.floor = last_version.unwrap_or(0);
+            if let Some(version) = last_version {
+                pending.sent.extend(ids.iter().map(|id| (*id, version)));
+            }
             for auction in ids {
                 let Some(topic) = inner.topics.get_mut(auction) else { continue };
                 let event = topic.event(self.render, 0);
@@ -236,8 +260,9 @@ impl Hub {
                 // The core may not have seen the version the client names yet: then
                 // nothing is sent until a newer one.
                 if let Some(event) = event
-                    && (event.version > pending.floor || closed)
+                    && (event.version > pending.sent_version(*auction) || closed)
                 {
+                    pending.sent_now(*auction, event.version);
                     pending.events.push_back((*auction, event));
                 }
                 if closed {
@@ -299,16 +324,74 @@ impl Hub {
             return;
         }
         topic.event = None;
-        let Some(event) = topic.event(self.render, at_us) else { return };
-        let closed = event.kind == EventKind::Closed;
-        for (_, mailbox) in &topic.watchers {
-            if mailbox.leave(auction, event.clone(), closed) {
-                self.metrics.coalesced.increment(1);
+        topic.changed_at_us = at_us;
+        if topic.queued {
+            // The change before this one never reached these watchers.
+            self.metrics.coalesced.increment(topic.watchers.len() as u64);
+        } else {
+            topic.queued = true;
+            inner.queue.push_back(auction);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Hands the newest state of queued topics to their watchers, topic by topic,
+    /// until about `budget` events have gone out; returns how many did.
+    pub fn deliver(&self, budget: usize) -> usize {
+        let mut inner = self.lock();
+        let mut delivered = 0;
+        while delivered < budget {
+            let Some(auction) = inner.queue.pop_front() else { break };
+            let Some(topic) = inner.topics.get_mut(&auction) else { continue };
+            topic.queued = false;
+            let Some(event) = topic.event(self.render, topic.changed_at_us) else { continue };
+            let closed = event.kind == EventKind::Closed;
+            for (_, mailbox) in &topic.watchers {
+                if mailbox.leave(auction, event.clone(), closed) {
+                    self.metrics.coalesced.increment(1);
+                }
+            }
+            delivered += topic.watchers.len();
+            if closed {
+                // Its last event is with every watcher; nothing will change it again.
+                inner.topics.remove(&auction);
             }
         }
-        if closed {
-            // Its last event is with every watcher; nothing will change it again.
-            inner.topics.remove(&auction);
+        delivered
+    }
+
+    /// Delivers queued changes as they come, at most `events_per_sec` a second
+    /// (refilled every [`DELIVERY_TICK`]), until `shutdown`.
+    pub async fn deliver_changes(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let rate = self.limits.events_per_sec;
+        let per_tick = if rate == 0 { usize::MAX } else { (rate as f64 * DELIVERY_TICK.as_secs_f64()).ceil() as usize };
+        let mut tokens = per_tick;
+        let mut refilled = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = self.wake.notified() => {}
+            }
+            loop {
+                if rate != 0 {
+                    let ticks = refilled.elapsed().as_secs_f64() / DELIVERY_TICK.as_secs_f64();
+                    if ticks >= 1.0 {
+                        tokens = per_tick;
+                        refilled = tokio::time::Instant::now();
+                    }
+                    if tokens == 0 {
+                        tokio::time::sleep_until(refilled + DELIVERY_TICK).await;
+                        continue;
+                    }
+                }
+                let delivered = self.deliver(tokens);
+                if delivered == 0 {
+                    break;
+                }
+                tokens = tokens.saturating_sub(delivered);
+                // Requests of this core run between rounds.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -409,12 +492,25 @@ struct Pending {
     events: VecDeque<(i64, Event)>,
     /// Watched auctions whose `closed` event has not been left here yet.
     open: usize,
-    /// The version the client said it has (`Last-Event-ID`): none older or equal
-    /// is sent.
-    floor: i64,
+    /// The newest version left here per auction (with `Last-Event-ID`, the one
+    /// the client has): none older or equal is left again.
+    sent: Vec<(i64, i64)>,
     heartbeat: bool,
     draining: bool,
     waker: Option<Waker>,
+}
+
+impl Pending {
+    fn sent_version(&self, auction: i64) -> i64 {
+        self.sent.iter().find(|(a, _)| *a == auction).map_or(0, |(_, v)| *v)
+    }
+
+    fn sent_now(&mut self, auction: i64, version: i64) {
+        match self.sent.iter_mut().find(|(a, _)| *a == auction) {
+            Some((_, v)) => *v = version.max(*v),
+            None => self.sent.push((auction, version)),
+        }
+    }
 }
 
 impl Mailbox {
@@ -426,10 +522,12 @@ impl Mailbox {
     /// did: a coalesced event).
     fn leave(&self, auction: i64, event: Event, closed: bool) -> bool {
         let mut pending = self.lock();
+        if event.version <= pending.sent_version(auction) && !closed {
+            return false;
+        }
+        pending.sent_now(auction, event.version);
         if closed {
             pending.open = pending.open.saturating_sub(1);
-        } else if event.version <= pending.floor {
-            return false;
         }
         let coalesced = match pending.events.iter_mut().find(|(a, _)| *a == auction) {
             Some((_, unread)) => {
@@ -553,6 +651,12 @@ mod tests {
         }])
     }
 
+    /// Applies a notice and delivers it at once.
+    fn change(hub: &Hub, notice: &Notice) {
+        hub.apply(notice, 1);
+        hub.deliver(usize::MAX);
+    }
+
     fn open(hub: &Arc<Hub>, ids: &[i64], last: Option<i64>) -> EventStream {
         let unknown = hub.unknown(ids);
         assert!(hub.install(unknown.iter().map(|id| auction(*id, 1)).collect()).is_empty());
@@ -575,10 +679,10 @@ mod tests {
         let hub = hub(10);
         let mut s = open(&hub, &[7], None);
         assert_eq!(ready(&mut s), ["event: auction\nid: 1\ndata: {\"id\":7,\"v\":1,\"high\":None}\n\n"]);
-        hub.apply(&bid(7, 2, 150), 1);
+        change(&hub, &bid(7, 2, 150));
         assert_eq!(ready(&mut s), ["event: auction\nid: 2\ndata: {\"id\":7,\"v\":2,\"high\":Some(150)}\n\n"]);
-        hub.apply(&bid(7, 2, 150), 1);
-        hub.apply(&bid(7, 1, 100), 1);
+        change(&hub, &bid(7, 2, 150));
+        change(&hub, &bid(7, 1, 100));
         assert!(ready(&mut s).is_empty(), "old and repeated versions are not sent");
     }
 
@@ -589,10 +693,10 @@ mod tests {
         let mut live = open(&hub, &[7], None);
         ready(&mut live);
         for v in 2..=50 {
-            hub.apply(&bid(7, v, 100 + v), 1);
+            change(&hub, &bid(7, v, 100 + v));
             assert_eq!(ready(&mut live).len(), 1, "a live watcher gets every version");
         }
-        hub.apply(&bid(8, 2, 300), 1);
+        change(&hub, &bid(8, 2, 300));
         let frames = ready(&mut slow);
         assert_eq!(frames.len(), 2, "one per auction: {frames:?}");
         assert!(frames[0].contains("id: 50"), "the newest state of 7 first: {frames:?}");
@@ -604,12 +708,12 @@ mod tests {
         let hub = hub(10);
         let mut first = open(&hub, &[7], None);
         ready(&mut first);
-        hub.apply(&bid(7, 2, 150), 1);
+        change(&hub, &bid(7, 2, 150));
         let mut current = open(&hub, &[7], Some(2));
         assert!(ready(&mut current).is_empty());
         let mut older = open(&hub, &[7], Some(1));
         assert_eq!(ready(&mut older).len(), 1, "an older version gets the current state");
-        hub.apply(&bid(7, 3, 160), 1);
+        change(&hub, &bid(7, 3, 160));
         assert_eq!(ready(&mut current).len(), 1);
     }
 
@@ -621,7 +725,7 @@ mod tests {
         let mut closed = auction(7, 5);
         closed.closed = true;
         closed.winner_id = Some(9);
-        hub.apply(&Notice::Auction(closed), 1);
+        change(&hub, &Notice::Auction(closed));
         let frames = ready(&mut s);
         assert_eq!(frames.len(), 1);
         assert!(frames[0].starts_with("event: closed\nid: 5\n"));
@@ -634,7 +738,7 @@ mod tests {
     fn a_change_announced_during_the_first_read_makes_it_read_again() {
         let hub = hub(10);
         assert_eq!(hub.unknown(&[7]), [7]);
-        hub.apply(&bid(7, 3, 150), 1);
+        change(&hub, &bid(7, 3, 150));
         assert_eq!(hub.install(vec![auction(7, 2)]), [7], "the read missed version 3");
         assert!(hub.install(vec![auction(7, 3)]).is_empty());
     }
@@ -673,5 +777,26 @@ mod tests {
         let waker = Waker::noop();
         assert!(matches!(Pin::new(&mut s).poll_frame(&mut Context::from_waker(waker)), Poll::Ready(None)));
         assert_eq!(hub.reserve().err(), Some(Refused::Draining));
+    }
+
+    #[test]
+    fn a_delivery_round_stops_at_its_budget_and_later_changes_coalesce() {
+        let hub = hub(10);
+        let mut streams: Vec<EventStream> = (1..=3).map(|id| open(&hub, &[id], None)).collect();
+        for s in &mut streams {
+            ready(s);
+        }
+        for id in 1..=3 {
+            hub.apply(&bid(id, 2, 150), 1);
+        }
+        assert_eq!(hub.deliver(1), 1, "one topic of one watcher");
+        assert_eq!(ready(&mut streams[0]).len(), 1);
+        assert!(ready(&mut streams[1]).is_empty(), "the rest waits for the next round");
+        hub.apply(&bid(2, 3, 160), 1);
+        assert_eq!(hub.deliver(usize::MAX), 2);
+        let frames = ready(&mut streams[1]);
+        assert_eq!(frames.len(), 1, "only the newest state: {frames:?}");
+        assert!(frames[0].contains("id: 3"));
+        assert_eq!(ready(&mut streams[2]).len(), 1);
     }
 }

@@ -11,6 +11,7 @@
 //! gavel-loadtest seed --target URL [--auctions N] [--skus N] [--bidders N]
 //! gavel-loadtest run SCENARIO --target URL [--duration 10s] [--connections C] [--rate R] [--json]
 //!                   [--server-pid PID | --metrics-url URL]
+//! gavel-loadtest watch --target URL [--streams 10000] [--auctions 100] [--bid-rate 2000] [--json]
 //! ```
 //!
 //! Every run stops by itself after `--duration` or `--requests`, and sends only to
@@ -25,6 +26,7 @@
 //! - [`setup`]: accounts, tokens, seeding, finding the open auctions.
 //! - [`stats`]: histograms, counts and the report.
 //! - [`ticker`]: the open loop's precise per-thread timer.
+//! - [`watch`]: the `watch` command: event streams held open while bids run.
 
 pub mod engine;
 pub mod http;
@@ -33,6 +35,7 @@ pub mod series;
 pub mod setup;
 pub mod stats;
 pub mod ticker;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +63,9 @@ pub enum Command {
     Seed(SeedArgs),
     /// Drive one scenario against the target and report throughput and latency.
     Run(Box<RunArgs>),
+    /// Hold event streams open while bids run; report delivery and what the
+    /// streams cost.
+    Watch(Box<watch::WatchArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +188,15 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
                 seeded.skus,
                 seeded.bidders
             );
+            Ok(())
+        }
+        Command::Watch(args) => {
+            let report = watch::watch(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
             Ok(())
         }
         Command::Run(args) => {

@@ -141,6 +141,16 @@ impl Workload {
         Workload { kinds, lots, hot, skus, bidders, epoch: Instant::now(), churn: None }
     }
 
+    /// The auctions read and bid on.
+    pub fn lots(&self) -> &[Lot] {
+        &self.lots
+    }
+
+    /// The instant bid amounts rise from, one per microsecond.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
     /// Adds what `create-auction` requests need.
     pub fn with_churn(self, churn: Churn) -> Workload {
         Workload { churn: Some(churn), ..self }

@@ -203,6 +203,14 @@ impl Rss {
     }
 }
 
+/// The text of a Prometheus endpoint (`http://host:port/path`).
+pub fn fetch_metrics(url: &str) -> anyhow::Result<String> {
+    match Rss::metrics(url)? {
+        Rss::Metrics { target, path } => get(&target, &path),
+        Rss::Pid(_) => unreachable!("parsed as a metrics URL"),
+    }
+}
+
 /// `VmRSS:   12345 kB` of a `/proc/PID/status`, in bytes.
 fn vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;

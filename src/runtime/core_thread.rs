@@ -117,6 +117,7 @@ async fn core_main(start: Start) {
             max_streams: config.max_streams_per_core,
             heartbeat: config.stream_heartbeat,
             retry: config.stream_retry,
+            events_per_sec: config.stream_events_per_sec,
         },
         http::auction_json,
         StreamMetrics::new(index),
@@ -150,7 +151,8 @@ async fn core_main(start: Start) {
     ));
     // Heartbeats, and on shutdown the end of every stream (before the drain of
     // connections waits for them).
-    let events_task = tokio::spawn(events.run(shutdown.clone()));
+    let events_task = tokio::spawn(events.clone().run(shutdown.clone()));
+    let delivery_task = tokio::spawn(events.clone().deliver_changes(shutdown.clone()));
     let pool_task = tokio::spawn(sample_pool(pool.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
     let lifecycle_task =
         (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), config.lifecycle_tick, shutdown.clone())));
@@ -163,6 +165,7 @@ async fn core_main(start: Start) {
     let _ = listen_task.await;
     let _ = sweep_task.await;
     let _ = events_task.await;
+    let _ = delivery_task.await;
     let _ = pool_task.await;
     if let Some(task) = lifecycle_task {
         let _ = task.await;

@@ -1,0 +1,608 @@
+//! `gavel-loadtest watch`: many event streams open while bids run.
+//!
+//! ```text
+//! gavel-loadtest watch --target URL [--streams 10000] [--auctions 100] [--bid-rate 2000]
+//!                      [--duration 20s] [--storm 5s] [--metrics-url URL] [--json]
+//! ```
+//!
+//! In order, on the first `--auctions` open auctions:
+//! 1. a closed-loop bid storm without streams (`--storm`, `--storm-connections`);
+//! 2. `--streams` event streams opened, spread evenly over the auctions
+//!    (`GET /api/auctions/{id}/events`), and the server's RSS per stream;
+//! 3. open-loop bids at `--bid-rate` for `--duration`, while every stream is read:
+//!    each event's delivery time is measured from its bid's *send* — decoded from
+//!    the amount, which rises one unit per microsecond since the run's epoch (see
+//!    `scenario::Workload`) — so it includes the bid's own batching and commit and
+//!    is an upper bound of commit-to-arrival;
+//! 4. the same bid storm again, with every stream still open;
+//! 5. after the bids, each stream's last version against its auction's final one.
+//!
+//! With `--metrics-url` (gavel's admin `/metrics`) it also reports the server's
+//! RSS and events coalesced.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::LocalSet;
+
+use crate::http::Target;
+use crate::scenario::{Lot, Workload};
+use crate::stats::Report;
+use crate::{Cli, Command, RunArgs, block_on_local, engine, setup};
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[arg(long, env = "GAVEL_TARGET")]
+    pub target: String,
+    /// Event streams to hold open.
+    #[arg(long, default_value_t = 10_000)]
+    pub streams: usize,
+    /// Open auctions watched and bid on (the first ones listed).
+    #[arg(long, default_value_t = 100)]
+    pub auctions: usize,
+    /// Bids per second sent while the streams are measured (open loop).
+    #[arg(long, default_value_t = 2000.0)]
+    pub bid_rate: f64,
+    /// How long the streams are measured.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Each closed-loop bid storm, before the streams open and while they are open.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub storm: Duration,
+    #[arg(long, default_value_t = 64)]
+    pub storm_connections: usize,
+    /// Connections of the open-loop bids.
+    #[arg(long, default_value_t = 64)]
+    pub bid_connections: usize,
+    #[arg(long, default_value_t = 16)]
+    pub bidders: usize,
+    /// Threads reading streams, each pinned (like the load threads) to a core.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// gavel's admin `/metrics`, for its RSS and coalesced events.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a watch run measured.
+#[derive(Debug, Serialize)]
+pub struct WatchReport {
+    pub streams: usize,
+    pub auctions: usize,
+    pub streams_open_secs: f64,
+    /// Server RSS before the streams opened and once they were all open and idle.
+    pub rss_before_bytes: Option<f64>,
+    pub rss_with_streams_bytes: Option<f64>,
+    pub rss_per_stream_bytes: Option<f64>,
+    pub storm_without_streams: Storm,
+    pub storm_with_streams: Storm,
+    /// Accepted bids/s with the streams open ÷ without.
+    pub storm_ratio: f64,
+    pub bids: Storm,
+    /// Events received while the bids ran, per second.
+    pub events_per_sec: f64,
+    /// From a bid's send to each stream's receipt of its state, in microseconds.
+    pub delivery_us: Delivery,
+    /// Events the server replaced with newer ones for slow streams (`--metrics-url`).
+    pub coalesced: Option<f64>,
+    /// Streams whose last event was their auction's final version.
+    pub streams_with_final_state: usize,
+    /// Streams that ended or failed before the run did.
+    pub streams_lost: usize,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Storm {
+    pub requests_per_sec: f64,
+    pub accepted_per_sec: f64,
+    pub statuses: BTreeMap<String, u64>,
+}
+
+impl Storm {
+    fn of(report: &Report) -> Storm {
+        let accepted = report.statuses.get("201").copied().unwrap_or(0) as f64;
+        Storm {
+            requests_per_sec: report.requests_per_sec,
+            accepted_per_sec: accepted / report.duration_secs.max(1e-9),
+            statuses: report.statuses.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Delivery {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+/// What every stream-reading thread shares: when to record and when to stop.
+struct Control {
+    recording: AtomicBool,
+    /// Turns true when the readers are to stop (a channel, so that an idle reader
+    /// wakes for it without a timer per read).
+    stop: tokio::sync::watch::Sender<bool>,
+    opened: AtomicUsize,
+    /// The workload's epoch: bid amounts rise one per microsecond from it.
+    epoch: Instant,
+}
+
+/// One stream's part: which auction, the lot's base amount, the last version.
+struct Watcher {
+    auction: i64,
+    base: i64,
+    last_version: i64,
+    lost: bool,
+}
+
+/// What one stream-reading thread measured.
+struct ThreadResult {
+    delivery: Histogram<u64>,
+    events: u64,
+    watchers: Vec<Watcher>,
+}
+
+pub fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
+    anyhow::ensure!(args.streams > 0 && args.auctions > 0, "--streams and --auctions must be at least 1");
+    let target = Target::parse(&args.target)?;
+    let run_args = bid_run_args(args)?;
+    let kinds = run_args.scenario.kinds(&run_args.mix);
+    let work = Arc::new(block_on_local(crate::prepare(&run_args, &target, &kinds))?);
+    let lots: Vec<Lot> = work.lots().to_vec();
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+
+    eprintln!("watch: bid storm without streams ({:?})", args.storm);
+    let without = Storm::of(&storm(&target, &work, args.storm_connections, args.storm, None, threads)?);
+
+    let rss_before = scrape(args, "process_resident_memory_bytes");
+    eprintln!("watch: opening {} streams on {} auctions", args.streams, lots.len());
+    let control = Arc::new(Control {
+        recording: AtomicBool::new(false),
+        stop: tokio::sync::watch::Sender::new(false),
+        opened: AtomicUsize::new(0),
+        epoch: work.epoch(),
+    });
+    let opening = Instant::now();
+    let readers = spawn_readers(&target, &lots, args.streams, threads, &control)?;
+    while control.opened.load(Ordering::Acquire) < args.streams {
+        if readers.iter().any(|h| h.is_finished()) {
+            bail!("a stream reader stopped while opening streams");
+        }
+        anyhow::ensure!(opening.elapsed() < Duration::from_secs(120), "the streams did not open within 2 minutes");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let streams_open_secs = opening.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_with = scrape(args, "process_resident_memory_bytes");
+
+    eprintln!("watch: {} bids/s for {:?} with every stream read", args.bid_rate, args.duration);
+    let coalesced_before = scrape(args, "gavel_events_coalesced_total");
+    control.recording.store(true, Ordering::Release);
+    let bids = storm(&target, &work, args.bid_connections, args.duration, Some(args.bid_rate), threads)?;
+    // Late events of the last bids still count.
+    std::thread::sleep(Duration::from_millis(500));
+    control.recording.store(false, Ordering::Release);
+    let coalesced_after = scrape(args, "gavel_events_coalesced_total");
+
+    eprintln!("watch: bid storm with the streams open ({:?})", args.storm);
+    let with = Storm::of(&storm(&target, &work, args.storm_connections, args.storm, None, threads)?);
+
+    // Every change announced and delivered; then each auction's final version.
+    std::thread::sleep(Duration::from_secs(2));
+    let finals = block_on_local(final_versions(&target, &lots))?;
+    control.stop.send_replace(true);
+    let mut delivery = histogram();
+    let mut events = 0;
+    let mut with_final = 0;
+    let mut lost = 0;
+    for handle in readers {
+        let result = handle.join().map_err(|_| anyhow::anyhow!("a stream reader panicked"))??;
+        delivery.add(&result.delivery).context("merging histograms")?;
+        events += result.events;
+        for w in &result.watchers {
+            lost += usize::from(w.lost);
+            with_final += usize::from(finals.get(&w.auction) == Some(&w.last_version));
+        }
+    }
+    let quantile = |q: f64| delivery.value_at_quantile(q) as f64;
+    Ok(WatchReport {
+        streams: args.streams,
+        auctions: lots.len(),
+        streams_open_secs,
+        rss_before_bytes: rss_before,
+        rss_with_streams_bytes: rss_with,
+        rss_per_stream_bytes: rss_before.zip(rss_with).map(|(b, w)| (w - b) / args.streams as f64),
+        storm_ratio: with.accepted_per_sec / without.accepted_per_sec.max(1e-9),
+        storm_without_streams: without,
+        storm_with_streams: with,
+        events_per_sec: events as f64 / (bids.duration_secs + 0.5),
+        bids: Storm::of(&bids),
+        delivery_us: Delivery {
+            count: delivery.len(),
+            p50: quantile(0.5),
+            p99: quantile(0.99),
+            p999: quantile(0.999),
+            max: delivery.max() as f64,
+        },
+        coalesced: coalesced_before.zip(coalesced_after).map(|(b, a)| a - b),
+        streams_with_final_state: with_final,
+        streams_lost: lost,
+    })
+}
+
+impl WatchReport {
+    pub fn render(&self) -> String {
+        let mib = |b: Option<f64>| b.map_or("-".to_owned(), |b| format!("{:.1} MiB", b / 1048576.0));
+        format!(
+            "watch: {} streams on {} auctions (opened in {:.1} s)\n\
+             server RSS: {} before, {} with the streams open, {} a stream\n\
+             bid storm: {:.0} accepted/s without streams, {:.0} with ({:.2}x)\n\
+             bids while read: {:.0} requests/s, {:.0} accepted/s\n\
+             events: {:.0}/s received, {} coalesced by the server\n\
+             delivery from the bid's send (us): p50 {:.0}, p99 {:.0}, p99.9 {:.0}, max {:.0} ({} events)\n\
+             final state: {} of {} streams ({} lost)\n",
+            self.streams,
+            self.auctions,
+            self.streams_open_secs,
+            mib(self.rss_before_bytes),
+            mib(self.rss_with_streams_bytes),
+            self.rss_per_stream_bytes.map_or("-".to_owned(), |b| format!("{:.1} KiB", b / 1024.0)),
+            self.storm_without_streams.accepted_per_sec,
+            self.storm_with_streams.accepted_per_sec,
+            self.storm_ratio,
+            self.bids.requests_per_sec,
+            self.bids.accepted_per_sec,
+            self.events_per_sec,
+            self.coalesced.map_or("-".to_owned(), |c| format!("{c:.0}")),
+            self.delivery_us.p50,
+            self.delivery_us.p99,
+            self.delivery_us.p999,
+            self.delivery_us.max,
+            self.delivery_us.count,
+            self.streams_with_final_state,
+            self.streams,
+            self.streams_lost,
+        )
+    }
+}
+
+/// The bid-storm run the phases share (its auctions, bidders and amounts).
+fn bid_run_args(args: &WatchArgs) -> anyhow::Result<RunArgs> {
+    let auctions = args.auctions.to_string();
+    let bidders = args.bidders.to_string();
+    let mut argv = vec![
+        "gavel-loadtest",
+        "run",
+        "bid-storm",
+        "--target",
+        &args.target,
+        "--auctions",
+        &auctions,
+        "--bidders",
+        &bidders,
+    ];
+    if let Some(secret) = &args.secret {
+        argv.extend(["--secret", secret]);
+    }
+    match <Cli as clap::Parser>::try_parse_from(argv)?.command {
+        Command::Run(run) => Ok(*run),
+        _ => unreachable!("parsed a run"),
+    }
+}
+
+fn storm(
+    target: &Target,
+    work: &Arc<Workload>,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+    threads: usize,
+) -> anyhow::Result<Report> {
+    let plan = engine::Plan {
+        target: target.clone(),
+        connections,
+        threads,
+        duration,
+        requests: None,
+        rate,
+        timeout: Duration::from_secs(5),
+        pin: true,
+        seed: rand::random(),
+        rss: None,
+        progress: false,
+    };
+    let outcome = engine::run(&plan, Arc::clone(work))?;
+    let shape = crate::stats::Shape { scenario: "bid-storm".into(), rate, connections, threads: outcome.threads };
+    Ok(Report::new(shape, &outcome.recorder, outcome.elapsed))
+}
+
+/// The sum of `family`'s samples at `--metrics-url`, if given and readable.
+fn scrape(args: &WatchArgs, family: &str) -> Option<f64> {
+    let url = args.metrics_url.as_deref()?;
+    let text = crate::series::fetch_metrics(url).ok()?;
+    let mut sum = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(family) else { continue };
+        if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        *sum.get_or_insert(0.0) += value;
+    }
+    sum
+}
+
+async fn final_versions(target: &Target, lots: &[Lot]) -> anyhow::Result<BTreeMap<i64, i64>> {
+    let mut api = setup::Api::new(target.clone());
+    let mut finals = BTreeMap::new();
+    for lot in lots {
+        let (status, body) = api.call("GET", &format!("/api/auctions/{}?consistent=true", lot.id), None, None).await?;
+        anyhow::ensure!(status == 200, "GET auction {} answered {status}", lot.id);
+        finals.insert(lot.id, body["version"].as_i64().context("an auction without a version")?);
+    }
+    Ok(finals)
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+type Reader = std::thread::JoinHandle<anyhow::Result<ThreadResult>>;
+
+fn spawn_readers(
+    target: &Target,
+    lots: &[Lot],
+    streams: usize,
+    threads: usize,
+    control: &Arc<Control>,
+) -> anyhow::Result<Vec<Reader>> {
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut handles = Vec::with_capacity(threads);
+    for t in 0..threads {
+        // Stream i watches lot i % lots: every auction gets the same share.
+        let mine: Vec<Watcher> = (t..streams)
+            .step_by(threads)
+            .map(|i| {
+                let lot = lots[i % lots.len()];
+                Watcher { auction: lot.id, base: lot.min_next_bid, last_version: 0, lost: false }
+            })
+            .collect();
+        let (target, control) = (target.clone(), Arc::clone(control));
+        let core = cores.get(t % cores.len().max(1)).copied();
+        let handle = std::thread::Builder::new().name(format!("watch-{t}")).spawn(move || {
+            if let Some(core) = core {
+                core_affinity::set_for_current(core);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            LocalSet::new().block_on(&rt, read_streams(target, mine, control))
+        })?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+/// Opens this thread's streams (a few hundred at a time) and reads them until
+/// told to stop.
+async fn read_streams(target: Target, watchers: Vec<Watcher>, control: Arc<Control>) -> anyhow::Result<ThreadResult> {
+    const OPEN_AT_ONCE: usize = 256;
+    let mut connected = Vec::with_capacity(watchers.len());
+    for chunk in watchers.chunks(OPEN_AT_ONCE) {
+        let opening = chunk.iter().map(|w| open_stream(target.clone(), w.auction));
+        for stream in futures_join_all(opening).await {
+            connected.push(stream?);
+            control.opened.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+    let mut tasks = Vec::with_capacity(watchers.len());
+    for (mut watcher, (stream, buffered)) in watchers.into_iter().zip(connected) {
+        let control = Arc::clone(&control);
+        tasks.push(tokio::task::spawn_local(async move {
+            let mut delivery = histogram();
+            let events = read_events(stream, buffered, &mut watcher, &control, &mut delivery).await;
+            if events.is_err() {
+                watcher.lost = true;
+            }
+            (watcher, delivery, events.unwrap_or(0))
+        }));
+    }
+    let mut result = ThreadResult { delivery: histogram(), events: 0, watchers: Vec::new() };
+    for task in tasks {
+        let (watcher, delivery, events) = task.await.context("a stream task failed")?;
+        result.delivery.add(&delivery).context("merging histograms")?;
+        result.events += events;
+        result.watchers.push(watcher);
+    }
+    Ok(result)
+}
+
+/// Runs the futures concurrently on this thread and returns their outputs in order.
+async fn futures_join_all<F: std::future::Future + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F::Output: 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::task::spawn_local).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("a local task panicked"));
+    }
+    out
+}
+
+/// Connects and asks for `auction`'s events; returns the stream and the body
+/// bytes read with the head.
+async fn open_stream(target: Target, auction: i64) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut stream = TcpStream::connect(target.addr).await.context("cannot connect a stream")?;
+    stream.set_nodelay(true)?;
+    let request = format!("GET /api/auctions/{auction}/events HTTP/1.1\r\nhost: {}\r\n\r\n", target.authority);
+    stream.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        anyhow::ensure!(n > 0, "the server closed a stream before answering");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buf[..end]).unwrap_or("");
+            anyhow::ensure!(
+                head.starts_with("HTTP/1.1 200"),
+                "a stream was refused: {}",
+                head.lines().next().unwrap_or("")
+            );
+            anyhow::ensure!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "a stream not chunked");
+            return Ok((stream, buf.split_off(end + 4)));
+        }
+        anyhow::ensure!(buf.len() < 16 * 1024, "a stream's head is too long");
+    }
+}
+
+/// Reads one stream until told to stop; returns the events it received while
+/// recording.
+async fn read_events(
+    mut stream: TcpStream,
+    mut raw: Vec<u8>,
+    watcher: &mut Watcher,
+    control: &Control,
+    delivery: &mut Histogram<u64>,
+) -> anyhow::Result<u64> {
+    let mut chunks = Dechunk::default();
+    let mut text: Vec<u8> = Vec::with_capacity(1024);
+    let mut events = 0;
+    let mut buf = vec![0u8; 4096];
+    let mut stop = control.stop.subscribe();
+    loop {
+        chunks.feed(&raw, &mut text)?;
+        raw.clear();
+        while let Some(end) = text.windows(2).position(|w| w == b"\n\n") {
+            let frame = &text[..end];
+            if let Some(version) = field(frame, b"\nid: ").or_else(|| frame.strip_prefix(b"id: ").and_then(number)) {
+                watcher.last_version = watcher.last_version.max(version);
+                if control.recording.load(Ordering::Relaxed) {
+                    events += 1;
+                    if let Some(amount) = field(frame, b"\"high_bid\":") {
+                        let sent_us = amount - watcher.base;
+                        let now_us = control.epoch.elapsed().as_micros() as i64;
+                        if sent_us >= 0 && now_us >= sent_us {
+                            delivery.saturating_record((now_us - sent_us) as u64);
+                        }
+                    }
+                }
+            }
+            text.drain(..end + 2);
+        }
+        if *stop.borrow() {
+            return Ok(events);
+        }
+        tokio::select! {
+            biased;
+            read = stream.read(&mut buf) => match read {
+                Ok(0) => bail!("the server ended a stream"),
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e.into()),
+            },
+            _ = stop.changed() => return Ok(events),
+        }
+    }
+}
+
+/// The integer after `key` in `frame`, if any.
+fn field(frame: &[u8], key: &[u8]) -> Option<i64> {
+    let at = frame.windows(key.len()).position(|w| w == key)?;
+    number(&frame[at + key.len()..])
+}
+
+fn number(bytes: &[u8]) -> Option<i64> {
+    let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&bytes[..digits]).ok()?.parse().ok()
+}
+
+/// Undoes HTTP/1.1 chunked transfer coding as bytes arrive.
+#[derive(Default)]
+struct Dechunk {
+    /// Bytes of the current chunk still to come; `None` while reading a size line.
+    left: Option<usize>,
+    /// A size line (or a chunk's trailing CRLF) read so far.
+    line: Vec<u8>,
+    /// A chunk's trailing CRLF still to skip.
+    crlf: usize,
+}
+
+impl Dechunk {
+    fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) -> anyhow::Result<()> {
+        while !input.is_empty() {
+            if self.crlf > 0 {
+                let skip = self.crlf.min(input.len());
+                self.crlf -= skip;
+                input = &input[skip..];
+                continue;
+            }
+            match self.left {
+                Some(n) => {
+                    let take = n.min(input.len());
+                    out.extend_from_slice(&input[..take]);
+                    input = &input[take..];
+                    if take == n {
+                        self.left = None;
+                        self.crlf = 2;
+                    } else {
+                        self.left = Some(n - take);
+                    }
+                }
+                None => {
+                    let Some(nl) = input.iter().position(|b| *b == b'\n') else {
+                        self.line.extend_from_slice(input);
+                        return Ok(());
+                    };
+                    self.line.extend_from_slice(&input[..nl]);
+                    input = &input[nl + 1..];
+                    let line = std::str::from_utf8(&self.line).unwrap_or("").trim();
+                    let size = usize::from_str_radix(line.split(';').next().unwrap_or(""), 16)
+                        .with_context(|| format!("a bad chunk size line {line:?}"))?;
+                    self.line.clear();
+                    anyhow::ensure!(size > 0, "the stream ended");
+                    self.left = Some(size);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_undone_whatever_the_reads_split() {
+        let wire = b"1b\r\nevent: auction\nid: 7\ndata: \r\n4\r\n{}\n\n\r\n";
+        for split in 1..wire.len() {
+            let mut d = Dechunk::default();
+            let mut out = Vec::new();
+            d.feed(&wire[..split], &mut out).unwrap();
+            d.feed(&wire[split..], &mut out).unwrap();
+            assert_eq!(out, b"event: auction\nid: 7\ndata: {}\n\n", "split at {split}");
+        }
+        assert!(Dechunk::default().feed(b"0\r\n\r\n", &mut Vec::new()).is_err(), "the last chunk ends it");
+    }
+
+    #[test]
+    fn versions_and_amounts_are_read_from_frames() {
+        let frame = b"event: auction\nid: 42\ndata: {\"id\":3,\"high_bid\":1500,\"version\":42}";
+        assert_eq!(field(frame, b"\nid: "), Some(42));
+        assert_eq!(field(frame, b"\"high_bid\":"), Some(1500));
+        assert_eq!(field(b"data: {\"high_bid\":null}", b"\"high_bid\":"), None);
+    }
+}
