@@ -171,6 +171,7 @@ fn serialise(c: &mut Criterion) {
         ends_at,
         closed: false,
         winner_id: None,
+        buy_now: None,
         version: 15,
     };
     let view = gavel::http::AuctionView::of(&auction, starts_at);
@@ -219,6 +220,7 @@ fn bids_payload(ids: std::ops::Range<i64>, version: i64) -> String {
             high_bidder: 7,
             bid_count: version - 1,
             ends_at,
+            closed: false,
         })
         .collect();
     let mut payloads = notice::encode_bids(&states, 1);

@@ -648,6 +648,7 @@ mod tests {
             high_bidder: 9,
             bid_count: version - 1,
             ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
+            closed: false,
         }])
     }
 

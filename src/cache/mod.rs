@@ -391,6 +391,7 @@ mod tests {
             high_bidder: 4,
             bid_count: version - 1,
             ends_at: Utc.timestamp_opt(4_000_000_030, 0).unwrap(),
+            closed: false,
         }
     }
 

@@ -26,6 +26,7 @@ pub(crate) struct Row {
     ends_at: DateTime<Utc>,
     status: String,
     winner_id: Option<i64>,
+    buy_now: Option<i64>,
     version: i64,
 }
 
@@ -45,6 +46,7 @@ impl From<Row> for Auction {
             ends_at: r.ends_at,
             closed: r.status == "closed",
             winner_id: r.winner_id,
+            buy_now: r.buy_now,
             version: r.version,
         }
     }
@@ -55,7 +57,7 @@ macro_rules! select_auctions {
     ($rest:literal) => {
         concat!(
             "select id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder, ",
-            "bid_count, starts_at, ends_at, status, winner_id, version from auctions ",
+            "bid_count, starts_at, ends_at, status, winner_id, buy_now, version from auctions ",
             $rest
         )
     };
@@ -65,10 +67,10 @@ pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<A
     let _timer = metrics::time_query(Query::AuctionWrite);
     let row: Row = sqlx::query_as(
         r#"
-        insert into auctions (seller_id, title, reserve, min_increment, extend_secs, starts_at, ends_at, status)
-        values ($1, $2, $3, $4, $5, $6, $7, case when $6 <= now() then 'open' else 'scheduled' end)
+        insert into auctions (seller_id, title, reserve, min_increment, extend_secs, starts_at, ends_at, status, buy_now)
+        values ($1, $2, $3, $4, $5, $6, $7, case when $6 <= now() then 'open' else 'scheduled' end, $8)
         returning id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder,
-                  bid_count, starts_at, ends_at, status, winner_id, version
+                  bid_count, starts_at, ends_at, status, winner_id, buy_now, version
         "#,
     )
     .bind(seller_id)
@@ -78,6 +80,7 @@ pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<A
     .bind(new.extend_secs)
     .bind(new.starts_at)
     .bind(new.ends_at)
+    .bind(new.buy_now.map(|b| b.get()))
     .fetch_one(pool)
     .await?;
     Ok(row.into())

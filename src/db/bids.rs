@@ -215,6 +215,7 @@ struct OutcomeRow {
     ends_at: Option<DateTime<Utc>>,
     version: Option<i64>,
     bid_count: Option<i64>,
+    closed: Option<bool>,
 }
 
 impl OutcomeRow {
@@ -234,6 +235,7 @@ impl OutcomeRow {
                         high_bidder: request.bid.bidder_id,
                         bid_count,
                         ends_at,
+                        closed: self.closed.unwrap_or(false),
                     }),
                     _ => None,
                 };
@@ -277,7 +279,7 @@ pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) 
         fingerprints.push(r.idempotency_key.as_ref().map(|_| r.bid.fingerprint()));
     }
     let rows: Vec<OutcomeRow> = sqlx::query_as(
-        "select ord, outcome, bid_id, amount, min_next_bid, ends_at, version, bid_count \
+        "select ord, outcome, bid_id, amount, min_next_bid, ends_at, version, bid_count, closed \
          from place_bids($1, $2, $3, $4, $5)",
     )
     .bind(&auctions)

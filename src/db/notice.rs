@@ -6,8 +6,9 @@
 //!
 //! - `auction`: a whole auction (`auction_json`), sent by the row trigger when an
 //!   auction is created and on every change that is not a bid (opening, closing).
-//! - `bids`: `states: [[id, version, high_bid, high_bidder, bid_count, ends_at_us],
-//!   …]`, sent by the bid batcher once per batch, right after its commit
+//! - `bids`: `states: [[id, version, high_bid, high_bidder, bid_count, ends_at_us,
+//!   closed], …]` (`closed` 1 when the bid bought the auction, which it then won;
+//!   a state of six fields, as gavel sent before buy-now, has it 0), sent by the bid batcher once per batch, right after its commit
 //!   ([`encode_bids`]), with the final state of each auction the batch changed:
 //!   only what a bid changes, since the rest of an auction never changes once it
 //!   is open, and only the last state, since a cache keeps only the newest version
@@ -59,7 +60,7 @@ enum Raw {
     },
     Bids {
         at_us: i64,
-        states: Vec<(i64, i64, i64, i64, i64, i64)>,
+        states: Vec<Vec<i64>>,
     },
 }
 
@@ -72,8 +73,21 @@ pub fn parse(payload: &str) -> Result<Notification, NoticeError> {
         Raw::Bids { at_us, states } => {
             let states = states
                 .into_iter()
-                .map(|(auction_id, version, high_bid, high_bidder, bid_count, ends_at_us)| {
-                    Ok(BidState { auction_id, version, high_bid, high_bidder, bid_count, ends_at: micros(ends_at_us)? })
+                .map(|s| match s[..] {
+                    [auction_id, version, high_bid, high_bidder, bid_count, ends_at_us, ref rest @ ..]
+                        if rest.len() <= 1 =>
+                    {
+                        Ok(BidState {
+                            auction_id,
+                            version,
+                            high_bid,
+                            high_bidder,
+                            bid_count,
+                            ends_at: micros(ends_at_us)?,
+                            closed: rest.first() == Some(&1),
+                        })
+                    }
+                    _ => Err(NoticeError(format!("a bid state of {} fields", s.len()))),
                 })
                 .collect::<Result<_, NoticeError>>()?;
             Notification { notice: Notice::Bids(states), at_us }
@@ -106,13 +120,14 @@ pub fn encode_bids(states: &[BidState], at_us: i64) -> Vec<String> {
         };
         let _ = write!(
             payload,
-            "{sep}[{},{},{},{},{},{}]",
+            "{sep}[{},{},{},{},{},{},{}]",
             s.auction_id,
             s.version,
             s.high_bid,
             s.high_bidder,
             s.bid_count,
-            s.ends_at.timestamp_micros()
+            s.ends_at.timestamp_micros(),
+            u8::from(s.closed)
         );
     }
     if !payload.is_empty() {
@@ -171,6 +186,15 @@ mod tests {
             (1002, 3, 160, 6, 2)
         );
         assert_eq!(states[1].ends_at.timestamp_micros(), 1_796_050_269_737_370);
+        assert!(!states[0].closed && !states[1].closed, "six fields: no buy-now");
+    }
+
+    #[test]
+    fn a_bought_auction_is_announced_closed_and_read_back_so() {
+        let bought = BidState { closed: true, ..state(5, 2) };
+        let payloads = encode_bids(&[bought, state(6, 3)], 1);
+        let Notice::Bids(states) = parse(&payloads[0]).unwrap().notice else { panic!("not bids") };
+        assert_eq!(states, [bought, state(6, 3)]);
     }
 
     fn state(auction_id: i64, version: i64) -> BidState {
@@ -181,6 +205,7 @@ mod tests {
             high_bidder: 3,
             bid_count: version - 1,
             ends_at: DateTime::from_timestamp_micros(1_796_050_269_737_370).unwrap(),
+            closed: false,
         }
     }
 
@@ -223,6 +248,7 @@ mod tests {
             r#"{"kind":"auction","at_us":1,"id":1}"#,
             r#"{"kind":"bids","at_us":1,"states":[[1,2,3]]}"#,
             r#"{"kind":"bids","at_us":1,"states":[[1,2,3,4,5,9223372036854775807]]}"#,
+            r#"{"kind":"bids","at_us":1,"states":[[1,2,3,4,5,6,1,1]]}"#,
         ] {
             assert!(parse(payload).is_err(), "{payload}");
         }

@@ -50,6 +50,9 @@ pub struct Auction {
     /// Set once the database has closed the auction (the lifecycle tick); final.
     pub closed: bool,
     pub winner_id: Option<i64>,
+    /// The buy-now price the auction was created with, if any (on offer only
+    /// while no bid has reached the reserve: [`Auction::buy_now_offered`]).
+    pub buy_now: Option<i64>,
     /// Increases by one with every change to the row.
     pub version: i64,
 }
@@ -86,6 +89,12 @@ impl Auction {
     pub fn reserve_met(&self) -> bool {
         self.high_bid.is_some_and(|h| h >= self.reserve)
     }
+
+    /// The buy-now price while it is on offer: set, the auction not closed, and no
+    /// bid at the reserve yet. A bid of at least this much wins at once.
+    pub fn buy_now_offered(&self, now: DateTime<Utc>) -> Option<i64> {
+        self.buy_now.filter(|_| !self.reserve_met() && self.status_at(now) != Status::Closed)
+    }
 }
 
 /// What an accepted bid changes in an auction, and nothing else: the rest of an
@@ -100,8 +109,10 @@ pub struct BidState {
     pub high_bid: i64,
     pub high_bidder: i64,
     pub bid_count: i64,
-    /// Pushed out by anti-sniping, or unchanged.
+    /// Pushed out by anti-sniping, or unchanged (or now, for a buy-now).
     pub ends_at: DateTime<Utc>,
+    /// The bid met the buy-now price: the auction closed, and its bidder won.
+    pub closed: bool,
 }
 
 impl Auction {
@@ -124,6 +135,7 @@ impl Auction {
             ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
             closed: false,
             winner_id: None,
+            buy_now: None,
             version,
         }
     }
@@ -136,6 +148,10 @@ impl Auction {
         self.high_bidder = Some(state.high_bidder);
         self.bid_count = state.bid_count;
         self.ends_at = state.ends_at;
+        if state.closed {
+            self.closed = true;
+            self.winner_id = Some(state.high_bidder);
+        }
     }
 }
 
@@ -164,19 +180,25 @@ pub struct NewAuction {
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
     pub extend_secs: i32,
+    pub buy_now: Option<Amount>,
+}
+
+/// An auction as a seller asks for it, before any check.
+#[derive(Debug, Clone, Copy)]
+pub struct Draft<'a> {
+    pub title: &'a str,
+    pub reserve: i64,
+    pub min_increment: i64,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub extend_secs: Option<i64>,
+    pub buy_now: Option<i64>,
 }
 
 impl NewAuction {
     /// Checks every field and reports all that are wrong at once.
-    pub fn parse(
-        title: &str,
-        reserve: i64,
-        min_increment: i64,
-        starts_at: DateTime<Utc>,
-        ends_at: DateTime<Utc>,
-        extend_secs: Option<i64>,
-        now: DateTime<Utc>,
-    ) -> Result<NewAuction, Vec<FieldError>> {
+    pub fn parse(draft: &Draft<'_>, now: DateTime<Utc>) -> Result<NewAuction, Vec<FieldError>> {
+        let Draft { title, reserve, min_increment, starts_at, ends_at, extend_secs, buy_now } = *draft;
         let mut errors = Vec::new();
         let title = title.trim();
         if title.is_empty() {
@@ -201,6 +223,18 @@ impl NewAuction {
         if !(0..=i64::from(MAX_EXTEND_SECS)).contains(&extend) {
             errors.push(FieldError::new("extend_secs", "must be between 0 and 3600"));
         }
+        let buy_now = match buy_now.map(|b| (b, Amount::parse(b))) {
+            None => None,
+            Some((_, None)) => {
+                errors.push(FieldError::new("buy_now", "must be a positive amount of minor units, at most 10^12"));
+                None
+            }
+            Some((b, Some(_))) if b < reserve => {
+                errors.push(FieldError::new("buy_now", "must be at least the reserve"));
+                None
+            }
+            Some((_, amount)) => amount,
+        };
         match (reserve_amount, increment) {
             (Some(reserve), Some(min_increment)) if errors.is_empty() => Ok(NewAuction {
                 title: title.to_owned(),
@@ -209,6 +243,7 @@ impl NewAuction {
                 starts_at,
                 ends_at,
                 extend_secs: extend as i32,
+                buy_now,
             }),
             _ => Err(errors),
         }
@@ -239,7 +274,20 @@ mod tests {
             ends_at: t(100),
             closed: false,
             winner_id: None,
+            buy_now: None,
             version: 1,
+        }
+    }
+
+    fn draft(title: &str, reserve: i64, min_increment: i64, starts_at: i64, ends_at: i64) -> Draft<'_> {
+        Draft {
+            title,
+            reserve,
+            min_increment,
+            starts_at: t(starts_at),
+            ends_at: t(ends_at),
+            extend_secs: None,
+            buy_now: None,
         }
     }
 
@@ -278,6 +326,7 @@ mod tests {
             high_bidder: 9,
             bid_count: 3,
             ends_at: t(130),
+            closed: false,
         });
         assert_eq!((a.version, a.high_bid, a.high_bidder, a.bid_count, a.ends_at), (7, Some(1500), Some(9), 3, t(130)));
         assert_eq!((a.title.as_str(), a.reserve, a.min_increment, a.closed), ("lamp", 1000, 50, false));
@@ -294,20 +343,21 @@ mod tests {
 
     #[test]
     fn new_auction_reports_every_bad_field() {
-        let errors = NewAuction::parse("  ", 0, -1, t(10), t(5), Some(99_999), t(0)).unwrap_err();
+        let errors =
+            NewAuction::parse(&Draft { extend_secs: Some(99_999), ..draft("  ", 0, -1, 10, 5) }, t(0)).unwrap_err();
         let fields: Vec<_> = errors.iter().map(|e| e.field).collect();
         assert_eq!(fields, ["title", "reserve", "min_increment", "ends_at", "extend_secs"]);
     }
 
     #[test]
     fn new_auction_must_end_in_the_future() {
-        let errors = NewAuction::parse("x", 1, 1, t(-20), t(-10), None, t(0)).unwrap_err();
+        let errors = NewAuction::parse(&draft("x", 1, 1, -20, -10), t(0)).unwrap_err();
         assert_eq!(errors, vec![FieldError::new("ends_at", "must be in the future")]);
     }
 
     #[test]
     fn valid_new_auction_is_trimmed_and_defaults_extension_to_zero() {
-        let a = NewAuction::parse(" lamp ", 100, 10, t(0), t(60), None, t(0)).unwrap();
+        let a = NewAuction::parse(&draft(" lamp ", 100, 10, 0, 60), t(0)).unwrap();
         assert_eq!(a.title, "lamp");
         assert_eq!(a.extend_secs, 0);
         assert_eq!(a.reserve.get(), 100);
@@ -316,6 +366,39 @@ mod tests {
     #[test]
     fn overlong_title_is_rejected() {
         let long = "x".repeat(MAX_TITLE_CHARS + 1);
-        assert!(NewAuction::parse(&long, 1, 1, t(0), t(60), None, t(0)).is_err());
+        assert!(NewAuction::parse(&draft(&long, 1, 1, 0, 60), t(0)).is_err());
+    }
+
+    #[test]
+    fn buy_now_is_at_least_the_reserve_and_offered_until_a_bid_meets_the_reserve() {
+        let below = NewAuction::parse(&Draft { buy_now: Some(99), ..draft("lamp", 100, 10, 0, 60) }, t(0));
+        assert_eq!(below.unwrap_err().iter().map(|e| e.field).collect::<Vec<_>>(), ["buy_now"]);
+        let ok = NewAuction::parse(&Draft { buy_now: Some(100), ..draft("lamp", 100, 10, 0, 60) }, t(0)).unwrap();
+        assert_eq!(ok.buy_now.map(Amount::get), Some(100));
+
+        let mut a = Auction { buy_now: Some(5000), ..auction() };
+        assert_eq!(a.buy_now_offered(t(10)), Some(5000));
+        a.high_bid = Some(999);
+        assert_eq!(a.buy_now_offered(t(10)), Some(5000), "below the reserve it is still on offer");
+        a.high_bid = Some(1000);
+        assert_eq!(a.buy_now_offered(t(10)), None, "gone once a bid meets the reserve");
+        assert_eq!(Auction { buy_now: Some(5000), ..auction() }.buy_now_offered(t(100)), None, "not after the end");
+    }
+
+    #[test]
+    fn a_buy_now_bid_state_closes_the_auction_for_its_bidder() {
+        let mut a = Auction { buy_now: Some(5000), ..auction() };
+        a.apply_bid(&BidState {
+            auction_id: 1,
+            version: 2,
+            high_bid: 5000,
+            high_bidder: 9,
+            bid_count: 1,
+            ends_at: t(20),
+            closed: true,
+        });
+        assert!(a.closed);
+        assert_eq!(a.winner_id, Some(9));
+        assert_eq!(a.status_at(t(10)), Status::Closed);
     }
 }

@@ -77,6 +77,7 @@ mod tests {
             ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
             closed,
             winner_id: None,
+            buy_now: None,
             version: 1,
         }
     }

@@ -19,7 +19,7 @@ use crate::cache::View;
 use crate::core::Core;
 use crate::db;
 use crate::db::bids::BidRecord;
-use crate::domain::auction::{Auction, NewAuction, Status};
+use crate::domain::auction::{Auction, Draft, NewAuction, Status};
 
 pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
     OpenApiRouter::default()
@@ -45,6 +45,10 @@ pub struct AuctionView<'a> {
     min_next_bid: i64,
     reserve_met: bool,
     winner_id: Option<i64>,
+    /// The buy-now price while it is on offer (a bid of at least this much wins at
+    /// once); null when the auction has none, or no longer: once a bid has met
+    /// the reserve, or the auction has closed.
+    buy_now: Option<i64>,
     starts_at: DateTime<Utc>,
     ends_at: DateTime<Utc>,
     version: i64,
@@ -66,6 +70,7 @@ impl<'a> AuctionView<'a> {
             min_next_bid: a.min_next_bid(),
             reserve_met: a.reserve_met(),
             winner_id: a.winner_id,
+            buy_now: a.buy_now_offered(now),
             starts_at: a.starts_at,
             ends_at: a.ends_at,
             version: a.version,
@@ -97,6 +102,9 @@ struct CreateAuction {
     starts_at: DateTime<Utc>,
     ends_at: DateTime<Utc>,
     extend_secs: Option<i64>,
+    /// A buy-now price, at least the reserve: until a bid meets the reserve, a bid
+    /// of at least this much closes the auction at once and wins at this price.
+    buy_now: Option<i64>,
 }
 
 /// Creates an auction whose seller is the caller.
@@ -120,16 +128,16 @@ async fn create_auction(
     Json(body): Json<CreateAuction>,
 ) -> Result<Response> {
     let now = Utc::now();
-    let new = NewAuction::parse(
-        &body.title,
-        body.reserve,
-        body.min_increment,
-        body.starts_at,
-        body.ends_at,
-        body.extend_secs,
-        now,
-    )
-    .map_err(Error::Validation)?;
+    let draft = Draft {
+        title: &body.title,
+        reserve: body.reserve,
+        min_increment: body.min_increment,
+        starts_at: body.starts_at,
+        ends_at: body.ends_at,
+        extend_secs: body.extend_secs,
+        buy_now: body.buy_now,
+    };
+    let new = NewAuction::parse(&draft, now).map_err(Error::Validation)?;
     let auction = db::auctions::insert(&core.pool, seller.account_id, &new).await?;
     let mut response = auction_response(StatusCode::CREATED, &auction, now);
     if let Ok(location) = HeaderValue::try_from(format!("/api/auctions/{}", auction.id)) {

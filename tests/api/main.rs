@@ -4,6 +4,7 @@
 mod accounts;
 mod batches;
 mod bids;
+mod buy_now;
 mod caching;
 mod coherence;
 mod concurrency;

@@ -254,3 +254,22 @@ async fn streams_are_counted_per_core() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_buy_now_sends_the_closed_event_with_its_winner() {
+    let app = spawn_app().await;
+    let body = serde_json::json!({
+        "title": "lot", "reserve": 100, "min_increment": 10,
+        "starts_at": at(-1.0), "ends_at": at(60.0), "buy_now": 900,
+    });
+    let id = app.create_auction(&body).await.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let mut events = watch(&app, &format!("/api/auctions/{id}/events"), None).await;
+    assert_eq!(data(&next(&mut events, SOON).await)["buy_now"], 900);
+    assert_eq!(app.place_bid(&app.bidder(5), id, 900).await.status(), StatusCode::CREATED);
+    let closed = next(&mut events, SOON).await;
+    assert_eq!(closed.event, "closed");
+    let state = data(&closed);
+    assert_eq!((state["winner_id"].as_i64(), state["high_bid"].as_i64()), (Some(5), Some(900)));
+    assert_eq!(state["buy_now"], Value::Null);
+    assert!(matches!(tokio::time::timeout(SOON, events.next()).await, Ok(None)), "then the stream ends");
+}
