@@ -110,12 +110,13 @@ struct Topic {
 }
 
 impl Topic {
-    /// The event of the current state, rendered now if it was not yet.
-    fn event(&mut self, render: Render, at_us: i64) -> Option<Event> {
+    /// The event of the current state, rendered now if it was not yet (timing
+    /// nothing: a delivery sets the change's time on its copy).
+    fn event(&mut self, render: Render) -> Option<Event> {
         let state = self.state.as_ref()?;
         if self.event.is_none() {
             let kind = if state.closed { EventKind::Closed } else { EventKind::Auction };
-            self.event = Some(Event { kind, version: state.version, frame: frame(kind, state, render), at_us });
+            self.event = Some(Event { kind, version: state.version, frame: frame(kind, state, render), at_us: 0 });
         }
         self.event.clone()
     }
@@ -255,7 +256,7 @@ impl Hub {
             }
             for auction in ids {
                 let Some(topic) = inner.topics.get_mut(auction) else { continue };
-                let event = topic.event(self.render, 0);
+                let event = topic.event(self.render);
                 let closed = event.as_ref().is_some_and(|e| e.kind == EventKind::Closed);
                 // The core may not have seen the version the client names yet: then
                 // nothing is sent until a newer one.
@@ -344,7 +345,10 @@ impl Hub {
             let Some(auction) = inner.queue.pop_front() else { break };
             let Some(topic) = inner.topics.get_mut(&auction) else { continue };
             topic.queued = false;
-            let Some(event) = topic.event(self.render, topic.changed_at_us) else { continue };
+            // The rendering may be shared with a stream that joined meanwhile (which
+            // times nothing); these watchers time the change.
+            let Some(mut event) = topic.event(self.render) else { continue };
+            event.at_us = topic.changed_at_us;
             let closed = event.kind == EventKind::Closed;
             for (_, mailbox) in &topic.watchers {
                 if mailbox.leave(auction, event.clone(), closed) {
