@@ -221,9 +221,10 @@ fn bids_payload(ids: std::ops::Range<i64>, version: i64) -> String {
             bid_count: version - 1,
             ends_at,
             closed: false,
+            min_next_bid: 1001 + version,
         })
         .collect();
-    let mut payloads = notice::encode_bids(&states, 1);
+    let mut payloads = notice::encode_bids(&states, &[], 1);
     assert_eq!(payloads.len(), 1, "one payload for a batch this size");
     payloads.remove(0)
 }

@@ -37,7 +37,7 @@ use chrono::{DateTime, Utc};
 use http_body::{Body, Frame, SizeHint};
 
 use crate::db::notice::Notice;
-use crate::domain::auction::Auction;
+use crate::domain::auction::{Auction, BidState, Outbid};
 use crate::metrics::{EventKind, StreamMetrics};
 
 /// How often the delivery budget (`--stream-events-per-sec`) is refilled.
@@ -137,6 +137,8 @@ fn frame(kind: EventKind, a: &Auction, render: Render) -> Bytes {
 
 struct Inner {
     topics: HashMap<i64, Topic>,
+    /// The personal streams of each account with one open on this core.
+    accounts: HashMap<i64, Vec<(u64, Arc<Mailbox>)>>,
     /// Topics whose newest change is not yet with their watchers, oldest first.
     queue: VecDeque<i64>,
     /// Every open stream, for heartbeats and the drain.
@@ -173,6 +175,7 @@ impl Hub {
             wake: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 topics: HashMap::new(),
+                accounts: HashMap::new(),
                 queue: VecDeque::new(),
                 streams: HashMap::new(),
                 reserved: 0,
@@ -278,12 +281,17 @@ impl Hub {
         inner.streams.insert(id, mailbox.clone());
         slot.hub = None;
         self.metrics.open.increment(1.0);
-        Ok(EventStream { hub: self.clone(), id, watching, mailbox, retry_sent: false })
+        Ok(EventStream { hub: self.clone(), id, watching, account: None, mailbox, retry_sent: false })
     }
 
     /// Applies a notification to the watched auctions, and tells their watchers.
     pub fn apply(&self, notice: &Notice, at_us: i64) {
         let mut inner = self.lock();
+        if let Notice::Bids(states, outbid) = notice
+            && !inner.accounts.is_empty()
+        {
+            self.tell_outbid(&inner, states, outbid, at_us);
+        }
         if inner.topics.is_empty() {
             return;
         }
@@ -295,7 +303,7 @@ impl Hub {
                     true
                 }
             }),
-            Notice::Bids(states) => {
+            Notice::Bids(states, _) => {
                 for s in states {
                     self.update(&mut inner, s.auction_id, at_us, |topic| match &mut topic.state {
                         Some(held) if s.version > held.version => {
@@ -399,6 +407,44 @@ impl Hub {
         }
     }
 
+    /// Leaves an `outbid` event with the streams of each outbid bidder on this
+    /// core (newest per auction), built from the auction's state in the notice.
+    fn tell_outbid(&self, inner: &Inner, states: &[BidState], outbid: &[Outbid], at_us: i64) {
+        for o in outbid {
+            let Some(streams) = inner.accounts.get(&o.bidder) else { continue };
+            let Some(state) = states.iter().find(|s| s.auction_id == o.auction_id) else { continue };
+            let data = format!(
+                r#"{{"auction_id":{},"high_bid":{},"min_next_bid":{},"ends_at":"{}"}}"#,
+                state.auction_id,
+                state.high_bid,
+                state.min_next_bid,
+                state.ends_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+            );
+            let frame = Bytes::from(format!("event: outbid\nid: {}\ndata: {data}\n\n", state.version));
+            let event = Event { kind: EventKind::Outbid, version: state.version, frame, at_us };
+            for (_, mailbox) in streams {
+                if mailbox.leave(o.auction_id, event.clone(), false) {
+                    self.metrics.coalesced.increment(1);
+                }
+            }
+        }
+    }
+
+    /// Opens a stream of the events that concern `account` alone.
+    pub fn subscribe_account(self: &Arc<Self>, mut slot: Slot, account: i64) -> EventStream {
+        let mut inner = self.lock();
+        inner.next += 1;
+        let id = inner.next;
+        let mailbox = Arc::new(Mailbox::default());
+        // Never ends by itself: only a drain, or the client, closes it.
+        mailbox.lock().open = 1;
+        inner.accounts.entry(account).or_default().push((id, mailbox.clone()));
+        inner.streams.insert(id, mailbox.clone());
+        slot.hub = None;
+        self.metrics.open.increment(1.0);
+        EventStream { hub: self.clone(), id, watching: Vec::new(), account: Some(account), mailbox, retry_sent: false }
+    }
+
     /// Ids of the auctions watched, for a reload after the notifications were
     /// interrupted.
     pub fn watched(&self) -> Vec<i64> {
@@ -448,9 +494,17 @@ impl Hub {
         self.drain();
     }
 
-    fn close(&self, id: u64, watching: &[i64]) {
+    fn close(&self, id: u64, watching: &[i64], account: Option<i64>) {
         let mut inner = self.lock();
         inner.streams.remove(&id);
+        if let Some(account) = account
+            && let Some(streams) = inner.accounts.get_mut(&account)
+        {
+            streams.retain(|(s, _)| *s != id);
+            if streams.is_empty() {
+                inner.accounts.remove(&account);
+            }
+        }
         inner.reserved = inner.reserved.saturating_sub(1);
         for auction in watching {
             if let Some(topic) = inner.topics.get_mut(auction) {
@@ -563,6 +617,8 @@ pub struct EventStream {
     hub: Arc<Hub>,
     id: u64,
     watching: Vec<i64>,
+    /// The account of a personal stream.
+    account: Option<i64>,
     mailbox: Arc<Mailbox>,
     retry_sent: bool,
 }
@@ -620,7 +676,7 @@ impl Body for EventStream {
 
 impl Drop for EventStream {
     fn drop(&mut self) {
-        self.hub.close(self.id, &self.watching);
+        self.hub.close(self.id, &self.watching, self.account);
     }
 }
 
@@ -645,15 +701,19 @@ mod tests {
     }
 
     fn bid(id: i64, version: i64, high_bid: i64) -> Notice {
-        Notice::Bids(vec![BidState {
-            auction_id: id,
-            version,
-            high_bid,
-            high_bidder: 9,
-            bid_count: version - 1,
-            ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
-            closed: false,
-        }])
+        Notice::Bids(
+            vec![BidState {
+                auction_id: id,
+                version,
+                high_bid,
+                high_bidder: 9,
+                bid_count: version - 1,
+                ends_at: Utc.timestamp_opt(4_000_000_000, 0).unwrap(),
+                closed: false,
+                min_next_bid: high_bid + 10,
+            }],
+            vec![],
+        )
     }
 
     /// Applies a notice and delivers it at once.
@@ -803,5 +863,25 @@ mod tests {
         assert_eq!(frames.len(), 1, "only the newest state: {frames:?}");
         assert!(frames[0].contains("id: 3"));
         assert_eq!(ready(&mut streams[2]).len(), 1);
+    }
+
+    #[test]
+    fn an_outbid_bidder_alone_is_told() {
+        let hub = hub(10);
+        let mut outbid = hub.subscribe_account(hub.reserve().unwrap(), 41);
+        let mut other = hub.subscribe_account(hub.reserve().unwrap(), 42);
+        let Notice::Bids(states, _) = bid(7, 3, 150) else { unreachable!() };
+        hub.apply(&Notice::Bids(states, vec![Outbid { auction_id: 7, bidder: 41 }]), 1);
+        let frames = ready(&mut outbid);
+        assert_eq!(frames.len(), 1);
+        assert!(
+            frames[0]
+                .starts_with("event: outbid\nid: 3\ndata: {\"auction_id\":7,\"high_bid\":150,\"min_next_bid\":160,"),
+            "{}",
+            frames[0]
+        );
+        assert!(ready(&mut other).is_empty(), "nobody else's stream carries it");
+        drop(outbid);
+        assert!(!hub.lock().accounts.contains_key(&41), "a closed stream leaves its account");
     }
 }

@@ -608,16 +608,19 @@ pub enum EventKind {
     Closed,
     /// A comment line that keeps an idle stream open.
     Heartbeat,
+    /// A bidder's lead was taken (personal streams only).
+    Outbid,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 3] = [EventKind::Auction, EventKind::Closed, EventKind::Heartbeat];
+    pub const ALL: [EventKind; 4] = [EventKind::Auction, EventKind::Closed, EventKind::Heartbeat, EventKind::Outbid];
 
     pub fn label(self) -> &'static str {
         match self {
             EventKind::Auction => "auction",
             EventKind::Closed => "closed",
             EventKind::Heartbeat => "heartbeat",
+            EventKind::Outbid => "outbid",
         }
     }
 }

@@ -296,7 +296,7 @@ impl Caches {
         match notice {
             Notice::Auction(a) => counted(Kind::Auction, self.apply_auction(a)),
             Notice::Inventory(i) => counted(Kind::Inventory, self.apply_item(i)),
-            Notice::Bids(states) => {
+            Notice::Bids(states, _) => {
                 for state in &states {
                     counted(Kind::Bid, self.apply_bid(state));
                 }
@@ -392,6 +392,7 @@ mod tests {
             bid_count: version - 1,
             ends_at: Utc.timestamp_opt(4_000_000_030, 0).unwrap(),
             closed: false,
+            min_next_bid: high_bid + 10,
         }
     }
 
@@ -426,7 +427,7 @@ mod tests {
         let c = Caches::default();
         c.apply_auction(auction(1, None));
         let mut seen = Vec::new();
-        c.apply_notice(Notice::Bids(vec![bid(2, 150), BidState { auction_id: 8, ..bid(2, 150) }]), |k, a| {
+        c.apply_notice(Notice::Bids(vec![bid(2, 150), BidState { auction_id: 8, ..bid(2, 150) }], vec![]), |k, a| {
             seen.push((k, a))
         });
         assert_eq!(seen, [(Kind::Bid, Applied::Newer), (Kind::Bid, Applied::Stale)]);

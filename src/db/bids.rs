@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use super::batch::{BatchWrite, Lane};
 use super::{CACHE_CHANNEL, DbError, notice, protocol};
-use crate::domain::auction::BidState;
+use crate::domain::auction::{BidState, Outbid};
 use crate::domain::bid::NewBid;
 use crate::metrics::{self, Query};
 
@@ -49,6 +49,8 @@ pub enum Placed {
         /// The auction right after this bid; `None` for a replay, which changed
         /// nothing now.
         state: Option<BidState>,
+        /// The bidder whose lead this bid took, if another led; `None` for a replay.
+        outbid: Option<i64>,
     },
     /// Below the minimum next bid, which the database says.
     TooLow {
@@ -113,14 +115,15 @@ impl BatchWrite for Bids {
     }
 
     fn committed(&self, outcomes: &[Placed]) {
-        let states: Vec<BidState> = outcomes
-            .iter()
-            .filter_map(|p| match p {
-                Placed::Accepted { state, .. } => *state,
-                _ => None,
-            })
-            .collect();
-        self.announcer.announce(states);
+        let mut states = Vec::new();
+        let mut outbid = Vec::new();
+        for placed in outcomes {
+            if let Placed::Accepted { state: Some(state), outbid: displaced, .. } = placed {
+                states.push(*state);
+                outbid.extend(displaced.map(|bidder| Outbid { auction_id: state.auction_id, bidder }));
+            }
+        }
+        self.announcer.announce(states, outbid);
     }
 }
 
@@ -151,7 +154,7 @@ impl BatchWrite for Bids {
 #[derive(Debug, Clone)]
 pub struct Announcer {
     /// One message per committed batch that changed something.
-    tx: mpsc::UnboundedSender<Vec<BidState>>,
+    tx: mpsc::UnboundedSender<(Vec<BidState>, Vec<Outbid>)>,
 }
 
 impl Announcer {
@@ -162,11 +165,12 @@ impl Announcer {
         Announcer { tx }
     }
 
-    /// Queues a batch's states for the next announcement. Never waits.
-    pub fn announce(&self, states: Vec<BidState>) {
+    /// Queues a batch's states, and whom it outbid, for the next announcement.
+    /// Never waits.
+    pub fn announce(&self, states: Vec<BidState>, outbid: Vec<Outbid>) {
         if !states.is_empty() {
             // Closed only when the core stops, and then nobody is left to tell.
-            let _ = self.tx.send(states);
+            let _ = self.tx.send((states, outbid));
         }
     }
 }
@@ -174,13 +178,18 @@ impl Announcer {
 /// Most batches drained into one announcement.
 const ANNOUNCE_ROUND: usize = 256;
 
-async fn announce_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<Vec<BidState>>) {
+async fn announce_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<(Vec<BidState>, Vec<Outbid>)>) {
     let mut batches = Vec::with_capacity(16);
     let mut states = Vec::new();
+    let mut outbid = Vec::new();
     while rx.recv_many(&mut batches, ANNOUNCE_ROUND).await > 0 {
-        states.extend(batches.drain(..).flatten());
-        let payloads = notice::encode_bids(&states, Utc::now().timestamp_micros());
+        for (s, o) in batches.drain(..) {
+            states.extend(s);
+            outbid.extend(o);
+        }
+        let payloads = notice::encode_bids(&states, &outbid, Utc::now().timestamp_micros());
         states.clear();
+        outbid.clear();
         send_notifications(&pool, &payloads).await;
     }
 }
@@ -216,6 +225,7 @@ struct OutcomeRow {
     version: Option<i64>,
     bid_count: Option<i64>,
     closed: Option<bool>,
+    outbid: Option<i64>,
 }
 
 impl OutcomeRow {
@@ -227,6 +237,7 @@ impl OutcomeRow {
             "accepted" => {
                 let amount = self.amount.ok_or_else(missing)?;
                 let ends_at = self.ends_at.ok_or_else(missing)?;
+                let min_next_bid = self.min_next_bid.ok_or_else(missing)?;
                 let state = match (self.version, self.bid_count) {
                     (Some(version), Some(bid_count)) => Some(BidState {
                         auction_id: request.bid.auction_id,
@@ -236,14 +247,16 @@ impl OutcomeRow {
                         bid_count,
                         ends_at,
                         closed: self.closed.unwrap_or(false),
+                        min_next_bid,
                     }),
                     _ => None,
                 };
                 Placed::Accepted {
                     bid_id: self.bid_id.ok_or_else(missing)?,
                     amount,
-                    min_next_bid: self.min_next_bid.ok_or_else(missing)?,
+                    min_next_bid,
                     ends_at,
+                    outbid: state.and(self.outbid),
                     state,
                 }
             }
@@ -279,7 +292,7 @@ pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) 
         fingerprints.push(r.idempotency_key.as_ref().map(|_| r.bid.fingerprint()));
     }
     let rows: Vec<OutcomeRow> = sqlx::query_as(
-        "select ord, outcome, bid_id, amount, min_next_bid, ends_at, version, bid_count, closed \
+        "select ord, outcome, bid_id, amount, min_next_bid, ends_at, version, bid_count, closed, outbid \
          from place_bids($1, $2, $3, $4, $5)",
     )
     .bind(&auctions)

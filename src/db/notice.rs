@@ -7,8 +7,11 @@
 //! - `auction`: a whole auction (`auction_json`), sent by the row trigger when an
 //!   auction is created and on every change that is not a bid (opening, closing).
 //! - `bids`: `states: [[id, version, high_bid, high_bidder, bid_count, ends_at_us,
-//!   closed], …]` (`closed` 1 when the bid bought the auction, which it then won;
-//!   a state of six fields, as gavel sent before buy-now, has it 0), sent by the bid batcher once per batch, right after its commit
+//!   closed, min_next_bid, outbid…], …]` (`closed` 1 when the bid bought the
+//!   auction, which it then won; `outbid…` the bidders whose lead the batch's bids
+//!   took, for their event streams; states of six or seven fields, as gavel sent
+//!   before buy-now and before outbid events, decode with neither), sent by the
+//!   bid batcher once per batch, right after its commit
 //!   ([`encode_bids`]), with the final state of each auction the batch changed:
 //!   only what a bid changes, since the rest of an auction never changes once it
 //!   is open, and only the last state, since a cache keeps only the newest version
@@ -21,14 +24,16 @@ use serde::Deserialize;
 
 use super::auctions;
 use super::inventory::Item;
-use crate::domain::auction::{Auction, BidState};
+use crate::domain::auction::{Auction, BidState, Outbid};
 
 /// A change announced by the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     Auction(Auction),
     Inventory(Item),
-    Bids(Vec<BidState>),
+    /// The newest state of each auction a batch changed, and the bidders whose
+    /// lead its bids took.
+    Bids(Vec<BidState>, Vec<Outbid>),
 }
 
 /// A decoded notification.
@@ -70,65 +75,87 @@ pub fn parse(payload: &str) -> Result<Notification, NoticeError> {
     Ok(match raw {
         Raw::Auction { at_us, row } => Notification { notice: Notice::Auction(row.into()), at_us },
         Raw::Inventory { at_us, item } => Notification { notice: Notice::Inventory(item), at_us },
-        Raw::Bids { at_us, states } => {
-            let states = states
-                .into_iter()
-                .map(|s| match s[..] {
-                    [auction_id, version, high_bid, high_bidder, bid_count, ends_at_us, ref rest @ ..]
-                        if rest.len() <= 1 =>
-                    {
-                        Ok(BidState {
-                            auction_id,
-                            version,
-                            high_bid,
-                            high_bidder,
-                            bid_count,
-                            ends_at: micros(ends_at_us)?,
-                            closed: rest.first() == Some(&1),
-                        })
-                    }
-                    _ => Err(NoticeError(format!("a bid state of {} fields", s.len()))),
-                })
-                .collect::<Result<_, NoticeError>>()?;
-            Notification { notice: Notice::Bids(states), at_us }
+        Raw::Bids { at_us, states: raw } => {
+            let mut states = Vec::with_capacity(raw.len());
+            let mut outbid = Vec::new();
+            for s in raw {
+                let [auction_id, version, high_bid, high_bidder, bid_count, ends_at_us, ref rest @ ..] = s[..] else {
+                    return Err(NoticeError(format!("a bid state of {} fields", s.len())));
+                };
+                // Six fields before buy-now, seven before outbid bidders.
+                let (closed, min_next_bid, outbid_bidders) = match rest {
+                    [] => (false, high_bid, &[][..]),
+                    [closed] => (*closed == 1, high_bid, &[][..]),
+                    [closed, min_next_bid, bidders @ ..] => (*closed == 1, *min_next_bid, bidders),
+                };
+                let ends_at = micros(ends_at_us)?;
+                states.push(BidState {
+                    auction_id,
+                    version,
+                    high_bid,
+                    high_bidder,
+                    bid_count,
+                    ends_at,
+                    closed,
+                    min_next_bid,
+                });
+                outbid.extend(outbid_bidders.iter().map(|&bidder| Outbid { auction_id, bidder }));
+            }
+            Notification { notice: Notice::Bids(states, outbid), at_us }
         }
     })
 }
 
-/// PostgreSQL refuses payloads of 8000 bytes or more; a state is at most ~110.
-const MAX_PAYLOAD: usize = 7800;
+/// PostgreSQL refuses payloads of 8000 bytes or more.
+const MAX_PAYLOAD: usize = 7990;
 
-/// The `bids` payloads that announce `states`: the newest state of each auction
-/// only, split into as few payloads as fit PostgreSQL's limit.
-pub fn encode_bids(states: &[BidState], at_us: i64) -> Vec<String> {
+/// The `bids` payloads that announce `states` and who they outbid: the newest
+/// state of each auction only, with every bidder whose lead a bid on it took
+/// except the one leading now, split into as few payloads as fit PostgreSQL's
+/// limit.
+pub fn encode_bids(states: &[BidState], outbid: &[Outbid], at_us: i64) -> Vec<String> {
     use std::fmt::Write;
     let mut newest: Vec<&BidState> = states.iter().collect();
     newest.sort_unstable_by_key(|s| (s.auction_id, std::cmp::Reverse(s.version)));
     newest.dedup_by_key(|s| s.auction_id);
+    let mut outbid: Vec<Outbid> = outbid.to_vec();
+    outbid.sort_unstable_by_key(|o| (o.auction_id, o.bidder));
+    outbid.dedup();
+    let head = format!(r#"{{"kind":"bids","at_us":{at_us},"states":["#);
     let mut payloads = Vec::new();
     let mut payload = String::new();
+    let mut state = String::new();
     for s in newest {
-        if payload.len() > MAX_PAYLOAD {
-            payload.push_str("]}");
-            payloads.push(std::mem::take(&mut payload));
-        }
-        let sep = if payload.is_empty() {
-            let _ = write!(payload, r#"{{"kind":"bids","at_us":{at_us},"states":["#);
-            ""
-        } else {
-            ","
-        };
+        state.clear();
         let _ = write!(
-            payload,
-            "{sep}[{},{},{},{},{},{},{}]",
+            state,
+            "[{},{},{},{},{},{},{},{}",
             s.auction_id,
             s.version,
             s.high_bid,
             s.high_bidder,
             s.bid_count,
             s.ends_at.timestamp_micros(),
-            u8::from(s.closed)
+            u8::from(s.closed),
+            s.min_next_bid
         );
+        let from = outbid.partition_point(|o| o.auction_id < s.auction_id);
+        for o in outbid[from..].iter().take_while(|o| o.auction_id == s.auction_id) {
+            if o.bidder != s.high_bidder {
+                let _ = write!(state, ",{}", o.bidder);
+            }
+        }
+        state.push(']');
+        if !payload.is_empty() && payload.len() + 1 + state.len() + 2 > MAX_PAYLOAD {
+            payload.push_str("]}");
+            payloads.push(std::mem::take(&mut payload));
+        }
+        if payload.is_empty() {
+            payload.push_str(&head);
+        } else {
+            payload.push(',');
+        }
+        payload.push_str(&state);
     }
     if !payload.is_empty() {
         payload.push_str("]}");
@@ -179,7 +206,7 @@ mod tests {
         let payload = r#"{"kind":"bids","at_us":9,"states":[[1001,2,200,3,1,1795963909737370],[1002,3,160,6,2,1796050269737370]]}"#;
         let n = parse(payload).unwrap();
         assert_eq!(n.at_us, 9);
-        let Notice::Bids(states) = n.notice else { panic!("not bids") };
+        let Notice::Bids(states, _) = n.notice else { panic!("not bids") };
         assert_eq!(states.len(), 2);
         assert_eq!(
             (states[1].auction_id, states[1].version, states[1].high_bid, states[1].high_bidder, states[1].bid_count),
@@ -192,8 +219,8 @@ mod tests {
     #[test]
     fn a_bought_auction_is_announced_closed_and_read_back_so() {
         let bought = BidState { closed: true, ..state(5, 2) };
-        let payloads = encode_bids(&[bought, state(6, 3)], 1);
-        let Notice::Bids(states) = parse(&payloads[0]).unwrap().notice else { panic!("not bids") };
+        let payloads = encode_bids(&[bought, state(6, 3)], &[], 1);
+        let Notice::Bids(states, _) = parse(&payloads[0]).unwrap().notice else { panic!("not bids") };
         assert_eq!(states, [bought, state(6, 3)]);
     }
 
@@ -206,31 +233,32 @@ mod tests {
             bid_count: version - 1,
             ends_at: DateTime::from_timestamp_micros(1_796_050_269_737_370).unwrap(),
             closed: false,
+            min_next_bid: 100 * version + 10,
         }
     }
 
     #[test]
     fn a_batch_is_announced_with_the_newest_state_of_each_auction() {
-        let payloads = encode_bids(&[state(5, 2), state(4, 7), state(5, 4), state(5, 3)], 11);
+        let payloads = encode_bids(&[state(5, 2), state(4, 7), state(5, 4), state(5, 3)], &[], 11);
         assert_eq!(payloads.len(), 1);
         let n = parse(&payloads[0]).unwrap();
         assert_eq!(n.at_us, 11);
-        assert_eq!(n.notice, Notice::Bids(vec![state(4, 7), state(5, 4)]));
+        assert_eq!(n.notice, Notice::Bids(vec![state(4, 7), state(5, 4)], vec![]));
     }
 
     #[test]
     fn a_large_batch_is_split_under_the_payload_limit() {
         let states: Vec<BidState> = (1..=512).map(|id| state(1_000_000_000 + id, 1_000_000)).collect();
-        let payloads = encode_bids(&states, 1);
+        let payloads = encode_bids(&states, &[], 1);
         assert!(payloads.len() > 1);
         let mut decoded = Vec::new();
         for p in &payloads {
             assert!(p.len() < 8000, "{} bytes", p.len());
-            let Notice::Bids(states) = parse(p).unwrap().notice else { panic!("not bids") };
+            let Notice::Bids(states, _) = parse(p).unwrap().notice else { panic!("not bids") };
             decoded.extend(states);
         }
         assert_eq!(decoded, states);
-        assert!(encode_bids(&[], 1).is_empty());
+        assert!(encode_bids(&[], &[], 1).is_empty());
     }
 
     #[test]
@@ -248,9 +276,40 @@ mod tests {
             r#"{"kind":"auction","at_us":1,"id":1}"#,
             r#"{"kind":"bids","at_us":1,"states":[[1,2,3]]}"#,
             r#"{"kind":"bids","at_us":1,"states":[[1,2,3,4,5,9223372036854775807]]}"#,
-            r#"{"kind":"bids","at_us":1,"states":[[1,2,3,4,5,6,1,1]]}"#,
+            r#"{"kind":"bids","at_us":1,"states":[[1,2,3,4,5]]}"#,
         ] {
             assert!(parse(payload).is_err(), "{payload}");
         }
+    }
+
+    #[test]
+    fn outbid_bidders_travel_with_their_auctions_state_but_never_the_leader() {
+        let outbid = [
+            Outbid { auction_id: 5, bidder: 8 },
+            Outbid { auction_id: 5, bidder: 3 },
+            Outbid { auction_id: 5, bidder: 8 },
+            Outbid { auction_id: 6, bidder: 4 },
+        ];
+        // Auction 5's newest leader is bidder 3 (state()), who took the lead back.
+        let payloads = encode_bids(&[state(5, 2), state(6, 3)], &outbid, 1);
+        let Notice::Bids(states, told) = parse(&payloads[0]).unwrap().notice else { panic!("not bids") };
+        assert_eq!(states, [state(5, 2), state(6, 3)]);
+        assert_eq!(told, [Outbid { auction_id: 5, bidder: 8 }, Outbid { auction_id: 6, bidder: 4 }]);
+    }
+
+    #[test]
+    fn long_outbid_lists_still_fit_the_payload_limit() {
+        let states: Vec<BidState> = (1..=300).map(|id| state(id, 2)).collect();
+        let outbid: Vec<Outbid> =
+            (1..=300).flat_map(|id| (10..30).map(move |b| Outbid { auction_id: id, bidder: b })).collect();
+        let payloads = encode_bids(&states, &outbid, 1);
+        assert!(payloads.len() > 1);
+        let mut told = 0;
+        for p in &payloads {
+            assert!(p.len() < 8000, "{} bytes", p.len());
+            let Notice::Bids(_, o) = parse(p).unwrap().notice else { panic!("not bids") };
+            told += o.len();
+        }
+        assert_eq!(told, outbid.len());
     }
 }

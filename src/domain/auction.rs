@@ -113,6 +113,15 @@ pub struct BidState {
     pub ends_at: DateTime<Utc>,
     /// The bid met the buy-now price: the auction closed, and its bidder won.
     pub closed: bool,
+    /// The smallest bid the auction takes next.
+    pub min_next_bid: i64,
+}
+
+/// A bidder whose lead an accepted bid took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outbid {
+    pub auction_id: i64,
+    pub bidder: i64,
 }
 
 impl Auction {
@@ -327,6 +336,7 @@ mod tests {
             bid_count: 3,
             ends_at: t(130),
             closed: false,
+            min_next_bid: 1550,
         });
         assert_eq!((a.version, a.high_bid, a.high_bidder, a.bid_count, a.ends_at), (7, Some(1500), Some(9), 3, t(130)));
         assert_eq!((a.title.as_str(), a.reserve, a.min_increment, a.closed), ("lamp", 1000, 50, false));
@@ -396,6 +406,7 @@ mod tests {
             bid_count: 1,
             ends_at: t(20),
             closed: true,
+            min_next_bid: 5050,
         });
         assert!(a.closed);
         assert_eq!(a.winner_id, Some(9));

@@ -91,7 +91,7 @@ async fn place_bid(
         }
     };
     let (counted, answer) = match placed {
-        Placed::Accepted { bid_id, amount, min_next_bid, ends_at, state } => {
+        Placed::Accepted { bid_id, amount, min_next_bid, ends_at, state, .. } => {
             if let Some(state) = state {
                 core.caches.apply_bid(&state);
             }

@@ -14,7 +14,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
-use super::extract::{Id, Params, QueryProblems};
+use super::extract::{Caller, CallerProblems, Id, Params, QueryProblems};
 use crate::core::Core;
 use crate::db;
 use crate::events::{EventStream, Refused};
@@ -27,7 +27,7 @@ pub const MAX_STREAM_AUCTIONS: usize = 100;
 const MAX_FIRST_READS: usize = 3;
 
 pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
-    OpenApiRouter::default().routes(routes!(auction_events)).routes(routes!(events))
+    OpenApiRouter::default().routes(routes!(auction_events)).routes(routes!(events)).routes(routes!(my_events))
 }
 
 /// One auction's changes, as they happen.
@@ -83,6 +83,34 @@ async fn events(State(core): State<Arc<Core>>, Params(watch): Params<Watch>) -> 
     open(&core, &ids, None).await.map(stream_response)
 }
 
+/// The events that concern the caller alone.
+///
+/// Server-Sent Events for the token's account, and nobody else's: `event:
+/// outbid` the moment a bid takes the caller's lead, with `data: {auction_id,
+/// high_bid, min_next_bid, ends_at}` of the auction as that bid left it (`id:`
+/// the auction's version; a caller too slow to read gets only the newest per
+/// auction). Also a `: heartbeat` comment every `--stream-heartbeat`, and on
+/// shutdown a `retry:` hint before the end. The stream does not end by itself.
+#[utoipa::path(
+    get, path = "/api/me/events", tag = "accounts",
+    security(("bearer" = []), ("cookie" = [])),
+    responses(
+        (status = 200, description = "The caller's events", content_type = "text/event-stream", body = String),
+        CallerProblems, ServerProblems,
+    )
+)]
+async fn my_events(State(core): State<Arc<Core>>, Caller(caller): Caller) -> Result<Response> {
+    let slot = reserve(&core)?;
+    Ok(stream_response(core.events.subscribe_account(slot, caller.account_id)))
+}
+
+fn reserve(core: &Core) -> Result<crate::events::Slot> {
+    core.events.reserve().map_err(|refused| match refused {
+        Refused::Full => Error::Overloaded,
+        Refused::Draining => Error::NotReady("the server is shutting down"),
+    })
+}
+
 /// The ids of `?auctions=`: 1 to [`MAX_STREAM_AUCTIONS`] positive integers, each
 /// once.
 fn parse_ids(list: &str) -> Result<Vec<i64>> {
@@ -104,10 +132,7 @@ fn parse_ids(list: &str) -> Result<Vec<i64>> {
 /// Opens a stream of `ids`, reading the states the hub does not hold from the
 /// cache, or else from the database.
 async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream> {
-    let slot = core.events.reserve().map_err(|refused| match refused {
-        Refused::Full => Error::Overloaded,
-        Refused::Draining => Error::NotReady("the server is shutting down"),
-    })?;
+    let slot = reserve(core)?;
     let mut wanted = core.events.unknown(ids);
     for _ in 0..MAX_FIRST_READS {
         if wanted.is_empty() {

@@ -109,6 +109,7 @@ mod tests {
             "/api/auctions/{id}/bids",
             "/api/auctions/{id}/events",
             "/api/events",
+            "/api/me/events",
             "/api/bids",
             "/api/accounts",
             "/api/sessions",

@@ -284,7 +284,7 @@ async fn a_batch_announces_the_last_state_of_each_auction_once() {
         payloads.push(more.unwrap().payload().to_owned());
     }
     assert_eq!(payloads.len(), 1, "one notification for the batch, none for the rejected one: {payloads:?}");
-    let gavel::db::notice::Notice::Bids(states) = gavel::db::notice::parse(&payloads[0]).unwrap().notice else {
+    let gavel::db::notice::Notice::Bids(states, _) = gavel::db::notice::parse(&payloads[0]).unwrap().notice else {
         panic!("not a bids notice: {}", payloads[0])
     };
     let summary: Vec<(i64, i64, i64, i64)> =

@@ -20,6 +20,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/auctions/{id}/bids"),
     ("GET", "/api/auctions/{id}/events"),
     ("GET", "/api/events"),
+    ("GET", "/api/me/events"),
     ("POST", "/api/bids"),
     ("POST", "/api/accounts"),
     ("POST", "/api/sessions"),

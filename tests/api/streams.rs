@@ -273,3 +273,35 @@ async fn a_buy_now_sends_the_closed_event_with_its_winner() {
     assert_eq!(state["buy_now"], Value::Null);
     assert!(matches!(tokio::time::timeout(SOON, events.next()).await, Ok(None)), "then the stream ends");
 }
+
+/// Opens the caller's own stream with `token`.
+async fn watch_mine(app: &TestApp, token: &str) -> Events {
+    let response = fresh_connection_client().get(app.url("/api/me/events")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    Box::pin(response.bytes_stream().eventsource())
+}
+
+#[tokio::test]
+async fn an_outbid_bidder_is_told_at_once_and_nobody_else_is() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let (leader, challenger, bystander) = (app.bidder(2), app.bidder(3), app.bidder(4));
+    let mut leaders = watch_mine(&app, &leader).await;
+    let mut challengers = watch_mine(&app, &challenger).await;
+    let mut bystanders = watch_mine(&app, &bystander).await;
+    assert_eq!(app.place_bid(&leader, id, 100).await.status(), StatusCode::CREATED);
+    assert!(quiet(&mut leaders, Duration::from_millis(300)).await, "leading is not being outbid");
+    assert_eq!(app.place_bid(&challenger, id, 150).await.status(), StatusCode::CREATED);
+    let told = next(&mut leaders, SOON).await;
+    assert_eq!(told.event, "outbid");
+    let told = data(&told);
+    assert_eq!(told["auction_id"], id);
+    assert_eq!(told["high_bid"], 150);
+    assert_eq!(told["min_next_bid"], 160);
+    assert!(told["ends_at"].is_string());
+    assert!(quiet(&mut challengers, Duration::from_millis(300)).await, "the new leader is not told");
+    assert!(quiet(&mut bystanders, Duration::from_millis(10)).await, "nor is anyone else");
+    let anonymous = app.get("/api/me/events").await;
+    assert_problem(anonymous, StatusCode::UNAUTHORIZED, "/problems/unauthorized").await;
+}
