@@ -36,7 +36,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::db::notice::Notice;
+use crate::db::notice::{Ended, Notice};
 use crate::domain::auction::{Auction, BidState, Outbid};
 use crate::metrics::{EventKind, StreamMetrics};
 
@@ -287,10 +287,12 @@ impl Hub {
     /// Applies a notification to the watched auctions, and tells their watchers.
     pub fn apply(&self, notice: &Notice, at_us: i64) {
         let mut inner = self.lock();
-        if let Notice::Bids(states, outbid) = notice
-            && !inner.accounts.is_empty()
-        {
-            self.tell_outbid(&inner, states, outbid, at_us);
+        if !inner.accounts.is_empty() {
+            match notice {
+                Notice::Bids(states, outbid) => self.tell_outbid(&inner, states, outbid, at_us),
+                Notice::Ended(ended) => self.tell_ended(&inner, ended, at_us),
+                _ => {}
+            }
         }
         if inner.topics.is_empty() {
             return;
@@ -318,7 +320,7 @@ impl Hub {
                     });
                 }
             }
-            Notice::Inventory(_) => {}
+            Notice::Inventory(_) | Notice::Ended(_) => {}
         }
     }
 
@@ -426,6 +428,26 @@ impl Hub {
                 if mailbox.leave(o.auction_id, event.clone(), false) {
                     self.metrics.coalesced.increment(1);
                 }
+            }
+        }
+    }
+
+    /// Leaves a `won` event with the winner's streams on this core and a `lost`
+    /// event with every other bidder's.
+    fn tell_ended(&self, inner: &Inner, ended: &Ended, at_us: i64) {
+        for bidder in &ended.bidders {
+            let Some(streams) = inner.accounts.get(bidder) else { continue };
+            let kind = if ended.winner_id == Some(*bidder) { EventKind::Won } else { EventKind::Lost };
+            let high_bid = ended.high_bid.map_or("null".to_owned(), |h| h.to_string());
+            let frame = Bytes::from(format!(
+                "event: {}\nid: {}\ndata: {{\"auction_id\":{},\"high_bid\":{high_bid}}}\n\n",
+                kind.label(),
+                ended.version,
+                ended.auction_id
+            ));
+            let event = Event { kind, version: ended.version, frame, at_us };
+            for (_, mailbox) in streams {
+                mailbox.leave(ended.auction_id, event.clone(), false);
             }
         }
     }
@@ -883,5 +905,19 @@ mod tests {
         assert!(ready(&mut other).is_empty(), "nobody else's stream carries it");
         drop(outbid);
         assert!(!hub.lock().accounts.contains_key(&41), "a closed stream leaves its account");
+    }
+
+    #[test]
+    fn the_bidders_of_a_closed_auction_are_told_who_won() {
+        let hub = hub(10);
+        let mut winner = hub.subscribe_account(hub.reserve().unwrap(), 41);
+        let mut loser = hub.subscribe_account(hub.reserve().unwrap(), 42);
+        let mut bystander = hub.subscribe_account(hub.reserve().unwrap(), 43);
+        let ended =
+            Ended { auction_id: 7, winner_id: Some(41), high_bid: Some(150), version: 9, bidders: vec![41, 42] };
+        hub.apply(&Notice::Ended(ended), 1);
+        assert_eq!(ready(&mut winner), ["event: won\nid: 9\ndata: {\"auction_id\":7,\"high_bid\":150}\n\n"]);
+        assert_eq!(ready(&mut loser), ["event: lost\nid: 9\ndata: {\"auction_id\":7,\"high_bid\":150}\n\n"]);
+        assert!(ready(&mut bystander).is_empty());
     }
 }

@@ -610,10 +610,21 @@ pub enum EventKind {
     Heartbeat,
     /// A bidder's lead was taken (personal streams only).
     Outbid,
+    /// An auction the bidder bid on closed, and the bidder won it (personal).
+    Won,
+    /// An auction the bidder bid on closed, and someone else won it (personal).
+    Lost,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 4] = [EventKind::Auction, EventKind::Closed, EventKind::Heartbeat, EventKind::Outbid];
+    pub const ALL: [EventKind; 6] = [
+        EventKind::Auction,
+        EventKind::Closed,
+        EventKind::Heartbeat,
+        EventKind::Outbid,
+        EventKind::Won,
+        EventKind::Lost,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
@@ -621,6 +632,8 @@ impl EventKind {
             EventKind::Closed => "closed",
             EventKind::Heartbeat => "heartbeat",
             EventKind::Outbid => "outbid",
+            EventKind::Won => "won",
+            EventKind::Lost => "lost",
         }
     }
 }

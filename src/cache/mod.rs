@@ -301,6 +301,8 @@ impl Caches {
                     counted(Kind::Bid, self.apply_bid(state));
                 }
             }
+            // For event streams only: the auction's closed state comes on its own.
+            Notice::Ended(_) => {}
         }
     }
 

@@ -18,6 +18,8 @@
 //!   anyway. About 60 bytes an auction instead of about 330 for a whole one per
 //!   bid; `at_us` is the sender's clock here.
 //! - `inventory`: a whole stock row (`inventory_json`).
+//! - `ended`: an auction `advance_auctions` closed, with its winner and the
+//!   bidders who bid on it (up to 500 a notification), for their event streams.
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -34,6 +36,20 @@ pub enum Notice {
     /// The newest state of each auction a batch changed, and the bidders whose
     /// lead its bids took.
     Bids(Vec<BidState>, Vec<Outbid>),
+    /// An auction closed: its winner and (some of) the bidders who bid on it.
+    Ended(Ended),
+}
+
+/// An auction that closed, for the event streams of those who bid on it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Ended {
+    pub auction_id: i64,
+    pub winner_id: Option<i64>,
+    pub high_bid: Option<i64>,
+    /// The auction's version once closed.
+    pub version: i64,
+    /// Bidders who bid on it: all of them, over one or more notifications.
+    pub bidders: Vec<i64>,
 }
 
 /// A decoded notification.
@@ -67,6 +83,11 @@ enum Raw {
         at_us: i64,
         states: Vec<Vec<i64>>,
     },
+    Ended {
+        at_us: i64,
+        #[serde(flatten)]
+        ended: Ended,
+    },
 }
 
 /// Decodes one payload.
@@ -75,6 +96,7 @@ pub fn parse(payload: &str) -> Result<Notification, NoticeError> {
     Ok(match raw {
         Raw::Auction { at_us, row } => Notification { notice: Notice::Auction(row.into()), at_us },
         Raw::Inventory { at_us, item } => Notification { notice: Notice::Inventory(item), at_us },
+        Raw::Ended { at_us, ended } => Notification { notice: Notice::Ended(ended), at_us },
         Raw::Bids { at_us, states: raw } => {
             let mut states = Vec::with_capacity(raw.len());
             let mut outbid = Vec::new();
@@ -311,5 +333,13 @@ mod tests {
             told += o.len();
         }
         assert_eq!(told, outbid.len());
+    }
+
+    #[test]
+    fn an_ended_auction_names_its_winner_and_bidders() {
+        let payload =
+            r#"{"kind":"ended","at_us":3,"auction_id":7,"winner_id":4,"high_bid":150,"version":9,"bidders":[2,4]}"#;
+        let ended = Ended { auction_id: 7, winner_id: Some(4), high_bid: Some(150), version: 9, bidders: vec![2, 4] };
+        assert_eq!(parse(payload).unwrap().notice, Notice::Ended(ended));
     }
 }

@@ -87,10 +87,12 @@ async fn events(State(core): State<Arc<Core>>, Params(watch): Params<Watch>) -> 
 ///
 /// Server-Sent Events for the token's account, and nobody else's: `event:
 /// outbid` the moment a bid takes the caller's lead, with `data: {auction_id,
-/// high_bid, min_next_bid, ends_at}` of the auction as that bid left it (`id:`
-/// the auction's version; a caller too slow to read gets only the newest per
-/// auction). Also a `: heartbeat` comment every `--stream-heartbeat`, and on
-/// shutdown a `retry:` hint before the end. The stream does not end by itself.
+/// high_bid, min_next_bid, ends_at}` of the auction as that bid left it; `event:
+/// won` or `event: lost` with `data: {auction_id, high_bid}` when an auction the
+/// caller bid on closes. `id:` is the auction's version; a caller too slow to
+/// read gets only the newest per auction. Also a `: heartbeat` comment every
+/// `--stream-heartbeat`, and on shutdown a `retry:` hint before the end. The
+/// stream does not end by itself.
 #[utoipa::path(
     get, path = "/api/me/events", tag = "accounts",
     security(("bearer" = []), ("cookie" = [])),

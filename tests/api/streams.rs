@@ -305,3 +305,23 @@ async fn an_outbid_bidder_is_told_at_once_and_nobody_else_is() {
     let anonymous = app.get("/api/me/events").await;
     assert_problem(anonymous, StatusCode::UNAUTHORIZED, "/problems/unauthorized").await;
 }
+
+#[tokio::test]
+async fn when_an_auction_closes_its_winner_is_told_won_and_the_others_lost() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 1.5, 0).await["id"].as_i64().unwrap();
+    let (loser, winner, bystander) = (app.bidder(2), app.bidder(3), app.bidder(4));
+    let mut losers = watch_mine(&app, &loser).await;
+    let mut winners = watch_mine(&app, &winner).await;
+    let mut bystanders = watch_mine(&app, &bystander).await;
+    assert_eq!(app.place_bid(&loser, id, 100).await.status(), StatusCode::CREATED);
+    assert_eq!(app.place_bid(&winner, id, 150).await.status(), StatusCode::CREATED);
+    assert_eq!(next(&mut losers, SOON).await.event, "outbid");
+    let lost = next(&mut losers, SOON).await;
+    assert_eq!(lost.event, "lost");
+    assert_eq!((data(&lost)["auction_id"].as_i64(), data(&lost)["high_bid"].as_i64()), (Some(id), Some(150)));
+    let won = next(&mut winners, SOON).await;
+    assert_eq!(won.event, "won");
+    assert_eq!(data(&won)["auction_id"], id);
+    assert!(quiet(&mut bystanders, Duration::from_millis(200)).await, "who never bid is told nothing");
+}
