@@ -21,6 +21,14 @@
 //! id: <version>             that auction (a single-auction stream then ends)
 //! data: <the auction's JSON>
 //!
+//! event: outbid             personal streams (`GET /api/me/events`): a bid took
+//! id: <version>             the account's lead on an auction
+//! data: {auction_id, high_bid, min_next_bid, ends_at}
+//!
+//! event: won | lost         personal streams: an auction the account bid on closed
+//! id: <version>
+//! data: {auction_id, high_bid}
+//!
 //! : heartbeat               every --stream-heartbeat, so proxies keep it open
 //!
 //! retry: <ms>               on shutdown, before the stream ends
@@ -116,23 +124,47 @@ impl Topic {
         let state = self.state.as_ref()?;
         if self.event.is_none() {
             let kind = if state.closed { EventKind::Closed } else { EventKind::Auction };
-            self.event = Some(Event { kind, version: state.version, frame: frame(kind, state, render), at_us: 0 });
+            self.event = Some(Event::new(kind, state.version, &render(state, Utc::now()), 0));
         }
         self.event.clone()
     }
 }
 
-fn frame(kind: EventKind, a: &Auction, render: Render) -> Bytes {
-    let json = render(a, Utc::now());
-    let mut out = Vec::with_capacity(json.len() + 48);
-    out.extend_from_slice(b"event: ");
-    out.extend_from_slice(kind.label().as_bytes());
-    out.extend_from_slice(b"\nid: ");
-    out.extend_from_slice(a.version.to_string().as_bytes());
-    out.extend_from_slice(b"\ndata: ");
-    out.extend_from_slice(&json);
-    out.extend_from_slice(b"\n\n");
-    Bytes::from(out)
+impl Event {
+    /// The one place an SSE frame is written: `event:` its kind, `id:` the
+    /// auction's version, `data:` one line of JSON.
+    fn new(kind: EventKind, version: i64, data: &[u8], at_us: i64) -> Event {
+        let version_text = version.to_string();
+        let mut out = Vec::with_capacity(data.len() + version_text.len() + 32);
+        for part in
+            [b"event: ", kind.label().as_bytes(), b"\nid: ", version_text.as_bytes(), b"\ndata: ", data, b"\n\n"]
+        {
+            out.extend_from_slice(part);
+        }
+        Event { kind, version, frame: Bytes::from(out), at_us }
+    }
+}
+
+/// The data of an `outbid` event: the auction as the bid that took the lead
+/// left it.
+#[derive(serde::Serialize)]
+struct OutbidData {
+    auction_id: i64,
+    high_bid: i64,
+    min_next_bid: i64,
+    ends_at: DateTime<Utc>,
+}
+
+/// The data of a `won` or `lost` event.
+#[derive(serde::Serialize)]
+struct EndedData {
+    auction_id: i64,
+    high_bid: Option<i64>,
+}
+
+/// Serialising plain data into memory cannot fail.
+fn json(value: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_else(|_| b"null".to_vec())
 }
 
 struct Inner {
@@ -147,6 +179,13 @@ struct Inner {
     reserved: usize,
     next: u64,
     draining: bool,
+}
+
+impl Inner {
+    fn new_id(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
 }
 
 /// One core's streams and the auctions they watch.
@@ -235,7 +274,7 @@ impl Hub {
     /// `Last-Event-ID`), the current state is not sent again if it is that version.
     pub fn subscribe(
         self: &Arc<Self>,
-        mut slot: Slot,
+        slot: Slot,
         ids: &[i64],
         last_version: Option<i64>,
     ) -> Result<EventStream, Vec<i64>> {
@@ -248,9 +287,8 @@ impl Hub {
             }
             return Err(missing);
         }
-        inner.next += 1;
-        let id = inner.next;
         let mailbox = Arc::new(Mailbox::default());
+        let id = inner.new_id();
         let mut watching = Vec::with_capacity(ids.len());
         {
             let mut pending = mailbox.lock();
@@ -278,10 +316,23 @@ impl Hub {
                 }
             }
         }
+        Ok(self.register(&mut inner, id, slot, mailbox, watching, None))
+    }
+
+    /// Counts stream `id` as open, with the slot it was reserved with.
+    fn register(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        id: u64,
+        mut slot: Slot,
+        mailbox: Arc<Mailbox>,
+        watching: Vec<i64>,
+        account: Option<i64>,
+    ) -> EventStream {
         inner.streams.insert(id, mailbox.clone());
         slot.hub = None;
         self.metrics.open.increment(1.0);
-        Ok(EventStream { hub: self.clone(), id, watching, account: None, mailbox, retry_sent: false })
+        EventStream { hub: self.clone(), id, watching, account, mailbox, retry_sent: false }
     }
 
     /// Applies a notification to the watched auctions, and tells their watchers.
@@ -415,15 +466,13 @@ impl Hub {
         for o in outbid {
             let Some(streams) = inner.accounts.get(&o.bidder) else { continue };
             let Some(state) = states.iter().find(|s| s.auction_id == o.auction_id) else { continue };
-            let data = format!(
-                r#"{{"auction_id":{},"high_bid":{},"min_next_bid":{},"ends_at":"{}"}}"#,
-                state.auction_id,
-                state.high_bid,
-                state.min_next_bid,
-                state.ends_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
-            );
-            let frame = Bytes::from(format!("event: outbid\nid: {}\ndata: {data}\n\n", state.version));
-            let event = Event { kind: EventKind::Outbid, version: state.version, frame, at_us };
+            let data = OutbidData {
+                auction_id: state.auction_id,
+                high_bid: state.high_bid,
+                min_next_bid: state.min_next_bid,
+                ends_at: state.ends_at,
+            };
+            let event = Event::new(EventKind::Outbid, state.version, &json(&data), at_us);
             for (_, mailbox) in streams {
                 if mailbox.leave(o.auction_id, event.clone(), false) {
                     self.metrics.coalesced.increment(1);
@@ -438,14 +487,8 @@ impl Hub {
         for bidder in &ended.bidders {
             let Some(streams) = inner.accounts.get(bidder) else { continue };
             let kind = if ended.winner_id == Some(*bidder) { EventKind::Won } else { EventKind::Lost };
-            let high_bid = ended.high_bid.map_or("null".to_owned(), |h| h.to_string());
-            let frame = Bytes::from(format!(
-                "event: {}\nid: {}\ndata: {{\"auction_id\":{},\"high_bid\":{high_bid}}}\n\n",
-                kind.label(),
-                ended.version,
-                ended.auction_id
-            ));
-            let event = Event { kind, version: ended.version, frame, at_us };
+            let data = EndedData { auction_id: ended.auction_id, high_bid: ended.high_bid };
+            let event = Event::new(kind, ended.version, &json(&data), at_us);
             for (_, mailbox) in streams {
                 mailbox.leave(ended.auction_id, event.clone(), false);
             }
@@ -453,18 +496,14 @@ impl Hub {
     }
 
     /// Opens a stream of the events that concern `account` alone.
-    pub fn subscribe_account(self: &Arc<Self>, mut slot: Slot, account: i64) -> EventStream {
+    pub fn subscribe_account(self: &Arc<Self>, slot: Slot, account: i64) -> EventStream {
         let mut inner = self.lock();
-        inner.next += 1;
-        let id = inner.next;
         let mailbox = Arc::new(Mailbox::default());
         // Never ends by itself: only a drain, or the client, closes it.
         mailbox.lock().open = 1;
+        let id = inner.new_id();
         inner.accounts.entry(account).or_default().push((id, mailbox.clone()));
-        inner.streams.insert(id, mailbox.clone());
-        slot.hub = None;
-        self.metrics.open.increment(1.0);
-        EventStream { hub: self.clone(), id, watching: Vec::new(), account: Some(account), mailbox, retry_sent: false }
+        self.register(&mut inner, id, slot, mailbox, Vec::new(), Some(account))
     }
 
     /// Ids of the auctions watched, for a reload after the notifications were

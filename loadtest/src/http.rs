@@ -190,8 +190,21 @@ struct Head {
     close: bool,
 }
 
-/// Parses a response head if `buf` holds all of it.
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, Fault> {
+/// What a response head says, as sent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fields {
+    pub status: u16,
+    /// Bytes of the head, blank line included.
+    pub len: usize,
+    pub content_length: Option<usize>,
+    /// `transfer-encoding` was sent (gavel sends it only as `chunked`, for
+    /// streams).
+    pub chunked: bool,
+    pub close: bool,
+}
+
+/// Reads a response head's fields if `buf` holds all of it.
+pub fn parse_fields(buf: &[u8]) -> Result<Option<Fields>, Fault> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(buf) {
@@ -200,17 +213,26 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Fault> {
         Err(_) => return Err(Fault::Protocol("malformed response head")),
     };
     let status = response.code.ok_or(Fault::Protocol("no status"))?;
-    let mut content_length = None;
-    let mut close = response.version == Some(0);
+    let mut fields = Fields { status, len, content_length: None, chunked: false, close: response.version == Some(0) };
     for header in response.headers.iter() {
         if header.name.eq_ignore_ascii_case("content-length") {
             let value = std::str::from_utf8(header.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
-            content_length = Some(value.ok_or(Fault::Protocol("bad content-length"))?);
+            fields.content_length = Some(value.ok_or(Fault::Protocol("bad content-length"))?);
         } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            return Err(Fault::Protocol("chunked responses are not supported"));
+            fields.chunked = true;
         } else if header.name.eq_ignore_ascii_case("connection") {
-            close = header.value.eq_ignore_ascii_case(b"close");
+            fields.close = header.value.eq_ignore_ascii_case(b"close");
         }
+    }
+    Ok(Some(fields))
+}
+
+/// Parses a response head this client can read the rest of (no chunked bodies)
+/// if `buf` holds all of it.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, Fault> {
+    let Some(Fields { status, len, content_length, chunked, close }) = parse_fields(buf)? else { return Ok(None) };
+    if chunked {
+        return Err(Fault::Protocol("chunked responses are not supported"));
     }
     let content_length = match content_length {
         Some(n) => n,
@@ -258,6 +280,8 @@ mod tests {
         assert_eq!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Le").unwrap(), None);
         assert_eq!(parse_head(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap().unwrap().content_length, 0);
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").is_err());
+        let stream = parse_fields(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap().unwrap();
+        assert!(stream.chunked && stream.content_length.is_none(), "a stream's head is read, not refused");
         assert!(parse_head(b"HTTP/1.1 200 OK\r\n\r\n").is_err());
         assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n").is_err());
         assert!(parse_head(b"garbage\r\n\r\n").is_err());

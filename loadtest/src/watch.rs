@@ -21,6 +21,7 @@
 //! RSS and events coalesced.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -31,9 +32,10 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::task::LocalSet;
 
-use crate::http::Target;
+use crate::http::{Target, parse_fields, write_request};
 use crate::scenario::{Lot, Workload};
 use crate::stats::Report;
 use crate::{Cli, Command, RunArgs, block_on_local, engine, setup};
@@ -137,6 +139,8 @@ struct Control {
     /// wakes for it without a timer per read).
     stop: tokio::sync::watch::Sender<bool>,
     opened: AtomicUsize,
+    /// Why a stream could not be opened, for the first that could not.
+    refused: std::sync::Mutex<Option<String>>,
     /// The workload's epoch: bid amounts rise one per microsecond from it.
     epoch: Instant,
 }
@@ -174,11 +178,15 @@ pub fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
         recording: AtomicBool::new(false),
         stop: tokio::sync::watch::Sender::new(false),
         opened: AtomicUsize::new(0),
+        refused: std::sync::Mutex::new(None),
         epoch: work.epoch(),
     });
     let opening = Instant::now();
     let readers = spawn_readers(&target, &lots, args.streams, threads, &control)?;
     while control.opened.load(Ordering::Acquire) < args.streams {
+        if let Some(why) = control.refused.lock().map_err(|_| anyhow::anyhow!("a stream task panicked"))?.take() {
+            bail!("a stream could not be opened: {why:#}");
+        }
         if readers.iter().any(|h| h.is_finished()) {
             bail!("a stream reader stopped while opening streams");
         }
@@ -395,33 +403,36 @@ fn spawn_readers(
     Ok(handles)
 }
 
-/// Opens this thread's streams (a few hundred at a time) and reads them until
-/// told to stop.
+/// Opens this thread's streams (a few hundred connecting at a time, so the
+/// server's accept backlog keeps up) and reads each until told to stop.
 async fn read_streams(target: Target, watchers: Vec<Watcher>, control: Arc<Control>) -> anyhow::Result<ThreadResult> {
     const OPEN_AT_ONCE: usize = 256;
-    let mut connected = Vec::with_capacity(watchers.len());
-    for chunk in watchers.chunks(OPEN_AT_ONCE) {
-        let opening = chunk.iter().map(|w| open_stream(target.clone(), w.auction));
-        for stream in futures_join_all(opening).await {
-            connected.push(stream?);
-            control.opened.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-    let mut tasks = Vec::with_capacity(watchers.len());
-    for (mut watcher, (stream, buffered)) in watchers.into_iter().zip(connected) {
-        let control = Arc::clone(&control);
-        tasks.push(tokio::task::spawn_local(async move {
-            let mut delivery = histogram();
-            let events = read_events(stream, buffered, &mut watcher, &control, &mut delivery).await;
-            if events.is_err() {
-                watcher.lost = true;
-            }
-            (watcher, delivery, events.unwrap_or(0))
-        }));
-    }
+    let (target, opening) = (Rc::new(target), Rc::new(Semaphore::new(OPEN_AT_ONCE)));
+    let tasks: Vec<_> = watchers
+        .into_iter()
+        .map(|mut watcher| {
+            let (target, opening, control) = (Rc::clone(&target), Rc::clone(&opening), Arc::clone(&control));
+            tokio::task::spawn_local(async move {
+                let permit = opening.acquire().await.expect("the semaphore is never closed");
+                let (stream, buffered) = match open_stream(&target, watcher.auction).await {
+                    Ok(opened) => opened,
+                    Err(e) => {
+                        control.refused.lock().expect("never poisoned").get_or_insert_with(|| format!("{e:#}"));
+                        return Err(e);
+                    }
+                };
+                drop(permit);
+                control.opened.fetch_add(1, Ordering::AcqRel);
+                let mut delivery = histogram();
+                let events = read_events(stream, buffered, &mut watcher, &control, &mut delivery).await;
+                watcher.lost = events.is_err();
+                anyhow::Ok((watcher, delivery, events.unwrap_or(0)))
+            })
+        })
+        .collect();
     let mut result = ThreadResult { delivery: histogram(), events: 0, watchers: Vec::new() };
     for task in tasks {
-        let (watcher, delivery, events) = task.await.context("a stream task failed")?;
+        let (watcher, delivery, events) = task.await.context("a stream task failed")??;
         result.delivery.add(&delivery).context("merging histograms")?;
         result.events += events;
         result.watchers.push(watcher);
@@ -429,41 +440,24 @@ async fn read_streams(target: Target, watchers: Vec<Watcher>, control: Arc<Contr
     Ok(result)
 }
 
-/// Runs the futures concurrently on this thread and returns their outputs in order.
-async fn futures_join_all<F: std::future::Future + 'static>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
-where
-    F::Output: 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::task::spawn_local).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.expect("a local task panicked"));
-    }
-    out
-}
-
 /// Connects and asks for `auction`'s events; returns the stream and the body
 /// bytes read with the head.
-async fn open_stream(target: Target, auction: i64) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+async fn open_stream(target: &Target, auction: i64) -> anyhow::Result<(TcpStream, Vec<u8>)> {
     let mut stream = TcpStream::connect(target.addr).await.context("cannot connect a stream")?;
     stream.set_nodelay(true)?;
-    let request = format!("GET /api/auctions/{auction}/events HTTP/1.1\r\nhost: {}\r\n\r\n", target.authority);
-    stream.write_all(request.as_bytes()).await?;
+    let mut request = Vec::with_capacity(128);
+    write_request(&mut request, &target.authority, "GET", &format!("/api/auctions/{auction}/events"), None, None);
+    stream.write_all(&request).await?;
     let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
     loop {
-        let mut chunk = [0u8; 1024];
         let n = stream.read(&mut chunk).await?;
         anyhow::ensure!(n > 0, "the server closed a stream before answering");
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = std::str::from_utf8(&buf[..end]).unwrap_or("");
-            anyhow::ensure!(
-                head.starts_with("HTTP/1.1 200"),
-                "a stream was refused: {}",
-                head.lines().next().unwrap_or("")
-            );
-            anyhow::ensure!(head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "a stream not chunked");
-            return Ok((stream, buf.split_off(end + 4)));
+        if let Some(head) = parse_fields(&buf)? {
+            anyhow::ensure!(head.status == 200, "a stream was refused with {}", head.status);
+            anyhow::ensure!(head.chunked, "a stream not chunked");
+            return Ok((stream, buf.split_off(head.len)));
         }
         anyhow::ensure!(buf.len() < 16 * 1024, "a stream's head is too long");
     }
@@ -566,14 +560,15 @@ impl Dechunk {
                         self.line.extend_from_slice(input);
                         return Ok(());
                     };
-                    self.line.extend_from_slice(&input[..nl]);
+                    self.line.extend_from_slice(&input[..=nl]);
                     input = &input[nl + 1..];
-                    let line = std::str::from_utf8(&self.line).unwrap_or("").trim();
-                    let size = usize::from_str_radix(line.split(';').next().unwrap_or(""), 16)
-                        .with_context(|| format!("a bad chunk size line {line:?}"))?;
+                    let size = match httparse::parse_chunk_size(&self.line) {
+                        Ok(httparse::Status::Complete((_, size))) => size,
+                        _ => bail!("a bad chunk size line {:?}", String::from_utf8_lossy(&self.line)),
+                    };
                     self.line.clear();
                     anyhow::ensure!(size > 0, "the stream ended");
-                    self.left = Some(size);
+                    self.left = Some(usize::try_from(size)?);
                 }
             }
         }

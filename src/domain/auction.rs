@@ -383,6 +383,10 @@ mod tests {
     fn buy_now_is_at_least_the_reserve_and_offered_until_a_bid_meets_the_reserve() {
         let below = NewAuction::parse(&Draft { buy_now: Some(99), ..draft("lamp", 100, 10, 0, 60) }, t(0));
         assert_eq!(below.unwrap_err().iter().map(|e| e.field).collect::<Vec<_>>(), ["buy_now"]);
+        for unpriced in [0, -5, 2_000_000_000_000] {
+            let bad = NewAuction::parse(&Draft { buy_now: Some(unpriced), ..draft("lamp", 100, 10, 0, 60) }, t(0));
+            assert_eq!(bad.unwrap_err().iter().map(|e| e.field).collect::<Vec<_>>(), ["buy_now"], "{unpriced}");
+        }
         let ok = NewAuction::parse(&Draft { buy_now: Some(100), ..draft("lamp", 100, 10, 0, 60) }, t(0)).unwrap();
         assert_eq!(ok.buy_now.map(Amount::get), Some(100));
 

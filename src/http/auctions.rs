@@ -82,13 +82,13 @@ fn auction_response(status: StatusCode, a: &Auction, now: DateTime<Utc>) -> Resp
     respond::with_etag(respond::json(status, &AuctionView::of(a, now)), a.version)
 }
 
-/// An auction's read response, as the cache keeps it: right until the auction
-/// changes or its shown status turns.
 /// The auction's JSON as a read answers it (also the data of its events).
 pub fn auction_json(a: &Auction, now: DateTime<Utc>) -> Vec<u8> {
     respond::to_vec(&AuctionView::of(a, now))
 }
 
+/// An auction's read response, as the cache keeps it: right until the auction
+/// changes or its shown status turns.
 fn auction_view(a: &Auction, now: DateTime<Utc>) -> View {
     respond::view(&AuctionView::of(a, now), a.version, a.status_turns_at(now))
 }

@@ -51,8 +51,13 @@ pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
     )
 )]
 async fn auction_events(State(core): State<Arc<Core>>, Id(id): Id, headers: HeaderMap) -> Result<Response> {
-    let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<i64>().ok());
-    open(&core, &[id], last).await.map(stream_response)
+    open(&core, &[id], last_event_id(&headers)).await.map(stream_response)
+}
+
+/// The version a reconnecting client says it has (`Last-Event-ID`). Anything but
+/// an integer is as if none were sent: the client gets the current state.
+fn last_event_id(headers: &HeaderMap) -> Option<i64> {
+    headers.get("last-event-id")?.to_str().ok()?.trim().parse().ok()
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -122,11 +127,12 @@ fn parse_ids(list: &str) -> Result<Vec<i64>> {
     for part in list.split(',') {
         let id = part.trim().parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(invalid)?;
         if !ids.contains(&id) {
+            // Stops at the first id too many, whatever the length of the list.
+            if ids.len() == MAX_STREAM_AUCTIONS {
+                return Err(invalid());
+            }
             ids.push(id);
         }
-    }
-    if ids.len() > MAX_STREAM_AUCTIONS {
-        return Err(invalid());
     }
     Ok(ids)
 }
@@ -140,10 +146,14 @@ async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream
         if wanted.is_empty() {
             break;
         }
-        let (cached, missed): (Vec<_>, Vec<_>) =
-            wanted.iter().map(|id| (*id, core.caches.auction(*id))).partition(|(_, a)| a.is_some());
-        let mut read: Vec<_> = cached.into_iter().filter_map(|(_, a)| a).collect();
-        let missed: Vec<i64> = missed.into_iter().map(|(id, _)| id).collect();
+        let mut read = Vec::with_capacity(wanted.len());
+        let mut missed = Vec::new();
+        for id in wanted {
+            match core.caches.auction(id) {
+                Some(cached) => read.push(cached),
+                None => missed.push(id),
+            }
+        }
         if !missed.is_empty() {
             read.extend(db::auctions::get_many(&core.pool, &missed).await?);
         }
@@ -176,5 +186,22 @@ mod tests {
         for bad in ["", "1,,2", "0", "-4", "x", "1;2", &too_many] {
             assert!(parse_ids(bad).is_err(), "{bad:?}");
         }
+        let repeated = [hundred.as_str(); 50].join(",");
+        assert_eq!(parse_ids(&repeated).unwrap().len(), 100, "repeats count once");
+    }
+
+    #[test]
+    fn a_last_event_id_that_is_no_version_is_ignored() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("last-event-id", HeaderValue::from_str(value).unwrap());
+            last_event_id(&headers)
+        };
+        assert_eq!(with("42"), Some(42));
+        assert_eq!(with(" 7 "), Some(7));
+        for bad in ["", "abc", "4.2", "99999999999999999999", "1,2"] {
+            assert_eq!(with(bad), None, "{bad:?}");
+        }
+        assert_eq!(last_event_id(&HeaderMap::new()), None);
     }
 }

@@ -47,12 +47,12 @@ struct Shared {
     slots: Mutex<Vec<Weak<Slot>>>,
 }
 
-/// One connection's pending deadline.
-#[derive(Default)]
+/// One connection's pending deadline, and the clock it is kept by.
 struct Slot {
     /// When the head being read is due, in the clock's milliseconds; 0 for none.
     due_ms: AtomicU64,
     waker: AtomicWaker,
+    shared: Arc<Shared>,
 }
 
 impl Default for Deadlines {
@@ -66,9 +66,9 @@ impl Default for Deadlines {
 impl Deadlines {
     /// A timer for one new connection.
     pub fn timer(&self) -> ConnTimer {
-        let slot = Arc::new(Slot::default());
+        let slot = Arc::new(Slot { due_ms: AtomicU64::new(0), waker: AtomicWaker::new(), shared: self.shared.clone() });
         self.shared.lock().push(Arc::downgrade(&slot));
-        ConnTimer { shared: self.shared.clone(), slot }
+        ConnTimer { slot }
     }
 
     /// Advances the clock and wakes overdue connections every [`TICK`], for ever.
@@ -125,9 +125,9 @@ impl Shared {
 }
 
 /// The [`Timer`] of one connection: hyper keeps at most one sleep alive per
-/// connection (the head it is reading).
+/// connection (the head it is reading). A sleep costs one reference count of
+/// the connection's slot and a small box.
 pub struct ConnTimer {
-    shared: Arc<Shared>,
     slot: Arc<Slot>,
 }
 
@@ -138,20 +138,20 @@ impl Timer for ConnTimer {
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
         // 0 means "none", so a deadline at the clock's start is due at 1 ms.
-        let due = self.shared.ms(deadline).max(1);
+        let due = self.slot.shared.ms(deadline).max(1);
         self.slot.due_ms.store(due, Ordering::Release);
-        Box::pin(Due { shared: self.shared.clone(), slot: self.slot.clone(), due })
+        Box::pin(Due { slot: self.slot.clone(), due })
     }
 
     /// The coarse clock: no clock read per request.
     fn now(&self) -> Instant {
-        self.shared.base + Duration::from_millis(self.shared.now_ms())
+        let shared = &self.slot.shared;
+        shared.base + Duration::from_millis(shared.now_ms())
     }
 }
 
 /// A sleep until `due`; dropping it disarms its connection's deadline.
 struct Due {
-    shared: Arc<Shared>,
     slot: Arc<Slot>,
     due: u64,
 }
@@ -160,12 +160,13 @@ impl Future for Due {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.shared.now_ms() >= self.due {
+        let shared = &self.slot.shared;
+        if shared.now_ms() >= self.due {
             return Poll::Ready(());
         }
         self.slot.waker.register(cx.waker());
         // The sweep may have passed `due` between the check and the registration.
-        if self.shared.now_ms() >= self.due { Poll::Ready(()) } else { Poll::Pending }
+        if shared.now_ms() >= self.due { Poll::Ready(()) } else { Poll::Pending }
     }
 }
 

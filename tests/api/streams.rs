@@ -325,3 +325,19 @@ async fn when_an_auction_closes_its_winner_is_told_won_and_the_others_lost() {
     assert_eq!(data(&won)["auction_id"], id);
     assert!(quiet(&mut bystanders, Duration::from_millis(200)).await, "who never bid is told nothing");
 }
+
+/// A change a core never heard of (made with triggers off, while its listener is
+/// down) reaches the streams on it when the listener is back and reloads.
+#[tokio::test]
+async fn a_stream_gets_the_change_its_core_missed_once_the_listener_reloads() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let mut events = watch(&app, &format!("/api/auctions/{id}/events"), None).await;
+    let first = data(&next(&mut events, SOON).await)["version"].as_i64().unwrap();
+    app.wait_for_listeners().await;
+    app.silently("update auctions set title = 'renamed', version = version + 1 where id = $1", id).await;
+    assert!(quiet(&mut events, Duration::from_millis(300)).await, "nothing announced it");
+    app.reconnect_listeners().await;
+    let event = data(&next(&mut events, SOON).await);
+    assert_eq!((event["title"].as_str(), event["version"].as_i64()), (Some("renamed"), Some(first + 1)));
+}
