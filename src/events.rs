@@ -29,6 +29,10 @@
 //! id: <version>
 //! data: {auction_id, high_bid}
 //!
+//! event: order              personal streams: one of the account's orders was
+//! id: <updated_at, µs>      placed (reserved), cancelled or fulfilled
+//! data: {order_id, status}
+//!
 //! : heartbeat               every --stream-heartbeat, so proxies keep it open
 //!
 //! retry: <ms>               on shutdown, before the stream ends
@@ -44,8 +48,9 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::db::notice::{Ended, Notice};
+use crate::db::notice::{Ended, Notice, OrderChange};
 use crate::domain::auction::{Auction, BidState, Outbid};
+use crate::domain::stock::OrderStatus;
 use crate::metrics::{EventKind, StreamMetrics};
 
 /// How often the delivery budget (`--stream-events-per-sec`) is refilled.
@@ -160,6 +165,13 @@ struct OutbidData {
 struct EndedData {
     auction_id: i64,
     high_bid: Option<i64>,
+}
+
+/// The data of an `order` event.
+#[derive(serde::Serialize)]
+struct OrderData {
+    order_id: i64,
+    status: OrderStatus,
 }
 
 /// Serialising plain data into memory cannot fail.
@@ -293,7 +305,7 @@ impl Hub {
         {
             let mut pending = mailbox.lock();
             if let Some(version) = last_version {
-                pending.sent.extend(ids.iter().map(|id| (*id, version)));
+                pending.sent.extend(ids.iter().map(|id| (Subject::Auction(*id), version)));
             }
             for auction in ids {
                 let Some(topic) = inner.topics.get_mut(auction) else { continue };
@@ -301,11 +313,12 @@ impl Hub {
                 let closed = event.as_ref().is_some_and(|e| e.kind == EventKind::Closed);
                 // The core may not have seen the version the client names yet: then
                 // nothing is sent until a newer one.
+                let subject = Subject::Auction(*auction);
                 if let Some(event) = event
-                    && (event.version > pending.sent_version(*auction) || closed)
+                    && (event.version > pending.sent_version(subject) || closed)
                 {
-                    pending.sent_now(*auction, event.version);
-                    pending.events.push_back((*auction, event));
+                    pending.sent_now(subject, event.version);
+                    pending.events.push_back((subject, event));
                 }
                 if closed {
                     forget_if_unwatched(&mut inner.topics, *auction);
@@ -342,6 +355,7 @@ impl Hub {
             match notice {
                 Notice::Bids(states, outbid) => self.tell_outbid(&inner, states, outbid, at_us),
                 Notice::Ended(ended) => self.tell_ended(&inner, ended, at_us),
+                Notice::Order(order) => self.tell_order(&inner, order, at_us),
                 _ => {}
             }
         }
@@ -371,7 +385,7 @@ impl Hub {
                     });
                 }
             }
-            Notice::Inventory(_) | Notice::Ended(_) => {}
+            Notice::Inventory(_) | Notice::Ended(_) | Notice::Order(_) => {}
         }
     }
 
@@ -412,7 +426,7 @@ impl Hub {
             event.at_us = topic.changed_at_us;
             let closed = event.kind == EventKind::Closed;
             for (_, mailbox) in &topic.watchers {
-                if mailbox.leave(auction, event.clone(), closed) {
+                if mailbox.leave(Subject::Auction(auction), event.clone(), closed) {
                     self.metrics.coalesced.increment(1);
                 }
             }
@@ -474,7 +488,7 @@ impl Hub {
             };
             let event = Event::new(EventKind::Outbid, state.version, &json(&data), at_us);
             for (_, mailbox) in streams {
-                if mailbox.leave(o.auction_id, event.clone(), false) {
+                if mailbox.leave(Subject::Auction(o.auction_id), event.clone(), false) {
                     self.metrics.coalesced.increment(1);
                 }
             }
@@ -490,7 +504,19 @@ impl Hub {
             let data = EndedData { auction_id: ended.auction_id, high_bid: ended.high_bid };
             let event = Event::new(kind, ended.version, &json(&data), at_us);
             for (_, mailbox) in streams {
-                mailbox.leave(ended.auction_id, event.clone(), false);
+                mailbox.leave(Subject::Auction(ended.auction_id), event.clone(), false);
+            }
+        }
+    }
+
+    /// Leaves an `order` event with the buyer's streams on this core.
+    fn tell_order(&self, inner: &Inner, order: &OrderChange, at_us: i64) {
+        let Some(streams) = inner.accounts.get(&order.buyer_id) else { return };
+        let data = OrderData { order_id: order.order_id, status: order.status };
+        let event = Event::new(EventKind::Order, order.updated_us, &json(&data), at_us);
+        for (_, mailbox) in streams {
+            if mailbox.leave(Subject::Order(order.order_id), event.clone(), false) {
+                self.metrics.coalesced.increment(1);
             }
         }
     }
@@ -605,29 +631,36 @@ pub struct Mailbox {
     inner: Mutex<Pending>,
 }
 
+/// What a mailbox keeps at most one pending event of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    Auction(i64),
+    Order(i64),
+}
+
 #[derive(Default)]
 struct Pending {
-    /// At most one event per auction, oldest change first.
-    events: VecDeque<(i64, Event)>,
+    /// At most one event per subject, oldest change first.
+    events: VecDeque<(Subject, Event)>,
     /// Watched auctions whose `closed` event has not been left here yet.
     open: usize,
-    /// The newest version left here per auction (with `Last-Event-ID`, the one
+    /// The newest version left here per subject (with `Last-Event-ID`, the one
     /// the client has): none older or equal is left again.
-    sent: Vec<(i64, i64)>,
+    sent: Vec<(Subject, i64)>,
     heartbeat: bool,
     draining: bool,
     waker: Option<Waker>,
 }
 
 impl Pending {
-    fn sent_version(&self, auction: i64) -> i64 {
-        self.sent.iter().find(|(a, _)| *a == auction).map_or(0, |(_, v)| *v)
+    fn sent_version(&self, subject: Subject) -> i64 {
+        self.sent.iter().find(|(s, _)| *s == subject).map_or(0, |(_, v)| *v)
     }
 
-    fn sent_now(&mut self, auction: i64, version: i64) {
-        match self.sent.iter_mut().find(|(a, _)| *a == auction) {
+    fn sent_now(&mut self, subject: Subject, version: i64) {
+        match self.sent.iter_mut().find(|(s, _)| *s == subject) {
             Some((_, v)) => *v = version.max(*v),
-            None => self.sent.push((auction, version)),
+            None => self.sent.push((subject, version)),
         }
     }
 }
@@ -637,24 +670,24 @@ impl Mailbox {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Leaves `event` of `auction`, replacing one still unread (returns whether it
+    /// Leaves `event` of `subject`, replacing one still unread (returns whether it
     /// did: a coalesced event).
-    fn leave(&self, auction: i64, event: Event, closed: bool) -> bool {
+    fn leave(&self, subject: Subject, event: Event, closed: bool) -> bool {
         let mut pending = self.lock();
-        if event.version <= pending.sent_version(auction) && !closed {
+        if event.version <= pending.sent_version(subject) && !closed {
             return false;
         }
-        pending.sent_now(auction, event.version);
+        pending.sent_now(subject, event.version);
         if closed {
             pending.open = pending.open.saturating_sub(1);
         }
-        let coalesced = match pending.events.iter_mut().find(|(a, _)| *a == auction) {
+        let coalesced = match pending.events.iter_mut().find(|(s, _)| *s == subject) {
             Some((_, unread)) => {
                 *unread = event;
                 true
             }
             None => {
-                pending.events.push_back((auction, event));
+                pending.events.push_back((subject, event));
                 false
             }
         };

@@ -51,6 +51,8 @@ pub const IN_FLIGHT_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BidOutcome {
     Accepted,
+    /// Recorded, then outbid at once by the leader's proxy.
+    Outbid,
     TooLowLocal,
     TooLowDb,
     ClosedLocal,
@@ -63,8 +65,9 @@ pub enum BidOutcome {
 }
 
 impl BidOutcome {
-    const ALL: [BidOutcome; 10] = [
+    const ALL: [BidOutcome; 11] = [
         BidOutcome::Accepted,
+        BidOutcome::Outbid,
         BidOutcome::TooLowLocal,
         BidOutcome::TooLowDb,
         BidOutcome::ClosedLocal,
@@ -79,6 +82,7 @@ impl BidOutcome {
     fn label(self) -> &'static str {
         match self {
             BidOutcome::Accepted => "accepted",
+            BidOutcome::Outbid => "outbid",
             BidOutcome::TooLowLocal => "too_low_local",
             BidOutcome::TooLowDb => "too_low_db",
             BidOutcome::ClosedLocal => "closed_local",
@@ -139,6 +143,7 @@ pub enum Query {
     AuctionList,
     AuctionWrite,
     BidHistory,
+    OwnBids,
     InventoryRead,
     InventoryList,
     InventoryWrite,
@@ -148,7 +153,7 @@ pub enum Query {
 }
 
 impl Query {
-    const ALL: [Query; 14] = [
+    const ALL: [Query; 15] = [
         Query::PlaceBids,
         Query::AnnounceBids,
         Query::PlaceOrders,
@@ -157,6 +162,7 @@ impl Query {
         Query::AuctionList,
         Query::AuctionWrite,
         Query::BidHistory,
+        Query::OwnBids,
         Query::InventoryRead,
         Query::InventoryList,
         Query::InventoryWrite,
@@ -175,6 +181,7 @@ impl Query {
             Query::AuctionList => "auction_list",
             Query::AuctionWrite => "auction_write",
             Query::BidHistory => "bid_history",
+            Query::OwnBids => "own_bids",
             Query::InventoryRead => "inventory_read",
             Query::InventoryList => "inventory_list",
             Query::InventoryWrite => "inventory_write",
@@ -614,16 +621,19 @@ pub enum EventKind {
     Won,
     /// An auction the bidder bid on closed, and someone else won it (personal).
     Lost,
+    /// One of the account's orders was placed, cancelled or fulfilled (personal).
+    Order,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Auction,
         EventKind::Closed,
         EventKind::Heartbeat,
         EventKind::Outbid,
         EventKind::Won,
         EventKind::Lost,
+        EventKind::Order,
     ];
 
     pub fn label(self) -> &'static str {
@@ -634,6 +644,7 @@ impl EventKind {
             EventKind::Outbid => "outbid",
             EventKind::Won => "won",
             EventKind::Lost => "lost",
+            EventKind::Order => "order",
         }
     }
 }

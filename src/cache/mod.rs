@@ -302,7 +302,7 @@ impl Caches {
                 }
             }
             // For event streams only: the auction's closed state comes on its own.
-            Notice::Ended(_) => {}
+            Notice::Ended(_) | Notice::Order(_) => {}
         }
     }
 

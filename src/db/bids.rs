@@ -2,17 +2,19 @@
 //!
 //! Bids that arrive on a core while its batches are in the database go together
 //! as one call of `place_bids` (see [`super::batch`]), and each bid gets its own
-//! outcome back. `place_bids` (migrations/20261129000002) does per batch what a
+//! outcome back. `place_bids` (its newest version is in
+//! migrations/20261130000004, with proxy bids) does per batch what a
 //! single-bid statement does per bid: one lock of the batch's auctions, one
 //! write of the auctions and the bids, one commit, decided bid by bid under the
-//! row locks. A batch is sent sorted by auction, the order the function visits
+//! row locks. A proxy's answers to a bid are decided there too. A batch is sent sorted by auction, the order the function visits
 //! it in. With a bid lane (`--bid-lanes`), the batch's statement runs in its own
 //! transaction so that the lane goes back before the commit.
 //!
 //! What it cost, `pgbench -M prepared -c 1` on an idle machine, one call per
 //! transaction, `synchronous_commit` off to leave the disk out: the first
 //! `place_bids` took 0.57 ms for one bid, 0.98 ms for 16 and 2.38 ms for 64;
-//! the second 0.27, 0.73 and 1.87 ms; the third's figures are in its migration.
+//! the second 0.27, 0.73 and 1.87 ms; the later ones' figures are in their
+//! migrations.
 //! The plain single-bid statement takes 0.17 ms a bid. In `loadtest/compare`,
 //! see the README's Performance section.
 
@@ -40,7 +42,9 @@ pub struct BidRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placed {
     /// The bid leads the auction (now, or when it was first placed, for a replay
-    /// of an Idempotency-Key).
+    /// of an Idempotency-Key). For a leader raising its own maximum, `bid_id` and
+    /// `amount` are those of its leading bid, and `state` is `None`: nothing
+    /// anyone else sees changed.
     Accepted {
         bid_id: i64,
         amount: i64,
@@ -51,6 +55,20 @@ pub enum Placed {
         state: Option<BidState>,
         /// The bidder whose lead this bid took, if another led; `None` for a replay.
         outbid: Option<i64>,
+    },
+    /// Recorded, then outbid at once by the leader's proxy (its maximum was not
+    /// beaten): the auction's price is now `high_bid`.
+    Overtaken {
+        bid_id: i64,
+        /// Who placed it: the bidder to tell it was outbid.
+        bidder: i64,
+        amount: i64,
+        high_bid: i64,
+        min_next_bid: i64,
+        ends_at: DateTime<Utc>,
+        /// The auction right after this bid and the proxy's answer; `None` for a
+        /// replay.
+        state: Option<BidState>,
     },
     /// Below the minimum next bid, which the database says.
     TooLow {
@@ -118,9 +136,16 @@ impl BatchWrite for Bids {
         let mut states = Vec::new();
         let mut outbid = Vec::new();
         for placed in outcomes {
-            if let Placed::Accepted { state: Some(state), outbid: displaced, .. } = placed {
-                states.push(*state);
-                outbid.extend(displaced.map(|bidder| Outbid { auction_id: state.auction_id, bidder }));
+            match placed {
+                Placed::Accepted { state: Some(state), outbid: displaced, .. } => {
+                    states.push(*state);
+                    outbid.extend(displaced.map(|bidder| Outbid { auction_id: state.auction_id, bidder }));
+                }
+                Placed::Overtaken { state: Some(state), bidder, .. } => {
+                    states.push(*state);
+                    outbid.push(Outbid { auction_id: state.auction_id, bidder: *bidder });
+                }
+                _ => {}
             }
         }
         self.announcer.announce(states, outbid);
@@ -226,6 +251,8 @@ struct OutcomeRow {
     bid_count: Option<i64>,
     closed: Option<bool>,
     outbid: Option<i64>,
+    high_bid: Option<i64>,
+    high_bidder: Option<i64>,
 }
 
 impl OutcomeRow {
@@ -233,24 +260,28 @@ impl OutcomeRow {
     /// there, or the answer is a protocol error (never a 201 with a made-up id).
     fn decode(self, request: &BidRequest) -> Result<Placed, DbError> {
         let missing = || protocol(format!("bid outcome {} without its details", self.outcome));
+        // What the auction became, when the bid changed it (never for a replay).
+        let state = |high_bid: i64, min_next_bid: i64, ends_at: DateTime<Utc>| -> Result<_, DbError> {
+            Ok(match (self.version, self.bid_count) {
+                (Some(version), Some(bid_count)) => Some(BidState {
+                    auction_id: request.bid.auction_id,
+                    version,
+                    high_bid,
+                    high_bidder: self.high_bidder.ok_or_else(missing)?,
+                    bid_count,
+                    ends_at,
+                    closed: self.closed.unwrap_or(false),
+                    min_next_bid,
+                }),
+                _ => None,
+            })
+        };
         Ok(match self.outcome.as_str() {
             "accepted" => {
                 let amount = self.amount.ok_or_else(missing)?;
                 let ends_at = self.ends_at.ok_or_else(missing)?;
                 let min_next_bid = self.min_next_bid.ok_or_else(missing)?;
-                let state = match (self.version, self.bid_count) {
-                    (Some(version), Some(bid_count)) => Some(BidState {
-                        auction_id: request.bid.auction_id,
-                        version,
-                        high_bid: amount,
-                        high_bidder: request.bid.bidder_id,
-                        bid_count,
-                        ends_at,
-                        closed: self.closed.unwrap_or(false),
-                        min_next_bid,
-                    }),
-                    _ => None,
-                };
+                let state = state(amount, min_next_bid, ends_at)?;
                 Placed::Accepted {
                     bid_id: self.bid_id.ok_or_else(missing)?,
                     amount,
@@ -258,6 +289,20 @@ impl OutcomeRow {
                     ends_at,
                     outbid: state.and(self.outbid),
                     state,
+                }
+            }
+            "outbid" => {
+                let high_bid = self.high_bid.ok_or_else(missing)?;
+                let ends_at = self.ends_at.ok_or_else(missing)?;
+                let min_next_bid = self.min_next_bid.ok_or_else(missing)?;
+                Placed::Overtaken {
+                    bid_id: self.bid_id.ok_or_else(missing)?,
+                    bidder: request.bid.bidder_id,
+                    amount: self.amount.ok_or_else(missing)?,
+                    high_bid,
+                    min_next_bid,
+                    ends_at,
+                    state: state(high_bid, min_next_bid, ends_at)?,
                 }
             }
             "too_low" => Placed::TooLow { min_next_bid: self.min_next_bid.ok_or_else(missing)? },
@@ -282,22 +327,25 @@ pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) 
     let mut auctions = Vec::with_capacity(n);
     let mut bidders = Vec::with_capacity(n);
     let mut amounts = Vec::with_capacity(n);
+    let mut maxes = Vec::with_capacity(n);
     let mut keys: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut fingerprints: Vec<Option<String>> = Vec::with_capacity(n);
     for r in order.iter().map(|&i| requests[i]) {
         auctions.push(r.bid.auction_id);
         bidders.push(r.bid.bidder_id);
         amounts.push(r.bid.amount.get());
+        maxes.push(r.bid.max_amount.map(|m| m.get()));
         keys.push(r.idempotency_key.as_deref());
         fingerprints.push(r.idempotency_key.as_ref().map(|_| r.bid.fingerprint()));
     }
     let rows: Vec<OutcomeRow> = sqlx::query_as(
-        "select ord, outcome, bid_id, amount, min_next_bid, ends_at, version, bid_count, closed, outbid \
-         from place_bids($1, $2, $3, $4, $5)",
+        "select ord, outcome, bid_id, amount, min_next_bid, ends_at, version, bid_count, closed, outbid, \
+         high_bid, high_bidder from place_bids($1, $2, $3, $4, $5, $6)",
     )
     .bind(&auctions)
     .bind(&bidders)
     .bind(&amounts)
+    .bind(&maxes)
     .bind(&keys)
     .bind(&fingerprints)
     .fetch_all(db)
@@ -318,7 +366,7 @@ pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) 
     Ok(results.into_iter().flatten().collect())
 }
 
-/// One accepted bid, as the history lists it.
+/// One recorded bid, as the history lists it: never with its maximum.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
 #[schema(as = Bid)]
 pub struct BidRecord {
@@ -326,7 +374,44 @@ pub struct BidRecord {
     pub auction_id: i64,
     pub bidder_id: i64,
     pub amount: i64,
+    /// Placed by the proxy for a bidder's maximum, not by the bidder.
+    pub proxy: bool,
     pub created_at: DateTime<Utc>,
+}
+
+/// One of the caller's own bids, with the maximum it was placed with.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = MyBid)]
+pub struct OwnBid {
+    pub id: i64,
+    pub auction_id: i64,
+    pub amount: i64,
+    /// The maximum up to which the proxy bids for this bid (raised in place while
+    /// the bid leads); null for a bid without one.
+    pub max_amount: Option<i64>,
+    /// Placed by the proxy for the maximum, not by the bidder.
+    pub proxy: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One page of `bidder`'s bids on every auction, newest first, older than
+/// `before` when given.
+pub async fn of_bidder(pool: &PgPool, bidder: i64, before: Option<i64>, limit: i64) -> Result<Vec<OwnBid>, DbError> {
+    let _timer = metrics::time_query(Query::OwnBids);
+    Ok(sqlx::query_as(
+        r#"
+        select id, auction_id, amount, max_amount, proxy, created_at
+          from bids
+         where bidder_id = $1 and id < coalesce($2, 9223372036854775807)
+         order by id desc
+         limit $3
+        "#,
+    )
+    .bind(bidder)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
 }
 
 /// One page of an auction's bids, newest first, older than `before` when given.
@@ -340,7 +425,7 @@ pub async fn history(
     let _timer = metrics::time_query(Query::BidHistory);
     let rows: Vec<BidRecord> = sqlx::query_as(
         r#"
-        select id, auction_id, bidder_id, amount, created_at
+        select id, auction_id, bidder_id, amount, proxy, created_at
           from bids
          where auction_id = $1 and id < coalesce($2, 9223372036854775807)
          order by id desc

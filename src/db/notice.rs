@@ -18,8 +18,11 @@
 //!   anyway. About 60 bytes an auction instead of about 330 for a whole one per
 //!   bid; `at_us` is the sender's clock here.
 //! - `inventory`: a whole stock row (`inventory_json`).
-//! - `ended`: an auction `advance_auctions` closed, with its winner and the
-//!   bidders who bid on it (up to 500 a notification), for their event streams.
+//! - `ended`: an auction `advance_auctions` closed (or a buy-now, `place_bids`),
+//!   with its winner and the bidders who bid on it (up to 500 a notification),
+//!   for their event streams.
+//! - `order`: an order placed, cancelled or fulfilled (`orders_notify`), for its
+//!   buyer's event streams.
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -27,6 +30,7 @@ use serde::Deserialize;
 use super::auctions;
 use super::inventory::Item;
 use crate::domain::auction::{Auction, BidState, Outbid};
+use crate::domain::stock::OrderStatus;
 
 /// A change announced by the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +42,18 @@ pub enum Notice {
     Bids(Vec<BidState>, Vec<Outbid>),
     /// An auction closed: its winner and (some of) the bidders who bid on it.
     Ended(Ended),
+    /// An order's status changed (or it was placed).
+    Order(OrderChange),
+}
+
+/// An order's new status, for its buyer's event streams.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct OrderChange {
+    pub order_id: i64,
+    pub buyer_id: i64,
+    pub status: OrderStatus,
+    /// The order's `updated_at`, epoch microseconds: newer for every change.
+    pub updated_us: i64,
 }
 
 /// An auction that closed, for the event streams of those who bid on it.
@@ -88,6 +104,11 @@ enum Raw {
         #[serde(flatten)]
         ended: Ended,
     },
+    Order {
+        at_us: i64,
+        #[serde(flatten)]
+        order: OrderChange,
+    },
 }
 
 /// Decodes one payload.
@@ -97,6 +118,7 @@ pub fn parse(payload: &str) -> Result<Notification, NoticeError> {
         Raw::Auction { at_us, row } => Notification { notice: Notice::Auction(row.into()), at_us },
         Raw::Inventory { at_us, item } => Notification { notice: Notice::Inventory(item), at_us },
         Raw::Ended { at_us, ended } => Notification { notice: Notice::Ended(ended), at_us },
+        Raw::Order { at_us, order } => Notification { notice: Notice::Order(order), at_us },
         Raw::Bids { at_us, states: raw } => {
             let mut states = Vec::with_capacity(raw.len());
             let mut outbid = Vec::new();
@@ -221,6 +243,15 @@ mod tests {
         assert_eq!(a.starts_at.timestamp(), 1_700_000_000);
         assert_eq!((a.ends_at - a.starts_at).num_seconds(), 100);
         assert!(!a.closed);
+    }
+
+    #[test]
+    fn an_order_change_decodes_with_its_buyer_and_status() {
+        let payload = r#"{"kind":"order","at_us":4,"order_id":12,"buyer_id":7,"status":"fulfilled","updated_us":99}"#;
+        let n = parse(payload).unwrap();
+        let expected = OrderChange { order_id: 12, buyer_id: 7, status: OrderStatus::Fulfilled, updated_us: 99 };
+        assert_eq!((n.at_us, n.notice), (4, Notice::Order(expected)));
+        assert!(parse(&payload.replace("fulfilled", "lost")).is_err(), "an unknown status is unreadable");
     }
 
     #[test]

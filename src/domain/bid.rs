@@ -10,27 +10,50 @@ pub struct NewBid {
     pub auction_id: i64,
     pub bidder_id: i64,
     pub amount: Amount,
+    /// How far the database may bid for this bidder when someone else bids (a
+    /// proxy bid); at least `amount`.
+    pub max_amount: Option<Amount>,
 }
 
 impl NewBid {
-    pub fn parse(auction_id: i64, amount: i64, bidder_id: i64) -> Result<NewBid, Vec<FieldError>> {
+    pub fn parse(
+        auction_id: i64,
+        amount: i64,
+        max_amount: Option<i64>,
+        bidder_id: i64,
+    ) -> Result<NewBid, Vec<FieldError>> {
+        const AMOUNT: &str = "must be a positive amount of minor units, at most 10^12";
         let mut errors = Vec::new();
         if auction_id <= 0 {
             errors.push(FieldError::new("auction_id", "must be a positive id"));
         }
         let amount = Amount::parse(amount);
         if amount.is_none() {
-            errors.push(FieldError::new("amount", "must be a positive amount of minor units, at most 10^12"));
+            errors.push(FieldError::new("amount", AMOUNT));
+        }
+        let max = max_amount.map(Amount::parse);
+        match (max, amount) {
+            (Some(None), _) => errors.push(FieldError::new("max_amount", AMOUNT)),
+            (Some(Some(max)), Some(amount)) if max < amount => {
+                errors.push(FieldError::new("max_amount", "must be at least amount"))
+            }
+            _ => {}
         }
         match amount {
-            Some(amount) if errors.is_empty() => Ok(NewBid { auction_id, bidder_id, amount }),
+            Some(amount) if errors.is_empty() => {
+                Ok(NewBid { auction_id, bidder_id, amount, max_amount: max.flatten() })
+            }
             _ => Err(errors),
         }
     }
 
-    /// The canonical form of the request, compared when an idempotency key is reused.
+    /// The canonical form of the request, compared when an idempotency key is
+    /// reused. A bid without a maximum keeps the form it had before proxy bids.
     pub fn fingerprint(&self) -> String {
-        format!("bid:{}:{}", self.auction_id, self.amount.get())
+        match self.max_amount {
+            None => format!("bid:{}:{}", self.auction_id, self.amount.get()),
+            Some(max) => format!("bid:{}:{}:{}", self.auction_id, self.amount.get(), max.get()),
+        }
     }
 }
 
@@ -105,16 +128,28 @@ mod tests {
 
     #[test]
     fn bid_fields_are_validated() {
-        let errors = NewBid::parse(0, 0, 1).unwrap_err();
+        let errors = NewBid::parse(0, 0, None, 1).unwrap_err();
         assert_eq!(errors.len(), 2);
-        assert!(NewBid::parse(1, 10, 1).is_ok());
+        assert!(NewBid::parse(1, 10, None, 1).is_ok());
+    }
+
+    #[test]
+    fn a_maximum_is_an_amount_at_least_the_bid() {
+        let fields =
+            |r: Result<NewBid, Vec<FieldError>>| r.unwrap_err().into_iter().map(|e| e.field).collect::<Vec<_>>();
+        assert_eq!(fields(NewBid::parse(1, 10, Some(9), 1)), ["max_amount"]);
+        assert_eq!(fields(NewBid::parse(1, 10, Some(0), 1)), ["max_amount"]);
+        assert_eq!(fields(NewBid::parse(1, 0, Some(5), 1)), ["amount"]);
+        let bid = NewBid::parse(1, 10, Some(10), 1).unwrap();
+        assert_eq!(bid.max_amount.map(Amount::get), Some(10));
     }
 
     #[test]
     fn fingerprint_distinguishes_bodies() {
-        let a = NewBid::parse(1, 10, 1).unwrap();
-        let b = NewBid::parse(1, 11, 1).unwrap();
+        let a = NewBid::parse(1, 10, None, 1).unwrap();
+        let b = NewBid::parse(1, 11, None, 1).unwrap();
         assert_ne!(a.fingerprint(), b.fingerprint());
-        assert_eq!(a.fingerprint(), NewBid::parse(1, 10, 9).unwrap().fingerprint());
+        assert_ne!(a.fingerprint(), NewBid::parse(1, 10, Some(20), 1).unwrap().fingerprint());
+        assert_eq!(a.fingerprint(), NewBid::parse(1, 10, None, 9).unwrap().fingerprint());
     }
 }

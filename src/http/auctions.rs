@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 
 use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
 use super::extract::{Id, IfNoneMatch, Json, JsonProblems, Params, QueryProblems, ReadQuery, RoleProblems, Seller};
-use super::pagination::{Page, page_limit};
+use super::pagination::{NewestFirst, Page, page_limit};
 use super::respond;
 use crate::cache::View;
 use crate::core::Core;
@@ -222,31 +222,22 @@ async fn list_auctions(State(core): State<Arc<Core>>, Params(q): Params<ListQuer
     Ok(respond::json(StatusCode::OK, &Page { items, next_after }))
 }
 
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-struct BidsQuery {
-    /// The `next_after` of the previous page: bids older than it.
-    after: Option<i64>,
-    /// Page size, 1 to 100; 20 when not given.
-    limit: Option<i64>,
-}
-
-/// An auction's accepted bids, newest first.
+/// An auction's recorded bids, newest first.
 ///
 /// `after` is the `next_after` of the previous page (bids older than it).
+/// `proxy` marks the bids the proxy placed for a bidder's maximum; maximums
+/// themselves are never shown here.
 #[utoipa::path(
     get, path = "/api/auctions/{id}/bids", tag = "auctions",
-    params(Id, BidsQuery),
+    params(Id, NewestFirst),
     responses(
         (status = 200, description = "One page of bids, newest first", body = Page<BidRecord, i64>),
         QueryProblems, ServerProblems,
         (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
     )
 )]
-async fn list_bids(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<BidsQuery>) -> Result<Response> {
+async fn list_bids(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<NewestFirst>) -> Result<Response> {
     let limit = page_limit(q.limit)?;
     let bids = db::bids::history(&core.pool, id, q.after, limit).await?.ok_or(Error::NotFound("no such auction"))?;
-    let next_after = (bids.len() as i64 == limit).then(|| bids.last().map(|b| b.id)).flatten();
-    Ok(respond::json(StatusCode::OK, &Page { items: bids, next_after }))
+    Ok(respond::json(StatusCode::OK, &Page::newest_first(bids, limit, |b| b.id)))
 }

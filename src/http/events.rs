@@ -94,8 +94,11 @@ async fn events(State(core): State<Arc<Core>>, Params(watch): Params<Watch>) -> 
 /// outbid` the moment a bid takes the caller's lead, with `data: {auction_id,
 /// high_bid, min_next_bid, ends_at}` of the auction as that bid left it; `event:
 /// won` or `event: lost` with `data: {auction_id, high_bid}` when an auction the
-/// caller bid on closes. `id:` is the auction's version; a caller too slow to
-/// read gets only the newest per auction. Also a `: heartbeat` comment every
+/// caller bid on closes (at its end, or by a buy-now); `event: order` with
+/// `data: {order_id, status}` when one of the caller's orders is placed
+/// (`reserved`), cancelled or fulfilled. `id:` is the auction's version (for
+/// `order`, the order's change time in microseconds); a caller too slow to read
+/// gets only the newest per auction and per order. Also a `: heartbeat` comment every
 /// `--stream-heartbeat`, and on shutdown a `retry:` hint before the end. The
 /// stream does not end by itself.
 #[utoipa::path(

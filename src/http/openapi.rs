@@ -110,6 +110,7 @@ mod tests {
             "/api/auctions/{id}/events",
             "/api/events",
             "/api/me/events",
+            "/api/me/bids",
             "/api/bids",
             "/api/accounts",
             "/api/sessions",

@@ -1,9 +1,9 @@
 //! Keyset pagination, as every list of the API does it: a page of items and the
 //! key to pass as `after` for the next one.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
-use utoipa::{PartialSchema, ToSchema};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use super::error::{Error, Result};
 
@@ -20,6 +20,26 @@ pub struct Page<T, A> {
     // utoipa drops the null from an `Option` of a type parameter, so say it here.
     #[schema(schema_with = nullable::<A>)]
     pub next_after: Option<A>,
+}
+
+impl<T> Page<T, i64> {
+    /// A page of rows listed newest first by id: a full page names its last id
+    /// as the next page's `after`.
+    pub fn newest_first(items: Vec<T>, limit: i64, id: impl Fn(&T) -> i64) -> Self {
+        let next_after = (items.len() as i64 == limit).then(|| items.last().map(id)).flatten();
+        Page { items, next_after }
+    }
+}
+
+/// The query of a list newest first by id.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct NewestFirst {
+    /// The `next_after` of the previous page: rows older than it.
+    pub after: Option<i64>,
+    /// Page size, 1 to 100; 20 when not given.
+    pub limit: Option<i64>,
 }
 
 /// `A`'s schema, or null.

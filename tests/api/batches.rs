@@ -17,7 +17,10 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use crate::helpers::{TestApp, eventually, spawn_app};
 
 fn request(auction_id: i64, bidder: i64, amount: i64, key: Option<&str>) -> BidRequest {
-    BidRequest { bid: NewBid::parse(auction_id, amount, bidder).unwrap(), idempotency_key: key.map(str::to_owned) }
+    BidRequest {
+        bid: NewBid::parse(auction_id, amount, None, bidder).unwrap(),
+        idempotency_key: key.map(str::to_owned),
+    }
 }
 
 /// Places `requests` as one batch, as the batcher would.
@@ -116,10 +119,11 @@ async fn place_bids_decides_an_unsorted_batch_in_the_order_sent() {
     let a = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
     let b = app.open_auction(500, 5, 60.0, 0).await["id"].as_i64().unwrap();
     let rows: Vec<(i32, String)> =
-        sqlx::query_as("select ord, outcome from place_bids($1, $2, $3, $4, $5) order by ord")
+        sqlx::query_as("select ord, outcome from place_bids($1, $2, $3, $4, $5, $6) order by ord")
             .bind([b, a, b, a, a])
             .bind([2i64, 3, 4, 5, 6])
             .bind([500i64, 100, 504, 105, 110])
+            .bind([None::<i64>, None, None, None, None])
             .bind([None::<String>, None, None, None, None])
             .bind([None::<String>, None, None, None, None])
             .fetch_all(&app.db)

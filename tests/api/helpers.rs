@@ -204,6 +204,20 @@ impl TestApp {
         self.post_json("/api/bids", bidder, &json!({"auction_id": auction_id, "amount": amount})).await
     }
 
+    /// A proxy bid: `amount` now, and up to `max_amount` whenever someone else bids.
+    pub async fn place_proxy_bid(&self, bidder: &str, auction_id: i64, amount: i64, max_amount: i64) -> Response {
+        let body = json!({"auction_id": auction_id, "amount": amount, "max_amount": max_amount});
+        self.post_json("/api/bids", bidder, &body).await
+    }
+
+    /// The caller's own bids (`GET /api/me/bids`), newest first: the first page.
+    pub async fn my_bids(&self, bidder: &str) -> Vec<Value> {
+        let response = self.client.get(self.url("/api/me/bids?limit=100")).bearer_auth(bidder).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let page: Value = response.json().await.unwrap();
+        page["items"].as_array().unwrap().clone()
+    }
+
     pub async fn auction(&self, id: i64, consistent: bool) -> Value {
         let path =
             if consistent { format!("/api/auctions/{id}?consistent=true") } else { format!("/api/auctions/{id}") };

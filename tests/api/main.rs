@@ -18,5 +18,6 @@ mod metrics;
 mod openapi;
 mod operations;
 mod orders;
+mod proxy;
 mod shop;
 mod streams;

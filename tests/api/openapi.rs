@@ -21,6 +21,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/auctions/{id}/events"),
     ("GET", "/api/events"),
     ("GET", "/api/me/events"),
+    ("GET", "/api/me/bids"),
     ("POST", "/api/bids"),
     ("POST", "/api/accounts"),
     ("POST", "/api/sessions"),

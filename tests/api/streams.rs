@@ -326,6 +326,69 @@ async fn when_an_auction_closes_its_winner_is_told_won_and_the_others_lost() {
     assert!(quiet(&mut bystanders, Duration::from_millis(200)).await, "who never bid is told nothing");
 }
 
+#[tokio::test]
+async fn a_bid_the_proxy_outbids_at_once_tells_its_own_bidder_and_not_the_leader() {
+    let app = spawn_app().await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let (leader, challenger) = (app.bidder(2), app.bidder(3));
+    let mut leaders = watch_mine(&app, &leader).await;
+    let mut challengers = watch_mine(&app, &challenger).await;
+    assert_eq!(app.place_proxy_bid(&leader, id, 100, 500).await.status(), StatusCode::CREATED);
+    assert_eq!(app.place_bid(&challenger, id, 200).await.status(), StatusCode::CREATED);
+    let told = next(&mut challengers, SOON).await;
+    assert_eq!(told.event, "outbid");
+    let told = data(&told);
+    assert_eq!((told["high_bid"].as_i64(), told["min_next_bid"].as_i64()), (Some(210), Some(220)));
+    assert!(quiet(&mut leaders, Duration::from_millis(300)).await, "the proxy kept the lead: nothing to tell");
+    // Beating the maximum outbids its owner as any bid would.
+    assert_eq!(app.place_proxy_bid(&challenger, id, 220, 900).await.status(), StatusCode::CREATED);
+    let told = next(&mut leaders, SOON).await;
+    assert_eq!((told.event.as_str(), data(&told)["high_bid"].as_i64()), ("outbid", Some(510)));
+}
+
+#[tokio::test]
+async fn a_buy_now_tells_its_buyer_won() {
+    let app = spawn_app().await;
+    let body = serde_json::json!({
+        "title": "lot", "reserve": 100, "min_increment": 10,
+        "starts_at": at(-1.0), "ends_at": at(60.0), "buy_now": 900,
+    });
+    let id = app.create_auction(&body).await.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let buyer = app.bidder(5);
+    let mut mine = watch_mine(&app, &buyer).await;
+    assert_eq!(app.place_bid(&buyer, id, 900).await.status(), StatusCode::CREATED);
+    let won = next(&mut mine, SOON).await;
+    assert_eq!(won.event, "won");
+    assert_eq!((data(&won)["auction_id"].as_i64(), data(&won)["high_bid"].as_i64()), (Some(id), Some(900)));
+}
+
+#[tokio::test]
+async fn a_buyer_is_told_every_change_of_their_orders_and_nobody_else_is() {
+    let app = spawn_app().await;
+    app.stock(1, "apple", 10).await;
+    let (buyer, other) = (app.bidder(10), app.bidder(11));
+    let mut buyers = watch_mine(&app, &buyer).await;
+    let mut others = watch_mine(&app, &other).await;
+    let status = |event: &eventsource_stream::Event| {
+        assert_eq!(event.event, "order");
+        let data = data(event);
+        (data["order_id"].as_i64().unwrap(), data["status"].as_str().unwrap().to_owned())
+    };
+    let first = app.order(&buyer, &[("apple", 3)]).await["id"].as_i64().unwrap();
+    assert_eq!(status(&next(&mut buyers, SOON).await), (first, "reserved".to_owned()));
+    assert_eq!(app.cancel(&buyer, first).await.status(), StatusCode::OK);
+    assert_eq!(status(&next(&mut buyers, SOON).await), (first, "cancelled".to_owned()));
+    let second = app.order(&buyer, &[("apple", 2)]).await["id"].as_i64().unwrap();
+    assert_eq!(status(&next(&mut buyers, SOON).await), (second, "reserved".to_owned()));
+    // Moved by the seller: the buyer is told all the same.
+    assert_eq!(app.fulfil(&app.seller(), second).await.status(), StatusCode::OK);
+    assert_eq!(status(&next(&mut buyers, SOON).await), (second, "fulfilled".to_owned()));
+    // A refused move changes nothing, and tells nothing.
+    assert_eq!(app.cancel(&buyer, second).await.status(), StatusCode::CONFLICT);
+    assert!(quiet(&mut buyers, Duration::from_millis(300)).await);
+    assert!(quiet(&mut others, Duration::from_millis(10)).await, "another account's stream carries none of it");
+}
+
 /// A change a core never heard of (made with triggers off, while its listener is
 /// down) reaches the streams on it when the listener is back and reloads.
 #[tokio::test]
