@@ -124,6 +124,25 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_MAX_CONNECTIONS_PER_CORE", default_value_t = 10_000)]
     pub max_connections_per_core: usize,
 
+    /// Serve HTTP/2 over cleartext (prior knowledge: a client that starts with the
+    /// HTTP/2 preface) on the same port as HTTP/1.1, for clients and harnesses that
+    /// multiplex many requests or event streams over one connection. Off, the port
+    /// speaks HTTP/1.1 alone.
+    #[arg(long, env = "GAVEL_HTTP2", default_value_t = true, action = clap::ArgAction::Set)]
+    pub http2: bool,
+
+    /// Concurrent streams per HTTP/2 connection (requests and event streams); a
+    /// client past it waits for one to end. Event streams count against
+    /// --max-streams-per-core as well, whatever connection carries them.
+    #[arg(long, env = "GAVEL_HTTP2_MAX_STREAMS", default_value_t = 1000)]
+    pub http2_max_streams: u32,
+
+    /// Largest header list of an HTTP/2 request, in bytes (decoded, as HTTP/2
+    /// counts it); past it the stream is refused. HTTP/1.1 heads are bounded by
+    /// hyper's read buffer the same way.
+    #[arg(long, env = "GAVEL_HTTP2_MAX_HEADER_LIST", default_value_t = 16 * 1024)]
+    pub http2_max_header_list: u32,
+
     /// Kernel send buffer of each accepted connection, in bytes (`SO_SNDBUF`); unset,
     /// the kernel sizes it (Linux grows it to 4 MiB). What a client too slow to read
     /// leaves queued in the kernel — for an event stream, states that newer ones
@@ -148,6 +167,15 @@ pub struct Serve {
     /// bids need. Each event costs a write to its connection.
     #[arg(long, env = "GAVEL_STREAM_EVENTS_PER_SEC", default_value_t = 20_000)]
     pub stream_events_per_sec: usize,
+
+    /// Hand out events with the time the core's CPU has spare only: while the CPU
+    /// is nearly never idle (bids, reads, PostgreSQL, anything on it), a core's
+    /// events budget halves every tenth of a second, down to 1/64 of
+    /// --stream-events-per-sec, and grows back as the CPU idles. Watchers then
+    /// coalesce instead of slowing the requests. Needs the core pinned (it reads
+    /// the pinned CPU's counters); off, the budget is fixed.
+    #[arg(long, env = "GAVEL_STREAM_YIELD_TO_LOAD", default_value_t = true, action = clap::ArgAction::Set)]
+    pub stream_yield_to_load: bool,
 
     /// The reconnection delay event streams are told (`retry:`) when the server
     /// shuts down, so their clients come back, to another instance, soon after.

@@ -56,6 +56,11 @@ use crate::metrics::{EventKind, StreamMetrics};
 /// How often the delivery budget (`--stream-events-per-sec`) is refilled.
 pub const DELIVERY_TICK: Duration = Duration::from_millis(10);
 
+/// Events handed out between two turns of the core's other tasks (at least one
+/// topic's watchers): each event wakes a connection that writes it, and those
+/// writes run before requests queued behind them.
+const DELIVERY_ROUND: usize = 32;
+
 /// How a core renders an auction as JSON (the body of `GET /api/auctions/{id}`).
 pub type Render = fn(&Auction, DateTime<Utc>) -> Vec<u8>;
 
@@ -72,6 +77,9 @@ pub struct StreamLimits {
     /// changes wait for the next tick and coalesce, so that the fan-out cannot
     /// take the CPU that bids need.
     pub events_per_sec: usize,
+    /// The CPU whose spare time the budget follows ([`Share`]); `None`: the budget
+    /// stays `events_per_sec`.
+    pub yield_on_cpu: Option<usize>,
 }
 
 impl Default for StreamLimits {
@@ -81,6 +89,7 @@ impl Default for StreamLimits {
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(1),
             events_per_sec: 0,
+            yield_on_cpu: None,
         }
     }
 }
@@ -440,11 +449,23 @@ impl Hub {
     }
 
     /// Delivers queued changes as they come, at most `events_per_sec` a second
-    /// (refilled every [`DELIVERY_TICK`]), until `shutdown`.
-    pub async fn deliver_changes(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    /// (refilled every [`DELIVERY_TICK`]; less while the CPU is busy, see
+    /// [`Share`]), until `shutdown`.
+    pub async fn deliver_changes(
+        self: Arc<Self>,
+        backlog: impl Fn() -> usize + Send + 'static,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         let rate = self.limits.events_per_sec;
-        let per_tick = if rate == 0 { usize::MAX } else { (rate as f64 * DELIVERY_TICK.as_secs_f64()).ceil() as usize };
-        let mut tokens = per_tick;
+        let full_tick =
+            if rate == 0 { usize::MAX } else { (rate as f64 * DELIVERY_TICK.as_secs_f64()).ceil() as usize };
+        let mut share = self.limits.yield_on_cpu.filter(|_| rate != 0).and_then(|cpu| Share::new(cpu, backlog));
+        self.metrics.budget_share.set(1.0);
+        let mut per_tick = full_tick;
+        // May go below zero: a topic goes out to all its watchers at once, and what
+        // that overdraws is repaid by the next ticks, so the rate holds whatever
+        // the topics' sizes.
+        let mut tokens = i64::try_from(per_tick).unwrap_or(i64::MAX);
         let mut refilled = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -453,21 +474,26 @@ impl Hub {
             }
             loop {
                 if rate != 0 {
-                    let ticks = refilled.elapsed().as_secs_f64() / DELIVERY_TICK.as_secs_f64();
+                    let ticks = (refilled.elapsed().as_secs_f64() / DELIVERY_TICK.as_secs_f64()).floor();
                     if ticks >= 1.0 {
-                        tokens = per_tick;
+                        if let Some(share) = &mut share {
+                            per_tick = share.of(full_tick);
+                            self.metrics.budget_share.set(share.factor);
+                        }
+                        let refill = (per_tick as f64 * ticks).min(i64::MAX as f64) as i64;
+                        tokens = tokens.saturating_add(refill).min(per_tick as i64);
                         refilled = tokio::time::Instant::now();
                     }
-                    if tokens == 0 {
+                    if tokens <= 0 {
                         tokio::time::sleep_until(refilled + DELIVERY_TICK).await;
                         continue;
                     }
                 }
-                let delivered = self.deliver(tokens);
+                let delivered = self.deliver((tokens as usize).min(DELIVERY_ROUND));
                 if delivered == 0 {
                     break;
                 }
-                tokens = tokens.saturating_sub(delivered);
+                tokens = tokens.saturating_sub(delivered as i64);
                 // Requests of this core run between rounds.
                 tokio::task::yield_now().await;
             }
@@ -631,6 +657,65 @@ pub struct Mailbox {
     inner: Mutex<Pending>,
 }
 
+/// The part of the events budget a core may use, following the load on it:
+/// halved after a window in which its CPU was idle under [`Share::BUSY`] of the
+/// time or its bids backed up ([`Share::BACKLOG`] waiting on average), grown by
+/// half after one with CPU to spare ([`Share::SPARE`]) and no backlog, between
+/// 1/64 and all. In a bid storm the watchers coalesce and the bids keep their
+/// speed; with time to spare, events go out at the full rate.
+pub struct Share {
+    meter: crate::cpu::IdleMeter,
+    /// Bids waiting on the core's batches.
+    backlog: Box<dyn Fn() -> usize + Send>,
+    /// Their sum and count of samples this window.
+    waiting: (usize, usize),
+    factor: f64,
+    measured: std::time::Instant,
+}
+
+impl Share {
+    /// How long a window is: ten of the kernel's clock ticks.
+    const WINDOW: Duration = Duration::from_millis(100);
+    const BUSY: f64 = 0.05;
+    const SPARE: f64 = 0.15;
+    const FLOOR: f64 = 1.0 / 64.0;
+    const BACKLOG: f64 = 16.0;
+
+    fn new(cpu: usize, backlog: impl Fn() -> usize + Send + 'static) -> Option<Share> {
+        Some(Share {
+            meter: crate::cpu::IdleMeter::new(cpu)?,
+            backlog: Box::new(backlog),
+            waiting: (0, 0),
+            factor: 1.0,
+            measured: std::time::Instant::now(),
+        })
+    }
+
+    /// This tick's budget out of `full`, after a new window if one has passed.
+    fn of(&mut self, full: usize) -> usize {
+        self.waiting = (self.waiting.0 + (self.backlog)(), self.waiting.1 + 1);
+        if self.measured.elapsed() >= Self::WINDOW {
+            self.measured = std::time::Instant::now();
+            let waiting = self.waiting.0 as f64 / self.waiting.1.max(1) as f64;
+            self.waiting = (0, 0);
+            if let Some(idle) = self.meter.idle_since_last() {
+                self.factor = Self::next(self.factor, idle, waiting);
+            }
+        }
+        ((full as f64 * self.factor).ceil() as usize).max(1)
+    }
+
+    fn next(factor: f64, idle: f64, waiting: f64) -> f64 {
+        if idle < Self::BUSY || waiting >= Self::BACKLOG {
+            (factor / 2.0).max(Self::FLOOR)
+        } else if idle > Self::SPARE && waiting < Self::BACKLOG / 2.0 {
+            (factor * 1.5).min(1.0)
+        } else {
+            factor
+        }
+    }
+}
+
 /// What a mailbox keeps at most one pending event of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Subject {
@@ -779,6 +864,23 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
+
+    #[test]
+    fn the_budget_halves_on_a_busy_cpu_and_grows_back_on_an_idle_one() {
+        let mut factor = 1.0;
+        for _ in 0..10 {
+            factor = Share::next(factor, 0.01, 0.0);
+        }
+        assert_eq!(factor, Share::FLOOR, "never below the floor");
+        assert_eq!(Share::next(factor, 0.10, 0.0), factor, "held in between");
+        for _ in 0..20 {
+            factor = Share::next(factor, 0.5, 1.0);
+        }
+        assert_eq!(factor, 1.0, "never above all of it");
+        assert_eq!(Share::next(1.0, 0.02, 0.0), 0.5, "a busy CPU");
+        assert_eq!(Share::next(1.0, 0.5, Share::BACKLOG), 0.5, "bids backing up, however idle the CPU");
+        assert_eq!(Share::next(0.5, 0.5, Share::BACKLOG / 2.0), 0.5, "no growth while some bids wait");
+    }
     use crate::domain::auction::BidState;
 
     fn render(a: &Auction, _: DateTime<Utc>) -> Vec<u8> {

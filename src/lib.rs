@@ -9,7 +9,7 @@
 //! # Layout
 //!
 //! Dependencies point downwards only: `runtime` → `http` → `core` → `cache` →
-//! `events` → `db` → `domain`; `config`, `auth` and `metrics` are leaves anything may use.
+//! `events` → `db` → `domain`; `config`, `auth`, `cpu` and `metrics` are leaves anything may use.
 //!
 //! - [`runtime`]: the per-core engine (pinning, runtimes, listeners, shutdown), the
 //!   admin listener (`/metrics`) and the `serve` / `migrate` commands.
@@ -23,12 +23,13 @@
 //!   the embedded PostgreSQL, migrations.
 //! - [`domain`]: pure rules — money, auction lifecycle, bid checks, accounts, stock.
 //! - [`config`]: the clap command line; [`auth`]: tokens, roles, password hashes;
-//!   [`metrics`]: metric names and per-core handles.
+//!   [`metrics`]: metric names and per-core handles; [`cpu`]: how idle a CPU is.
 
 pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod core;
+pub mod cpu;
 pub mod db;
 pub mod domain;
 pub mod events;

@@ -37,6 +37,7 @@ pub const EVENT_STREAMS_OPEN: &str = "gavel_event_streams_open";
 pub const EVENTS_SENT_TOTAL: &str = "gavel_events_sent_total";
 pub const EVENTS_COALESCED_TOTAL: &str = "gavel_events_coalesced_total";
 pub const EVENT_DELIVERY_SECONDS: &str = "gavel_event_delivery_seconds";
+pub const EVENT_BUDGET_SHARE: &str = "gavel_event_budget_share";
 
 /// Latency buckets, in seconds: from 50 µs (a cached read) to 10 s (a request
 /// timeout's order of magnitude).
@@ -265,6 +266,10 @@ fn describe() {
         EVENT_DELIVERY_SECONDS,
         Unit::Seconds,
         "From a change's announcement (after its commit) to its event being handed to the connection"
+    );
+    describe_gauge!(
+        EVENT_BUDGET_SHARE,
+        "The part of --stream-events-per-sec a core may hand out now: below 1 while its CPU has no time to spare"
     );
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -655,6 +660,7 @@ pub struct StreamMetrics {
     sent: [Counter; EventKind::ALL.len()],
     pub coalesced: Counter,
     pub delivery: Histogram,
+    pub budget_share: Gauge,
 }
 
 impl StreamMetrics {
@@ -665,7 +671,8 @@ impl StreamMetrics {
             sent: EventKind::ALL
                 .map(|k| metrics::counter!(EVENTS_SENT_TOTAL, "core" => core.clone(), "kind" => k.label())),
             coalesced: metrics::counter!(EVENTS_COALESCED_TOTAL, "core" => core.clone()),
-            delivery: metrics::histogram!(EVENT_DELIVERY_SECONDS, "core" => core),
+            delivery: metrics::histogram!(EVENT_DELIVERY_SECONDS, "core" => core.clone()),
+            budget_share: metrics::gauge!(EVENT_BUDGET_SHARE, "core" => core),
         }
     }
 

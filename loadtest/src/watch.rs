@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! gavel-loadtest watch --target URL [--streams 10000] [--auctions 100] [--bid-rate 2000]
-//!                      [--duration 20s] [--storm 5s] [--metrics-url URL] [--json]
+//!                      [--duration 20s] [--storm 5s] [--http2-streams N] [--metrics-url URL]
+//!                      [--json]
 //! ```
 //!
 //! In order, on the first `--auctions` open auctions:
@@ -16,6 +17,10 @@
 //!    is an upper bound of commit-to-arrival;
 //! 4. the same bid storm again, with every stream still open;
 //! 5. after the bids, each stream's last version against its auction's final one.
+//!
+//! Each stream has an HTTP/1.1 connection of its own, or with `--http2-streams N`
+//! N streams share one HTTP/2 connection (prior knowledge), as behind a proxy
+//! that multiplexes its clients' streams.
 //!
 //! With `--metrics-url` (gavel's admin `/metrics`) it also reports the server's
 //! RSS and events coalesced.
@@ -66,6 +71,10 @@ pub struct WatchArgs {
     pub bid_connections: usize,
     #[arg(long, default_value_t = 16)]
     pub bidders: usize,
+    /// Event streams per HTTP/2 connection (prior knowledge); 0 gives each stream
+    /// an HTTP/1.1 connection of its own.
+    #[arg(long, default_value_t = 0)]
+    pub http2_streams: usize,
     /// Threads reading streams, each pinned (like the load threads) to a core.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -182,7 +191,7 @@ pub fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
         epoch: work.epoch(),
     });
     let opening = Instant::now();
-    let readers = spawn_readers(&target, &lots, args.streams, threads, &control)?;
+    let readers = spawn_readers(&target, &lots, args, threads, &control)?;
     while control.opened.load(Ordering::Acquire) < args.streams {
         if let Some(why) = control.refused.lock().map_err(|_| anyhow::anyhow!("a stream task panicked"))?.take() {
             bail!("a stream could not be opened: {why:#}");
@@ -374,10 +383,11 @@ type Reader = std::thread::JoinHandle<anyhow::Result<ThreadResult>>;
 fn spawn_readers(
     target: &Target,
     lots: &[Lot],
-    streams: usize,
+    args: &WatchArgs,
     threads: usize,
     control: &Arc<Control>,
 ) -> anyhow::Result<Vec<Reader>> {
+    let (streams, per_connection) = (args.streams, args.http2_streams);
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut handles = Vec::with_capacity(threads);
     for t in 0..threads {
@@ -396,7 +406,7 @@ fn spawn_readers(
                 core_affinity::set_for_current(core);
             }
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            LocalSet::new().block_on(&rt, read_streams(target, mine, control))
+            LocalSet::new().block_on(&rt, read_streams(target, mine, per_connection, control))
         })?;
         handles.push(handle);
     }
@@ -404,32 +414,47 @@ fn spawn_readers(
 }
 
 /// Opens this thread's streams (a few hundred connecting at a time, so the
-/// server's accept backlog keeps up) and reads each until told to stop.
-async fn read_streams(target: Target, watchers: Vec<Watcher>, control: Arc<Control>) -> anyhow::Result<ThreadResult> {
+/// server's accept backlog keeps up) and reads each until told to stop. With
+/// `per_connection` > 0, that many streams share each HTTP/2 connection.
+async fn read_streams(
+    target: Target,
+    watchers: Vec<Watcher>,
+    per_connection: usize,
+    control: Arc<Control>,
+) -> anyhow::Result<ThreadResult> {
     const OPEN_AT_ONCE: usize = 256;
     let (target, opening) = (Rc::new(target), Rc::new(Semaphore::new(OPEN_AT_ONCE)));
-    let tasks: Vec<_> = watchers
-        .into_iter()
-        .map(|mut watcher| {
-            let (target, opening, control) = (Rc::clone(&target), Rc::clone(&opening), Arc::clone(&control));
-            tokio::task::spawn_local(async move {
-                let permit = opening.acquire().await.expect("the semaphore is never closed");
-                let (stream, buffered) = match open_stream(&target, watcher.auction).await {
-                    Ok(opened) => opened,
-                    Err(e) => {
-                        control.refused.lock().expect("never poisoned").get_or_insert_with(|| format!("{e:#}"));
-                        return Err(e);
-                    }
-                };
-                drop(permit);
-                control.opened.fetch_add(1, Ordering::AcqRel);
-                let mut delivery = histogram();
-                let events = read_events(stream, buffered, &mut watcher, &control, &mut delivery).await;
-                watcher.lost = events.is_err();
-                anyhow::Ok((watcher, delivery, events.unwrap_or(0)))
-            })
-        })
-        .collect();
+    let mut connections: Vec<Rc<H2Connection>> = Vec::new();
+    let mut tasks = Vec::with_capacity(watchers.len());
+    for (i, mut watcher) in watchers.into_iter().enumerate() {
+        let connection = (per_connection > 0).then(|| {
+            if i % per_connection == 0 {
+                connections.push(Rc::new(H2Connection::default()));
+            }
+            Rc::clone(connections.last().expect("just pushed"))
+        });
+        let (target, opening, control) = (Rc::clone(&target), Rc::clone(&opening), Arc::clone(&control));
+        tasks.push(tokio::task::spawn_local(async move {
+            let permit = opening.acquire().await.expect("the semaphore is never closed");
+            let opened = match &connection {
+                None => open_stream(&target, watcher.auction).await,
+                Some(connection) => connection.open(&target, watcher.auction).await,
+            };
+            let (source, text) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    control.refused.lock().expect("never poisoned").get_or_insert_with(|| format!("{e:#}"));
+                    return Err(e);
+                }
+            };
+            drop(permit);
+            control.opened.fetch_add(1, Ordering::AcqRel);
+            let mut delivery = histogram();
+            let events = read_events(source, text, &mut watcher, &control, &mut delivery).await;
+            watcher.lost = events.is_err();
+            anyhow::Ok((watcher, delivery, events.unwrap_or(0)))
+        }));
+    }
     let mut result = ThreadResult { delivery: histogram(), events: 0, watchers: Vec::new() };
     for task in tasks {
         let (watcher, delivery, events) = task.await.context("a stream task failed")??;
@@ -440,9 +465,84 @@ async fn read_streams(target: Target, watchers: Vec<Watcher>, control: Arc<Contr
     Ok(result)
 }
 
-/// Connects and asks for `auction`'s events; returns the stream and the body
-/// bytes read with the head.
-async fn open_stream(target: &Target, auction: i64) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+/// Where a stream's bytes come from: its own HTTP/1.1 connection (chunked), or
+/// one stream of a shared HTTP/2 connection.
+enum Source {
+    H1 { stream: TcpStream, chunks: Dechunk, buf: Vec<u8> },
+    H2(hyper::body::Incoming),
+}
+
+impl Source {
+    /// Waits for the stream's next bytes and appends them, undone of any transfer
+    /// coding, to `text`.
+    async fn read(&mut self, text: &mut Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            Source::H1 { stream, chunks, buf } => {
+                let n = stream.read(buf).await?;
+                anyhow::ensure!(n > 0, "the server ended a stream");
+                chunks.feed(&buf[..n], text)
+            }
+            Source::H2(body) => loop {
+                use http_body_util::BodyExt;
+                match body.frame().await {
+                    Some(frame) => {
+                        if let Ok(data) = frame?.into_data() {
+                            text.extend_from_slice(&data);
+                            return Ok(());
+                        }
+                    }
+                    None => bail!("the server ended a stream"),
+                }
+            },
+        }
+    }
+}
+
+/// Runs an HTTP/2 connection's driver as a task of this thread.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F: std::future::Future + 'static> hyper::rt::Executor<F> for LocalExec {
+    fn execute(&self, future: F) {
+        tokio::task::spawn_local(future);
+    }
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// One HTTP/2 connection that several streams share, connected by the first of
+/// them to need it.
+#[derive(Default)]
+struct H2Connection {
+    sender: tokio::sync::OnceCell<H2Sender>,
+}
+
+impl H2Connection {
+    async fn open(&self, target: &Target, auction: i64) -> anyhow::Result<(Source, Vec<u8>)> {
+        let sender = self
+            .sender
+            .get_or_try_init(|| async {
+                let stream = TcpStream::connect(target.addr).await.context("cannot connect for HTTP/2")?;
+                stream.set_nodelay(true)?;
+                let (sender, connection) = hyper::client::conn::http2::Builder::new(LocalExec)
+                    .handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .context("HTTP/2 handshake")?;
+                tokio::task::spawn_local(connection);
+                anyhow::Ok(sender)
+            })
+            .await?;
+        let request = hyper::Request::get(format!("http://{}/api/auctions/{auction}/events", target.authority))
+            .body(http_body_util::Empty::new())?;
+        let response = sender.clone().send_request(request).await.context("an HTTP/2 stream request")?;
+        anyhow::ensure!(response.status() == 200, "a stream was refused with {}", response.status());
+        Ok((Source::H2(response.into_body()), Vec::new()))
+    }
+}
+
+/// Connects and asks for `auction`'s events over HTTP/1.1; returns the stream and
+/// the event text that came with the head.
+async fn open_stream(target: &Target, auction: i64) -> anyhow::Result<(Source, Vec<u8>)> {
     let mut stream = TcpStream::connect(target.addr).await.context("cannot connect a stream")?;
     stream.set_nodelay(true)?;
     let mut request = Vec::with_capacity(128);
@@ -457,7 +557,9 @@ async fn open_stream(target: &Target, auction: i64) -> anyhow::Result<(TcpStream
         if let Some(head) = parse_fields(&buf)? {
             anyhow::ensure!(head.status == 200, "a stream was refused with {}", head.status);
             anyhow::ensure!(head.chunked, "a stream not chunked");
-            return Ok((stream, buf.split_off(head.len)));
+            let (mut chunks, mut text) = (Dechunk::default(), Vec::with_capacity(1024));
+            chunks.feed(&buf[head.len..], &mut text)?;
+            return Ok((Source::H1 { stream, chunks, buf: vec![0u8; 4096] }, text));
         }
         anyhow::ensure!(buf.len() < 16 * 1024, "a stream's head is too long");
     }
@@ -466,20 +568,15 @@ async fn open_stream(target: &Target, auction: i64) -> anyhow::Result<(TcpStream
 /// Reads one stream until told to stop; returns the events it received while
 /// recording.
 async fn read_events(
-    mut stream: TcpStream,
-    mut raw: Vec<u8>,
+    mut source: Source,
+    mut text: Vec<u8>,
     watcher: &mut Watcher,
     control: &Control,
     delivery: &mut Histogram<u64>,
 ) -> anyhow::Result<u64> {
-    let mut chunks = Dechunk::default();
-    let mut text: Vec<u8> = Vec::with_capacity(1024);
     let mut events = 0;
-    let mut buf = vec![0u8; 4096];
     let mut stop = control.stop.subscribe();
     loop {
-        chunks.feed(&raw, &mut text)?;
-        raw.clear();
         while let Some(end) = text.windows(2).position(|w| w == b"\n\n") {
             let frame = &text[..end];
             if let Some(version) = field(frame, b"\nid: ").or_else(|| frame.strip_prefix(b"id: ").and_then(number)) {
@@ -502,11 +599,7 @@ async fn read_events(
         }
         tokio::select! {
             biased;
-            read = stream.read(&mut buf) => match read {
-                Ok(0) => bail!("the server ended a stream"),
-                Ok(n) => raw.extend_from_slice(&buf[..n]),
-                Err(e) => return Err(e.into()),
-            },
+            read = source.read(&mut text) => read?,
             _ = stop.changed() => return Ok(events),
         }
     }

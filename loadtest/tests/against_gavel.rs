@@ -165,43 +165,48 @@ fn a_run_against_an_unseeded_server_says_to_seed_first() {
 }
 
 /// `watch` opens its streams, delivers every auction's changes to them, and ends
-/// with each stream on its auction's final state.
+/// with each stream on its auction's final state: each stream on a connection of
+/// its own, and several to an HTTP/2 connection.
 #[test]
 fn watch_holds_streams_that_follow_the_bids_to_the_final_state() {
     let gavel = start_gavel();
     gavel.seed(6);
     let url = gavel.url();
-    let argv = [
-        "gavel-loadtest",
-        "watch",
-        "--target",
-        &url,
-        "--streams",
-        "30",
-        "--auctions",
-        "3",
-        "--bid-rate",
-        "200",
-        "--duration",
-        "1s",
-        "--storm",
-        "1s",
-        "--storm-connections",
-        "4",
-        "--bid-connections",
-        "4",
-        "--bidders",
-        "4",
-        "--threads",
-        "2",
-        "--secret",
-        SECRET,
-    ];
-    let Command::Watch(args) = <Cli as clap::Parser>::parse_from(argv).command else { unreachable!() };
-    let report = gavel_loadtest::watch::watch(&args).expect("the watch run succeeds");
-    assert_eq!((report.streams, report.auctions), (30, 3));
-    assert!(report.bids.accepted_per_sec > 0.0 && report.storm_without_streams.accepted_per_sec > 0.0);
-    assert!(report.delivery_us.count > 0, "bids reached the streams: {report:?}");
-    assert_eq!(report.streams_lost, 0);
-    assert_eq!(report.streams_with_final_state, 30, "every stream ends on its auction's final state");
+    for per_connection in ["0", "8"] {
+        let argv = [
+            "gavel-loadtest",
+            "watch",
+            "--target",
+            &url,
+            "--streams",
+            "30",
+            "--auctions",
+            "3",
+            "--bid-rate",
+            "200",
+            "--duration",
+            "1s",
+            "--storm",
+            "1s",
+            "--storm-connections",
+            "4",
+            "--bid-connections",
+            "4",
+            "--bidders",
+            "4",
+            "--threads",
+            "2",
+            "--http2-streams",
+            per_connection,
+            "--secret",
+            SECRET,
+        ];
+        let Command::Watch(args) = <Cli as clap::Parser>::parse_from(argv).command else { unreachable!() };
+        let report = gavel_loadtest::watch::watch(&args).expect("the watch run succeeds");
+        assert_eq!((report.streams, report.auctions), (30, 3));
+        assert!(report.bids.accepted_per_sec > 0.0 && report.storm_without_streams.accepted_per_sec > 0.0);
+        assert!(report.delivery_us.count > 0, "bids reached the streams ({per_connection}): {report:?}");
+        assert_eq!(report.streams_lost, 0, "{per_connection}");
+        assert_eq!(report.streams_with_final_state, 30, "every stream ends on its auction's final state");
+    }
 }

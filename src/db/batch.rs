@@ -27,7 +27,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -91,11 +91,13 @@ struct Pending<W: BatchWrite> {
 /// Sends one core's writes of one kind to the database in batches. Cheap to clone.
 pub struct Batcher<W: BatchWrite> {
     tx: mpsc::Sender<Pending<W>>,
+    /// Writes submitted and not yet answered (or given up by their caller).
+    outstanding: Arc<AtomicUsize>,
 }
 
 impl<W: BatchWrite> Clone for Batcher<W> {
     fn clone(&self) -> Self {
-        Batcher { tx: self.tx.clone() }
+        Batcher { tx: self.tx.clone(), outstanding: self.outstanding.clone() }
     }
 }
 
@@ -193,13 +195,21 @@ impl<W: BatchWrite> Batcher<W> {
     pub fn spawn(pool: PgPool, writer: W, limits: BatchLimits, observe: BatchObserver) -> Self {
         let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
         tokio::spawn(run::<W>(pool, Arc::new(writer), rx, limits, observe));
-        Batcher { tx }
+        Batcher { tx, outstanding: Arc::default() }
+    }
+
+    /// A reading of how many writes are submitted and not yet answered: how many
+    /// callers wait on this core's batches (queued, or in the database).
+    pub fn outstanding(&self) -> impl Fn() -> usize + Send + 'static {
+        let outstanding = self.outstanding.clone();
+        move || outstanding.load(Ordering::Relaxed)
     }
 
     /// Queues a write and waits for its outcome. Never waits for queue space: a
     /// full queue is overload, answered at once.
     pub async fn submit(&self, request: W::Request) -> Result<W::Outcome, SubmitError> {
         let (reply, rx) = oneshot::channel();
+        let _counted = Outstanding::count(&self.outstanding);
         self.tx.try_send(Pending { request, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
@@ -208,6 +218,23 @@ impl<W: BatchWrite> Batcher<W> {
             Ok(result) => result.map_err(SubmitError::Db),
             Err(_) => Err(SubmitError::Stopped),
         }
+    }
+}
+
+/// One write counted as outstanding until dropped: however its submission ends,
+/// its caller gone included.
+struct Outstanding<'a>(&'a AtomicUsize);
+
+impl<'a> Outstanding<'a> {
+    fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Outstanding(counter)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -545,6 +572,23 @@ mod tests {
                 other => panic!("expected the batch's error, got {other:?}"),
             }
         }
+    }
+
+    /// Every write counts as outstanding from its submission until it is answered,
+    /// or its caller gives up.
+    #[tokio::test(start_paused = true)]
+    async fn outstanding_writes_are_counted_until_answered_or_abandoned() {
+        let (batcher, _) = start(BatchLimits::one_at_a_time(8, 1), Slow::taking(Duration::from_millis(100)));
+        let outstanding = batcher.outstanding();
+        let first = submit(&batcher, 1);
+        let abandoned = submit(&batcher, 2);
+        settle().await;
+        assert_eq!(outstanding(), 2);
+        abandoned.abort();
+        settle().await;
+        assert_eq!(outstanding(), 1, "a caller gone is not waiting any more");
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(outstanding(), 0);
     }
 
     /// A full queue is answered at once, not waited for.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
@@ -118,6 +118,7 @@ async fn core_main(start: Start) {
             heartbeat: config.stream_heartbeat,
             retry: config.stream_retry,
             events_per_sec: config.stream_events_per_sec,
+            yield_on_cpu: pin.filter(|_| config.stream_yield_to_load).map(|p| p.id),
         },
         http::auction_json,
         StreamMetrics::new(index),
@@ -152,7 +153,7 @@ async fn core_main(start: Start) {
     // Heartbeats, and on shutdown the end of every stream (before the drain of
     // connections waits for them).
     let events_task = tokio::spawn(events.clone().run(shutdown.clone()));
-    let delivery_task = tokio::spawn(events.clone().deliver_changes(shutdown.clone()));
+    let delivery_task = tokio::spawn(events.clone().deliver_changes(core.bids.outstanding(), shutdown.clone()));
     let pool_task = tokio::spawn(sample_pool(pool.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
     let lifecycle_task =
         (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), config.lifecycle_tick, shutdown.clone())));
@@ -174,11 +175,56 @@ async fn core_main(start: Start) {
     tracing::debug!(core = index, "core stopped");
 }
 
+/// HTTP/2 as a core speaks it: its streams run as tasks of the core's own
+/// runtime, like its connections; keep-alive pings find dead peers; each of its
+/// requests has `--request-timeout` like any other.
+fn http2_builder(config: &Serve) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        .max_concurrent_streams(config.http2_max_streams)
+        .max_header_list_size(config.http2_max_header_list)
+        .keep_alive_interval(HTTP2_PING_EVERY)
+        .keep_alive_timeout(config.header_read_timeout);
+    http
+}
+
+/// How often an HTTP/2 connection is pinged; a peer that does not answer within
+/// `--header-read-timeout` is gone.
+const HTTP2_PING_EVERY: Duration = Duration::from_secs(20);
+
+/// What a connection speaks, from its first bytes (peeked, not read): HTTP/2
+/// when they are its connection preface, else HTTP/1.1. `None` when it closes,
+/// or sends nothing within `within` (as hyper's header-read timeout would close
+/// an HTTP/1.1 connection).
+async fn speaks_http2(stream: &tokio::net::TcpStream, within: Duration) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let peek = async {
+        let mut first = [0u8; PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut first).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if !PREFACE.starts_with(&first[..n]) {
+                return Some(false);
+            }
+            if n == PREFACE.len() {
+                return Some(true);
+            }
+            // A prefix of the preface so far (a request starting with `P`
+            // usually differs at its second byte): wait for the rest.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(within, peek).await.ok().flatten()
+}
+
 /// Accepts connections until shutdown, then lets in-flight requests finish within
 /// the grace period.
 async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut shutdown: watch::Receiver<bool>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.header_read_timeout(config.header_read_timeout).keep_alive(true);
+    let http2 = config.http2.then(|| http2_builder(config));
     let deadlines = Deadlines::default();
     let sweep = tokio::spawn(deadlines.clone().sweep());
     let graceful = GracefulShutdown::new();
@@ -213,13 +259,25 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
         {
             tracing::debug!(error = %e, "cannot set SO_SNDBUF");
         }
-        let connection = http.clone().timer(deadlines.timer()).serve_connection(TokioIo::new(stream), app.clone());
-        let connection = graceful.watch(connection);
+        let Some(http2) = &http2 else {
+            let connection = http.clone().timer(deadlines.timer()).serve_connection(TokioIo::new(stream), app.clone());
+            spawn_connection(graceful.watch(connection), permit);
+            continue;
+        };
+        // Told apart on the connection's own task, so that accepting goes on.
+        let (mut http, http2, app, timer) = (http.clone(), http2.clone(), app.clone(), deadlines.timer());
+        let (within, watcher) = (config.header_read_timeout, graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            match speaks_http2(&stream, within).await {
+                Some(true) => {
+                    spawn_connection(watcher.watch(http2.serve_connection(TokioIo::new(stream), app)), permit)
+                }
+                Some(false) => {
+                    let connection = http.timer(timer).serve_connection(TokioIo::new(stream), app);
+                    spawn_connection(watcher.watch(connection), permit);
+                }
+                None => drop(permit),
             }
-            drop(permit);
         });
     }
     // Stop accepting at once; then give open connections the grace period.
@@ -231,6 +289,19 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
         }
     }
     sweep.abort();
+}
+
+/// Runs a connection to its end on a task of its own; its slot frees then.
+fn spawn_connection<E: std::fmt::Display>(
+    connection: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        drop(permit);
+    });
 }
 
 #[cold]

@@ -11,6 +11,7 @@ mod concurrency;
 mod dashboard;
 mod errors;
 mod helpers;
+mod http2;
 mod idempotency;
 mod inventory;
 mod lifecycle;
