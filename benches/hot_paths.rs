@@ -335,6 +335,7 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
                 request_timeout: Duration::from_secs(5),
                 session_ttl: Duration::from_secs(3600),
             },
+            web: Default::default(),
             health: Arc::new(Health::new(1)),
             hashing: tokio::sync::Semaphore::new(HASHES_PER_CORE),
         })

@@ -264,6 +264,14 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_LIFECYCLE_TICK", default_value = "200ms", value_parser = humantime::parse_duration)]
     pub lifecycle_tick: Duration,
 
+    /// An origin (`https://shop.example` — scheme, host, port if any) whose
+    /// browser pages may call the API, with credentials, so the session cookie
+    /// works from that front end. Repeat the flag, or list them comma-separated
+    /// in GAVEL_CORS_ORIGINS. Preflights are answered and may be cached for 10
+    /// minutes. Default: none, and then no cross-origin access at all.
+    #[arg(long = "cors-origin", env = "GAVEL_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origins: Vec<axum::http::HeaderValue>,
+
     /// Lifetime of the token and cookie a log-in returns.
     #[arg(long, env = "GAVEL_SESSION_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub session_ttl: Duration,
@@ -314,6 +322,20 @@ pub struct Token {
 
     #[command(flatten)]
     pub secret: Secret,
+}
+
+/// An origin as browsers send it: `http` or `https`, `://`, a host and maybe a
+/// port, nothing after. `*` is refused: with credentials, browsers accept only
+/// named origins.
+fn parse_origin(s: &str) -> Result<axum::http::HeaderValue, String> {
+    let invalid = || format!("{s:?} is not an origin like https://shop.example or http://localhost:3000");
+    let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")).ok_or_else(invalid)?;
+    let valid = !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !valid {
+        return Err(invalid());
+    }
+    axum::http::HeaderValue::from_str(s).map_err(|_| invalid())
 }
 
 impl Serve {
@@ -377,6 +399,17 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn cors_origins_are_named_origins() {
+        let s = Serve::from_flags(["--cors-origin", "https://shop.example", "--cors-origin", "http://localhost:3000"])
+            .unwrap();
+        assert_eq!(s.cors_origins, ["https://shop.example", "http://localhost:3000"]);
+        assert!(Serve::from_flags([] as [&str; 0]).unwrap().cors_origins.is_empty(), "none by default");
+        for bad in ["*", "shop.example", "https://shop.example/", "https://", "ftp://x", "https://a b"] {
+            assert!(Serve::from_flags(["--cors-origin", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

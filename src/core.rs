@@ -25,6 +25,14 @@ pub struct Limits {
     pub session_ttl: Duration,
 }
 
+/// What the HTTP layer lets browsers and clients negotiate.
+#[derive(Debug, Clone, Default)]
+pub struct Web {
+    /// Origins allowed to call the API from a browser, with credentials; empty:
+    /// no cross-origin access.
+    pub cors_origins: Vec<axum::http::HeaderValue>,
+}
+
 /// Password hashes a core may compute at once. Each Argon2id hash holds
 /// [`crate::auth::HASH_MEMORY_KIB`] (7 MiB) and 15–25 ms of a blocking thread's CPU; hashes
 /// beyond one per core only queue for the same CPU, so more would add 7 MiB each
@@ -78,6 +86,7 @@ pub struct Core {
     pub orders: Batcher<Orders>,
     pub keys: Arc<Keys>,
     pub limits: Limits,
+    pub web: Web,
     pub health: Arc<Health>,
     /// Bounds this core's concurrent password hashing (see [`HASHES_PER_CORE`]).
     pub hashing: tokio::sync::Semaphore,

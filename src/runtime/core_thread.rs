@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::auth::Keys;
 use crate::cache::{self, CacheLimits, Caches};
 use crate::config::Serve;
-use crate::core::{Core, Health, Limits};
+use crate::core::{Core, Health, Limits, Web};
 use crate::db;
 use crate::db::batch::{BatchLimits, BatchStart, Batcher, Lanes};
 use crate::db::bids::{Announcer, Bids};
@@ -136,6 +136,7 @@ async fn core_main(start: Start) {
             request_timeout: config.request_timeout,
             session_ttl: config.session_ttl,
         },
+        web: Web { cors_origins: config.cors_origins.clone() },
         health: health.clone(),
         hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });

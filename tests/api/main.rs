@@ -22,3 +22,4 @@ mod orders;
 mod proxy;
 mod shop;
 mod streams;
+mod web;
