@@ -513,10 +513,16 @@ impl Hub {
                 ends_at: state.ends_at,
             };
             let event = Event::new(EventKind::Outbid, state.version, &json(&data), at_us);
-            for (_, mailbox) in streams {
-                if mailbox.leave(Subject::Auction(o.auction_id), event.clone(), false) {
-                    self.metrics.coalesced.increment(1);
-                }
+            self.tell(streams, Subject::Auction(o.auction_id), &event);
+        }
+    }
+
+    /// Leaves `event` with each of one account's `streams`, counting what it
+    /// coalesces.
+    fn tell(&self, streams: &[(u64, Arc<Mailbox>)], subject: Subject, event: &Event) {
+        for (_, mailbox) in streams {
+            if mailbox.leave(subject, event.clone(), false) {
+                self.metrics.coalesced.increment(1);
             }
         }
     }
@@ -529,9 +535,7 @@ impl Hub {
             let kind = if ended.winner_id == Some(*bidder) { EventKind::Won } else { EventKind::Lost };
             let data = EndedData { auction_id: ended.auction_id, high_bid: ended.high_bid };
             let event = Event::new(kind, ended.version, &json(&data), at_us);
-            for (_, mailbox) in streams {
-                mailbox.leave(Subject::Auction(ended.auction_id), event.clone(), false);
-            }
+            self.tell(streams, Subject::Auction(ended.auction_id), &event);
         }
     }
 
@@ -540,11 +544,7 @@ impl Hub {
         let Some(streams) = inner.accounts.get(&order.buyer_id) else { return };
         let data = OrderData { order_id: order.order_id, status: order.status };
         let event = Event::new(EventKind::Order, order.updated_us, &json(&data), at_us);
-        for (_, mailbox) in streams {
-            if mailbox.leave(Subject::Order(order.order_id), event.clone(), false) {
-                self.metrics.coalesced.increment(1);
-            }
-        }
+        self.tell(streams, Subject::Order(order.order_id), &event);
     }
 
     /// Opens a stream of the events that concern `account` alone.
@@ -663,7 +663,7 @@ pub struct Mailbox {
 /// half after one with CPU to spare ([`Share::SPARE`]) and no backlog, between
 /// 1/64 and all. In a bid storm the watchers coalesce and the bids keep their
 /// speed; with time to spare, events go out at the full rate.
-pub struct Share {
+struct Share {
     meter: crate::cpu::IdleMeter,
     /// Bids waiting on the core's batches.
     backlog: Box<dyn Fn() -> usize + Send>,

@@ -424,15 +424,14 @@ async fn read_streams(
 ) -> anyhow::Result<ThreadResult> {
     const OPEN_AT_ONCE: usize = 256;
     let (target, opening) = (Rc::new(target), Rc::new(Semaphore::new(OPEN_AT_ONCE)));
-    let mut connections: Vec<Rc<H2Connection>> = Vec::new();
+    // The HTTP/2 connection the next streams share, a new one every `per_connection`.
+    let mut shared: Option<Rc<H2Connection>> = None;
     let mut tasks = Vec::with_capacity(watchers.len());
     for (i, mut watcher) in watchers.into_iter().enumerate() {
-        let connection = (per_connection > 0).then(|| {
-            if i % per_connection == 0 {
-                connections.push(Rc::new(H2Connection::default()));
-            }
-            Rc::clone(connections.last().expect("just pushed"))
-        });
+        if per_connection > 0 && i % per_connection == 0 {
+            shared = Some(Rc::default());
+        }
+        let connection = shared.clone();
         let (target, opening, control) = (Rc::clone(&target), Rc::clone(&opening), Arc::clone(&control));
         tasks.push(tokio::task::spawn_local(async move {
             let permit = opening.acquire().await.expect("the semaphore is never closed");

@@ -50,7 +50,13 @@ async fn a_bid_at_the_buy_now_price_closes_the_auction_and_wins_at_that_price() 
     assert_eq!(stored["winner_id"], 3);
     assert_eq!(stored["high_bid"], 5000);
     assert_eq!(stored["buy_now"], Value::Null, "no longer on offer");
-    for cached in app.read_on_every_core(&format!("/api/auctions/{id}"), "/api/auctions/{id}").await {
+    // The other core learns of it from the bid's announcement, a moment later.
+    let reads = eventually(Duration::from_secs(5), "every core's cache has the close", || async {
+        let reads = app.read_on_every_core(&format!("/api/auctions/{id}"), "/api/auctions/{id}").await;
+        reads.iter().all(|r| r["status"] == "closed").then_some(reads)
+    })
+    .await;
+    for cached in reads {
         assert_eq!((cached["status"].as_str(), cached["winner_id"].as_i64()), (Some("closed"), Some(3)), "{cached}");
     }
     assert_problem(app.place_bid(&app.bidder(4), id, 9000).await, StatusCode::CONFLICT, "/problems/auction-closed")
