@@ -337,6 +337,7 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
             },
             web: Default::default(),
             health: Arc::new(Health::new(1)),
+            throttles: Arc::new(gavel::config::Serve::from_flags(Vec::<&str>::new()).unwrap().throttles()),
             hashing: tokio::sync::Semaphore::new(HASHES_PER_CORE),
         })
     })

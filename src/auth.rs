@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// Issuer written into and required of every token.
 pub const ISSUER: &str = "gavel";
@@ -51,6 +52,11 @@ struct Claims {
     iat: u64,
     exp: u64,
     iss: String,
+    /// The session's id: what a log-out revokes.
+    jti: Uuid,
+    /// The account's session epoch when the token was issued: a password change
+    /// raises it, and ends every session of an older one.
+    sep: i32,
 }
 
 /// The verified caller of a request.
@@ -58,6 +64,34 @@ struct Claims {
 pub struct Principal {
     pub account_id: i64,
     pub role: Role,
+    /// The session the token belongs to.
+    pub session: Session,
+}
+
+/// A session as its token names it: what decides whether it was ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub id: Uuid,
+    /// The account's session epoch the token was issued in.
+    pub epoch: i32,
+    /// When the token expires, in seconds since the epoch.
+    pub expires: u64,
+}
+
+/// What a new token grants.
+#[derive(Debug, Clone, Copy)]
+pub struct Grant {
+    pub account_id: i64,
+    pub role: Role,
+    /// The account's current session epoch.
+    pub epoch: i32,
+}
+
+/// A newly signed token and the session it opens.
+#[derive(Debug, Clone)]
+pub struct Minted {
+    pub token: String,
+    pub session: Session,
 }
 
 /// Why a token was refused. Callers map every variant to 401.
@@ -146,7 +180,7 @@ impl Keys {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
         validation.set_issuer(&[ISSUER]);
-        validation.set_required_spec_claims(&["exp", "iat", "iss", "sub"]);
+        validation.set_required_spec_claims(&["exp", "iat", "iss", "sub", "jti"]);
         Ok(Keys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation })
     }
 
@@ -157,15 +191,30 @@ impl Keys {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// Signs a token for `account_id` valid for `ttl`; returns it and its expiry
-    /// (seconds since the epoch).
+    /// Signs a token for `account_id` in session epoch 0 (an account whose
+    /// password never changed), valid for `ttl`; returns it and its expiry
+    /// (seconds since the epoch). For scripts and tests; a log-in uses [`Keys::open`].
     pub fn mint(&self, account_id: i64, role: Role, ttl: Duration) -> (String, u64) {
+        let minted = self.open(Grant { account_id, role, epoch: 0 }, ttl);
+        (minted.token, minted.session.expires)
+    }
+
+    /// Opens a new session: signs a token with a fresh session id, valid for `ttl`.
+    pub fn open(&self, grant: Grant, ttl: Duration) -> Minted {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let exp = now + ttl.as_secs().max(1);
-        let claims = Claims { sub: account_id.to_string(), role, iat: now, exp, iss: ISSUER.to_owned() };
+        let session = Session { id: Uuid::new_v4(), epoch: grant.epoch, expires: now + ttl.as_secs().max(1) };
+        let claims = Claims {
+            sub: grant.account_id.to_string(),
+            role: grant.role,
+            iat: now,
+            exp: session.expires,
+            iss: ISSUER.to_owned(),
+            jti: session.id,
+            sep: session.epoch,
+        };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing of plain claims cannot fail");
-        (token, exp)
+        Minted { token, session }
     }
 
     pub fn verify(&self, token: &str) -> Result<Principal, TokenError> {
@@ -178,7 +227,8 @@ impl Keys {
         if account_id <= 0 {
             return Err(TokenError::Invalid);
         }
-        Ok(Principal { account_id, role: data.claims.role })
+        let session = Session { id: data.claims.jti, epoch: data.claims.sep, expires: data.claims.exp };
+        Ok(Principal { account_id, role: data.claims.role, session })
     }
 }
 
@@ -190,11 +240,47 @@ mod tests {
         Keys::new(&[7u8; 32]).unwrap()
     }
 
+    /// Valid claims for account 1, issued at `now`.
+    fn claims(now: u64) -> Claims {
+        Claims {
+            sub: "1".into(),
+            role: Role::Bidder,
+            iat: now,
+            exp: now + 60,
+            iss: ISSUER.into(),
+            jti: Uuid::new_v4(),
+            sep: 0,
+        }
+    }
+
+    /// A token from before sessions could end (no `jti`) names no session that
+    /// could be revoked, so it is refused.
+    #[test]
+    fn a_token_without_a_session_id_is_refused() {
+        #[derive(Serialize)]
+        struct Old {
+            sub: String,
+            role: Role,
+            iat: u64,
+            exp: u64,
+            iss: String,
+        }
+        let k = keys();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let old = Old { sub: "1".into(), role: Role::Bidder, iat: now, exp: now + 60, iss: ISSUER.into() };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &old, &k.encoding).unwrap();
+        assert_eq!(k.verify(&token), Err(TokenError::Invalid));
+    }
+
     #[test]
     fn minted_token_verifies_with_its_claims() {
         let k = keys();
-        let (token, _) = k.mint(42, Role::Bidder, Duration::from_secs(60));
-        assert_eq!(k.verify(&token), Ok(Principal { account_id: 42, role: Role::Bidder }));
+        let minted = k.open(Grant { account_id: 42, role: Role::Bidder, epoch: 3 }, Duration::from_secs(60));
+        let session = minted.session;
+        assert_eq!(k.verify(&minted.token), Ok(Principal { account_id: 42, role: Role::Bidder, session }));
+        assert_eq!(session.epoch, 3);
+        let again = k.open(Grant { account_id: 42, role: Role::Bidder, epoch: 3 }, Duration::from_secs(60));
+        assert_ne!(again.session.id, session.id, "every log-in opens a session of its own");
     }
 
     #[test]
@@ -213,7 +299,7 @@ mod tests {
     fn expired_token_is_refused() {
         let k = keys();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let claims = Claims { sub: "1".into(), role: Role::Bidder, iat: now - 100, exp: now - 60, iss: ISSUER.into() };
+        let claims = Claims { iat: now - 100, exp: now - 60, ..claims(now) };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
         assert_eq!(k.verify(&token), Err(TokenError::Expired));
     }
@@ -270,8 +356,7 @@ mod tests {
     fn wrong_issuer_is_refused() {
         let k = keys();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let claims =
-            Claims { sub: "1".into(), role: Role::Bidder, iat: now, exp: now + 60, iss: "someone-else".into() };
+        let claims = Claims { iss: "someone-else".into(), ..claims(now) };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
         assert_eq!(k.verify(&token), Err(TokenError::Invalid));
     }

@@ -104,7 +104,8 @@ pub struct Serve {
 
     /// Time allowed to receive a request's headers; it also bounds how long a
     /// keep-alive connection may sit idle (hyper starts it when a connection goes
-    /// idle), so a silent client cannot hold a connection slot.
+    /// idle; an HTTP/2 connection closes after this long with no stream open),
+    /// so a silent client cannot hold a connection slot.
     #[arg(long, env = "GAVEL_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
@@ -276,6 +277,38 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_SESSION_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub session_ttl: Duration,
 
+    /// Failed log-ins allowed per account (by e-mail address) within
+    /// --login-failure-window. Past it, that account's log-ins get 429 with
+    /// Retry-After, right password or not, until its oldest failure leaves the
+    /// window. Counted for the whole server, whatever core a log-in reaches;
+    /// successful log-ins do not count. 0: no limit.
+    #[arg(long, env = "GAVEL_LOGIN_FAILURES_PER_ACCOUNT", default_value_t = 10)]
+    pub login_failures_per_account: u32,
+
+    /// Failed log-ins allowed per client address within --login-failure-window,
+    /// whatever accounts they try; as --login-failures-per-account otherwise.
+    /// 0: no limit.
+    #[arg(long, env = "GAVEL_LOGIN_FAILURES_PER_ADDRESS", default_value_t = 100)]
+    pub login_failures_per_address: u32,
+
+    /// The sliding window the log-in limits count failures in.
+    #[arg(long, env = "GAVEL_LOGIN_FAILURE_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub login_failure_window: Duration,
+
+    /// Bids one bidder may place per second, in bursts of as many, counted for
+    /// the whole server; past it, 429 with Retry-After. Unset: no limit (the
+    /// default: a bidder's bids are what gavel is for).
+    #[arg(long, env = "GAVEL_BIDS_PER_SECOND_PER_BIDDER")]
+    pub bids_per_second_per_bidder: Option<std::num::NonZeroU32>,
+
+    /// The request header that names the client's address (e.g.
+    /// `X-Forwarded-For` or `X-Real-IP`), for the per-address log-in limit
+    /// behind a reverse proxy: the last address in it counts, the one the
+    /// proxy saw. Unset: the connection's peer address. Set it only behind a
+    /// proxy that sets the header, or clients choose their own address.
+    #[arg(long, env = "GAVEL_CLIENT_ADDRESS_HEADER")]
+    pub client_address_header: Option<axum::http::HeaderName>,
+
     /// Log filter (tracing's EnvFilter syntax, e.g. `info,gavel=debug`). Unset:
     /// `RUST_LOG`, else `info` — which logs no line per request on the hot path.
     #[arg(long = "log", env = "GAVEL_LOG")]
@@ -339,6 +372,20 @@ fn parse_origin(s: &str) -> Result<axum::http::HeaderValue, String> {
 }
 
 impl Serve {
+    /// The rate limits these flags ask for.
+    pub fn throttles(&self) -> crate::throttle::Throttles {
+        use crate::throttle::{BidThrottle, LogInLimits, LogInThrottle, Throttles};
+        let limits = LogInLimits {
+            per_account: self.login_failures_per_account,
+            per_address: self.login_failures_per_address,
+            window: self.login_failure_window,
+        };
+        Throttles {
+            log_in: std::sync::Arc::new(LogInThrottle::new(limits)),
+            bids: self.bids_per_second_per_bidder.map(BidThrottle::new),
+        }
+    }
+
     /// This configuration with its secrets replaced, fit for a log line.
     pub fn redacted(&self) -> Serve {
         let mut shown = self.clone();

@@ -2,7 +2,8 @@
 //!
 //! A [`Core`] is built inside its core's runtime and reached by that core's handlers
 //! through its own `Arc`; no other core ever touches it. The only things shared
-//! between cores are read-only after start (`Keys`) or off the hot path ([`Health`]).
+//! between cores are read-only after start (`Keys`) or off the hot path ([`Health`],
+//! [`Throttles`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,6 +17,7 @@ use crate::db::batch::Batcher;
 use crate::db::bids::Bids;
 use crate::db::orders::Orders;
 use crate::events::Hub;
+use crate::throttle::Throttles;
 
 /// Limits the HTTP layer enforces per request.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +33,9 @@ pub struct Web {
     /// Origins allowed to call the API from a browser, with credentials; empty:
     /// no cross-origin access.
     pub cors_origins: Vec<axum::http::HeaderValue>,
+    /// The header a reverse proxy names the client's address in; `None`: the
+    /// connection's peer address is the client's.
+    pub client_address_header: Option<axum::http::HeaderName>,
 }
 
 /// Password hashes a core may compute at once. Each Argon2id hash holds
@@ -88,6 +93,8 @@ pub struct Core {
     pub limits: Limits,
     pub web: Web,
     pub health: Arc<Health>,
+    /// The process's rate limits, shared with the other cores.
+    pub throttles: Arc<Throttles>,
     /// Bounds this core's concurrent password hashing (see [`HASHES_PER_CORE`]).
     pub hashing: tokio::sync::Semaphore,
 }

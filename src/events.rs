@@ -394,7 +394,7 @@ impl Hub {
                     });
                 }
             }
-            Notice::Inventory(_) | Notice::Ended(_) | Notice::Order(_) => {}
+            Notice::Inventory(_) | Notice::Ended(_) | Notice::Order(_) | Notice::SessionEnd(_) => {}
         }
     }
 

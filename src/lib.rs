@@ -9,7 +9,7 @@
 //! # Layout
 //!
 //! Dependencies point downwards only: `runtime` → `http` → `core` → `cache` →
-//! `events` → `db` → `domain`; `config`, `auth`, `cpu` and `metrics` are leaves anything may use.
+//! `events` → `db` → `domain`; `config`, `auth`, `cpu`, `throttle` and `metrics` are leaves anything may use.
 //!
 //! - [`runtime`]: the per-core engine (pinning, runtimes, listeners, shutdown), the
 //!   admin listener (`/metrics`) and the `serve` / `migrate` commands.
@@ -23,7 +23,8 @@
 //!   the embedded PostgreSQL, migrations.
 //! - [`domain`]: pure rules — money, auction lifecycle, bid checks, accounts, stock.
 //! - [`config`]: the clap command line; [`auth`]: tokens, roles, password hashes;
-//!   [`metrics`]: metric names and per-core handles; [`cpu`]: how idle a CPU is.
+//!   [`metrics`]: metric names and per-core handles; [`cpu`]: how idle a CPU is;
+//!   [`throttle`]: the rate limits, the one state the cores share on a request path.
 
 pub mod auth;
 pub mod cache;
@@ -36,6 +37,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod runtime;
+pub mod throttle;
 
 use std::io::IsTerminal;
 

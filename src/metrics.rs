@@ -38,6 +38,7 @@ pub const EVENTS_SENT_TOTAL: &str = "gavel_events_sent_total";
 pub const EVENTS_COALESCED_TOTAL: &str = "gavel_events_coalesced_total";
 pub const EVENT_DELIVERY_SECONDS: &str = "gavel_event_delivery_seconds";
 pub const EVENT_BUDGET_SHARE: &str = "gavel_event_budget_share";
+pub const RATE_LIMITED_TOTAL: &str = "gavel_rate_limited_total";
 
 /// Latency buckets, in seconds: from 50 µs (a cached read) to 10 s (a request
 /// timeout's order of magnitude).
@@ -129,6 +130,29 @@ impl OrderOutcome {
             OrderOutcome::KeyInUse => "key_in_use",
             OrderOutcome::UnknownAccount => "unknown_account",
             OrderOutcome::Shed => "shed",
+        }
+    }
+}
+
+/// The rate limits `gavel_rate_limited_total{limit}` counts refusals of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimit {
+    /// Failed log-ins of one account.
+    LogInAccount,
+    /// Failed log-ins from one client address.
+    LogInAddress,
+    /// Bids of one bidder.
+    Bids,
+}
+
+impl RateLimit {
+    const ALL: [RateLimit; 3] = [RateLimit::LogInAccount, RateLimit::LogInAddress, RateLimit::Bids];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RateLimit::LogInAccount => "login_account",
+            RateLimit::LogInAddress => "login_address",
+            RateLimit::Bids => "bids",
         }
     }
 }
@@ -271,6 +295,7 @@ fn describe() {
         EVENT_BUDGET_SHARE,
         "The part of --stream-events-per-sec a core may hand out now: below 1 while its CPU has no time to spare"
     );
+    describe_counter!(RATE_LIMITED_TOTAL, "Requests refused with 429, by the limit they hit");
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     process_collector().describe();
@@ -307,6 +332,7 @@ struct CoreMetrics {
     routes: Vec<RouteMetrics>,
     bids: Vec<Counter>,
     orders: Vec<Counter>,
+    rate_limited: Vec<Counter>,
     queries: Vec<Histogram>,
     bid_batch: Histogram,
     bid_in_flight: Histogram,
@@ -326,6 +352,7 @@ pub fn init_core(core: usize) {
         routes: Vec::new(),
         bids: BidOutcome::ALL.iter().map(|o| per_core(BIDS_TOTAL, "outcome", o.label())).collect(),
         orders: OrderOutcome::ALL.iter().map(|o| per_core(ORDERS_TOTAL, "outcome", o.label())).collect(),
+        rate_limited: RateLimit::ALL.iter().map(|l| per_core(RATE_LIMITED_TOTAL, "limit", l.label())).collect(),
         queries: Query::ALL
             .iter()
             .map(|q| metrics::histogram!(DB_QUERY_DURATION_SECONDS, "core" => label.clone(), "query" => q.label()))
@@ -452,6 +479,11 @@ fn new_route(c: &mut CoreMetrics, route: &str, method: &'static str) -> usize {
 
 pub fn bid(outcome: BidOutcome) {
     with_core(|c| c.bids[outcome as usize].increment(1));
+}
+
+/// A request was refused by `limit`.
+pub fn rate_limited(limit: RateLimit) {
+    with_core(|c| c.rate_limited[limit as usize].increment(1));
 }
 
 pub fn order(outcome: OrderOutcome) {

@@ -47,6 +47,10 @@ impl Minter {
             iat: u64,
             exp: u64,
             iss: &'a str,
+            /// A session of its own, as a log-in opens.
+            jti: String,
+            /// The session epoch of an account whose password never changed.
+            sep: i32,
         }
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
         let claims = Claims {
@@ -55,6 +59,8 @@ impl Minter {
             iat: now,
             exp: now + ttl.as_secs(),
             iss: "gavel",
+            jti: uuid::Uuid::new_v4().to_string(),
+            sep: 0,
         };
         Ok(jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &self.0)?)
     }

@@ -104,7 +104,8 @@ async fn listen_once(
     }
 }
 
-/// Refreshes everything cached, and every watched auction, from the database.
+/// Refreshes everything cached, every watched auction and the sessions that
+/// ended early, from the database.
 async fn reload(caches: &Caches, events: &Hub, pool: &PgPool) -> Result<(), sqlx::Error> {
     let unwrap = |e: db::DbError| match e {
         db::DbError::Unavailable(e) | db::DbError::Other(e) => e,
@@ -125,6 +126,9 @@ async fn reload(caches: &Caches, events: &Hub, pool: &PgPool) -> Result<(), sqlx
         for item in db::inventory::get_many(pool, &skus).await.map_err(unwrap)? {
             caches.apply_item(item);
         }
+    }
+    for end in db::accounts::ended_sessions(pool, caches.session_ttl()).await.map_err(unwrap)? {
+        caches.end_session(end);
     }
     Ok(())
 }

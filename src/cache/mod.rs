@@ -12,6 +12,7 @@
 //! go to the database instead (never silently stale data).
 
 pub mod listener;
+pub mod sessions;
 
 use std::borrow::Borrow;
 use std::hash::Hash;
@@ -23,8 +24,10 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use hashlink::LruCache;
 
+use self::sessions::EndedSessions;
+use crate::auth::Session;
 use crate::db::inventory::Item;
-use crate::db::notice::Notice;
+use crate::db::notice::{Notice, SessionEnd};
 use crate::domain::auction::{Auction, BidState};
 pub use crate::metrics::{Evicted, Which};
 
@@ -59,11 +62,18 @@ pub struct CacheLimits {
     /// How long a closed auction stays after its end. A read of it after that
     /// goes to the database.
     pub closed_grace: Duration,
+    /// The lifetime of a session's token: how long an account's raised session
+    /// epoch must be remembered (see [`sessions`]).
+    pub session_ttl: Duration,
 }
 
 impl Default for CacheLimits {
     fn default() -> Self {
-        CacheLimits { capacity: 50_000, closed_grace: Duration::from_secs(300) }
+        CacheLimits {
+            capacity: 50_000,
+            closed_grace: Duration::from_secs(300),
+            session_ttl: Duration::from_secs(24 * 3600),
+        }
     }
 }
 
@@ -166,6 +176,7 @@ struct Inner {
     limits: CacheLimits,
     auctions: Map<i64, Auction>,
     inventory: Map<String, Item>,
+    sessions: EndedSessions,
 }
 
 /// What a sweep found, for the metrics.
@@ -201,7 +212,15 @@ impl Default for Caches {
 
 impl Caches {
     pub fn new(limits: CacheLimits) -> Self {
-        Caches { inner: Mutex::new(Inner { live: false, limits, auctions: Map::new(), inventory: Map::new() }) }
+        Caches {
+            inner: Mutex::new(Inner {
+                live: false,
+                limits,
+                auctions: Map::new(),
+                inventory: Map::new(),
+                sessions: EndedSessions::default(),
+            }),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -301,15 +320,42 @@ impl Caches {
                     counted(Kind::Bid, self.apply_bid(state));
                 }
             }
+            Notice::SessionEnd(end) => self.end_session(end),
             // For event streams only: the auction's closed state comes on its own.
             Notice::Ended(_) | Notice::Order(_) => {}
         }
     }
 
+    /// The lifetime of a session's token.
+    pub fn session_ttl(&self) -> Duration {
+        self.lock().limits.session_ttl
+    }
+
+    /// Whether `account`'s `session` ended before its token expires; `None`
+    /// while the cache is not live, when only the database knows.
+    pub fn session_ended(&self, account: i64, session: &Session) -> Option<bool> {
+        let inner = self.lock();
+        inner.live.then(|| inner.sessions.has_ended(account, session))
+    }
+
+    /// Remembers a session, or all older sessions of an account, as ended.
+    pub fn end_session(&self, end: SessionEnd) {
+        let inner = &mut *self.lock();
+        match end {
+            SessionEnd::One { session_id, expires_us } => inner.sessions.revoke(session_id, expires_us / 1_000_000 + 1),
+            SessionEnd::AllBefore { account_id, epoch, ended_us } => {
+                let until = ended_us / 1_000_000 + 1 + inner.limits.session_ttl.as_secs() as i64;
+                inner.sessions.end_all(account_id, epoch, until)
+            }
+        }
+    }
+
     /// Evicts the closed auctions that will have stayed their grace by the next
-    /// sweep, and counts what is left.
+    /// sweep, forgets ended sessions whose tokens have expired, and counts what
+    /// is left.
     pub fn sweep(&self, now: DateTime<Utc>) -> Census {
         let inner = &mut *self.lock();
+        inner.sessions.sweep(now.timestamp());
         let limits = inner.limits;
         let gone: Vec<i64> = inner
             .auctions
@@ -472,7 +518,7 @@ mod tests {
     }
 
     fn limits(capacity: usize, grace_secs: u64) -> CacheLimits {
-        CacheLimits { capacity, closed_grace: Duration::from_secs(grace_secs) }
+        CacheLimits { capacity, closed_grace: Duration::from_secs(grace_secs), ..CacheLimits::default() }
     }
 
     #[test]

@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::DbError;
-use crate::auth::Role;
+use super::notice::SessionEnd;
+use crate::auth::{Role, Session};
 use crate::metrics::{self, Query};
 
 /// An account as stored, without its password hash.
@@ -44,18 +45,113 @@ pub async fn insert(pool: &PgPool, email: &str, password_hash: &str, role: Role)
     })
 }
 
-/// What logging in needs: the id, the hash to verify against, and the role.
+/// What logging in needs: the id, the hash to verify against, the role, and
+/// the session epoch a new token is issued in.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Credentials {
     pub id: i64,
+    pub email: String,
     pub password_hash: String,
     pub role: String,
+    pub session_epoch: i32,
 }
 
+/// The credentials of the account with this e-mail address (in any case).
 pub async fn credentials(pool: &PgPool, email: &str) -> Result<Option<Credentials>, DbError> {
     let _timer = metrics::time_query(Query::Account);
-    Ok(sqlx::query_as("select id, password_hash, role from accounts where lower(email) = lower($1)")
-        .bind(email.trim())
+    Ok(sqlx::query_as(
+        "select id, email, password_hash, role, session_epoch from accounts where lower(email) = lower($1)",
+    )
+    .bind(email.trim())
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// The credentials of account `id`.
+pub async fn credentials_of(pool: &PgPool, id: i64) -> Result<Option<Credentials>, DbError> {
+    let _timer = metrics::time_query(Query::Account);
+    Ok(sqlx::query_as("select id, email, password_hash, role, session_epoch from accounts where id = $1")
+        .bind(id)
         .fetch_optional(pool)
         .await?)
+}
+
+/// Replaces account `id`'s password hash and ends every session it has: its
+/// session epoch rises, which `sessions_ended_notify` announces. The new
+/// epoch; `None` without such an account.
+pub async fn change_password(pool: &PgPool, id: i64, new_hash: &str) -> Result<Option<i32>, DbError> {
+    let _timer = metrics::time_query(Query::Account);
+    Ok(sqlx::query_scalar(
+        r#"
+        update accounts
+           set password_hash = $2, session_epoch = session_epoch + 1, sessions_ended_at = now()
+         where id = $1
+        returning session_epoch
+        "#,
+    )
+    .bind(id)
+    .bind(new_hash)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Ends one session of `account` (a log-out) until its token's expiry, which
+/// `revoked_sessions_notify` announces. Ending it twice is harmless.
+pub async fn revoke_session(pool: &PgPool, account: i64, session: &Session) -> Result<(), DbError> {
+    let _timer = metrics::time_query(Query::Account);
+    sqlx::query(
+        "insert into revoked_sessions (session_id, account_id, expires_at) \
+         values ($1, $2, to_timestamp($3)) on conflict (session_id) do nothing",
+    )
+    .bind(session.id)
+    .bind(account)
+    .bind(session.expires as f64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Whether `account`'s `session` has ended, asked of the database: for a core
+/// whose cache of ended sessions is not live.
+pub async fn session_ended(pool: &PgPool, account: i64, session: &Session) -> Result<bool, DbError> {
+    let _timer = metrics::time_query(Query::Account);
+    Ok(sqlx::query_scalar(
+        "select exists (select 1 from revoked_sessions where session_id = $1) \
+             or coalesce((select session_epoch > $3 from accounts where id = $2), false)",
+    )
+    .bind(session.id)
+    .bind(account)
+    .bind(session.epoch)
+    .fetch_one(pool)
+    .await?)
+}
+
+/// Every session that ended early and whose token may not have expired yet, for
+/// a core's cache: the revoked ones, and the accounts whose epoch rose within
+/// `ttl` (a token's lifetime).
+pub async fn ended_sessions(pool: &PgPool, ttl: std::time::Duration) -> Result<Vec<SessionEnd>, DbError> {
+    let _timer = metrics::time_query(Query::Account);
+    let revoked: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "select session_id, (extract(epoch from expires_at) * 1000000)::bigint \
+           from revoked_sessions where expires_at >= now()",
+    )
+    .fetch_all(pool)
+    .await?;
+    let raised: Vec<(i64, i32, i64)> = sqlx::query_as(
+        "select id, session_epoch, (extract(epoch from sessions_ended_at) * 1000000)::bigint from accounts \
+          where sessions_ended_at >= now() - make_interval(secs => $1)",
+    )
+    .bind(ttl.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    let revoked = revoked.into_iter().map(|(session_id, expires_us)| SessionEnd::One { session_id, expires_us });
+    let raised =
+        raised.into_iter().map(|(account_id, epoch, ended_us)| SessionEnd::AllBefore { account_id, epoch, ended_us });
+    Ok(revoked.chain(raised).collect())
+}
+
+/// Deletes the revocations of tokens that have expired anyway; how many.
+pub async fn purge_revoked(pool: &PgPool) -> Result<u64, DbError> {
+    let _timer = metrics::time_query(Query::Lifecycle);
+    Ok(sqlx::query("delete from revoked_sessions where expires_at < now()").execute(pool).await?.rows_affected())
 }

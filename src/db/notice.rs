@@ -23,6 +23,10 @@
 //!   for their event streams.
 //! - `order`: an order placed, cancelled or fulfilled (`orders_notify`), for its
 //!   buyer's event streams.
+//! - `revoked`: a session logged out, with its token's expiry
+//!   (`revoked_sessions_notify`).
+//! - `sessions_ended`: an account's session epoch rose (a password change), so
+//!   its tokens of older epochs no longer count (`sessions_ended_notify`).
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -44,6 +48,17 @@ pub enum Notice {
     Ended(Ended),
     /// An order's status changed (or it was placed).
     Order(OrderChange),
+    /// Sessions ended before their tokens expire.
+    SessionEnd(SessionEnd),
+}
+
+/// Sessions that ended early, as the caches remember them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// One session logged out; its token expires at `expires_us` (epoch µs).
+    One { session_id: uuid::Uuid, expires_us: i64 },
+    /// Every session of `account_id` from before `epoch`, which began at `ended_us`.
+    AllBefore { account_id: i64, epoch: i32, ended_us: i64 },
 }
 
 /// An order's new status, for its buyer's event streams.
@@ -109,6 +124,18 @@ enum Raw {
         #[serde(flatten)]
         order: OrderChange,
     },
+    Revoked {
+        at_us: i64,
+        session_id: uuid::Uuid,
+        expires_us: i64,
+    },
+    #[serde(rename = "sessions_ended")]
+    SessionsEnded {
+        at_us: i64,
+        account_id: i64,
+        epoch: i32,
+        ended_us: i64,
+    },
 }
 
 /// Decodes one payload.
@@ -119,6 +146,12 @@ pub fn parse(payload: &str) -> Result<Notification, NoticeError> {
         Raw::Inventory { at_us, item } => Notification { notice: Notice::Inventory(item), at_us },
         Raw::Ended { at_us, ended } => Notification { notice: Notice::Ended(ended), at_us },
         Raw::Order { at_us, order } => Notification { notice: Notice::Order(order), at_us },
+        Raw::Revoked { at_us, session_id, expires_us } => {
+            Notification { notice: Notice::SessionEnd(SessionEnd::One { session_id, expires_us }), at_us }
+        }
+        Raw::SessionsEnded { at_us, account_id, epoch, ended_us } => {
+            Notification { notice: Notice::SessionEnd(SessionEnd::AllBefore { account_id, epoch, ended_us }), at_us }
+        }
         Raw::Bids { at_us, states: raw } => {
             let mut states = Vec::with_capacity(raw.len());
             let mut outbid = Vec::new();
@@ -243,6 +276,20 @@ mod tests {
         assert_eq!(a.starts_at.timestamp(), 1_700_000_000);
         assert_eq!((a.ends_at - a.starts_at).num_seconds(), 100);
         assert!(!a.closed);
+    }
+
+    #[test]
+    fn ended_sessions_decode_as_the_trigger_writes_them() {
+        let id = "5f0b3d1e-8c1a-4f4e-9d7a-2b1c0e9f8a7b";
+        let revoked = format!(
+            r#"{{"kind":"revoked","at_us":4,"session_id":"{id}","account_id":7,"expires_us":1800000000000000}}"#
+        );
+        let one = SessionEnd::One { session_id: id.parse().unwrap(), expires_us: 1_800_000_000_000_000 };
+        assert_eq!(parse(&revoked).unwrap().notice, Notice::SessionEnd(one));
+        let ended = r#"{"kind":"sessions_ended","at_us":4,"account_id":7,"epoch":2,"ended_us":99}"#;
+        let all = SessionEnd::AllBefore { account_id: 7, epoch: 2, ended_us: 99 };
+        assert_eq!(parse(ended).unwrap().notice, Notice::SessionEnd(all));
+        assert!(parse(&revoked.replace(id, "not-a-uuid")).is_err());
     }
 
     #[test]

@@ -25,12 +25,7 @@ impl NewAccount {
         if email.len() > 254 || !email.validate_email() {
             errors.push(FieldError::new("email", "must be a valid e-mail address"));
         }
-        let chars = password.chars().count();
-        if chars < MIN_PASSWORD_CHARS {
-            errors.push(FieldError::new("password", "must be at least 8 characters"));
-        } else if chars > MAX_PASSWORD_CHARS {
-            errors.push(FieldError::new("password", "must be at most 1024 characters"));
-        }
+        errors.extend(check_password("password", password));
         let role = match role {
             "bidder" => Some(Role::Bidder),
             "seller" => Some(Role::Seller),
@@ -45,6 +40,18 @@ impl NewAccount {
             }
             _ => Err(errors),
         }
+    }
+}
+
+/// What is wrong with a new password given in `field`, if anything.
+pub fn check_password(field: &'static str, password: &str) -> Option<FieldError> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        Some(FieldError::new(field, "must be at least 8 characters"))
+    } else if chars > MAX_PASSWORD_CHARS {
+        Some(FieldError::new(field, "must be at most 1024 characters"))
+    } else {
+        None
     }
 }
 
@@ -69,6 +76,12 @@ mod tests {
         assert_eq!(fields(NewAccount::parse("a@", "long enough", "bidder")), ["email"]);
         assert_eq!(fields(NewAccount::parse("", "long enough", "bidder")), ["email"]);
         assert_eq!(fields(NewAccount::parse("a@b.io", &"x".repeat(1025), "bidder")), ["password"]);
+    }
+
+    #[test]
+    fn a_new_password_is_checked_under_its_own_field_name() {
+        assert_eq!(check_password("new_password", "short").map(|e| e.field), Some("new_password"));
+        assert_eq!(check_password("new_password", "long enough"), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
+use super::error::{Error, PROBLEM_JSON, Problem, RateLimitProblems, Result, ServerProblems};
 use super::extract::{
     Bidder, Caller, CallerProblems, IdempotencyKey, Json, JsonProblems, Params, QueryProblems, RoleProblems,
 };
@@ -70,6 +70,8 @@ struct PlacedBid {
 /// once: 201 with `is_winning: false` and the new `high_bid`. While you lead, a
 /// bid with `max_amount` raises only your maximum, not the price; one without
 /// raises the price to its amount.
+///
+/// With `--bids-per-second-per-bidder`, a bidder's bids past that rate get 429.
 #[utoipa::path(
     post, path = "/api/bids", tag = "bids",
     params(IdempotencyKey),
@@ -78,7 +80,7 @@ struct PlacedBid {
     responses(
         (status = 201, description = "Recorded: the bid leads, or (`is_winning` false) another bidder's maximum \
          outbid it at once", body = PlacedBid),
-        JsonProblems, RoleProblems, ServerProblems,
+        JsonProblems, RoleProblems, ServerProblems, RateLimitProblems,
         (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
         (status = 409, description = "Below the minimum next bid (`min_next_bid` says it), the auction is not open, \
          or this Idempotency-Key's first request is still in progress", body = Problem, content_type = PROBLEM_JSON),
@@ -95,6 +97,9 @@ async fn place_bid(
 ) -> Result<Response> {
     let bid =
         NewBid::parse(body.auction_id, body.amount, body.max_amount, bidder.account_id).map_err(Error::Validation)?;
+    if let Some(throttle) = &core.throttles.bids {
+        throttle.check(bidder.account_id).map_err(Error::RateLimited)?;
+    }
     let max_amount = bid.max_amount.map(|m| m.get());
     // A keyed request always reaches the database, so its first outcome is stored.
     if key.is_none() {

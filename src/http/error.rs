@@ -17,6 +17,8 @@ use super::respond;
 use crate::db::DbError;
 use crate::db::batch::SubmitError;
 use crate::domain::FieldError;
+use crate::metrics::RateLimit;
+use crate::throttle::Refused;
 
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -83,6 +85,9 @@ pub enum Error {
     /// 409: the Idempotency-Key's first request is still being processed.
     #[error("a request with this Idempotency-Key is still in progress")]
     IdempotencyKeyInUse,
+    /// 429 `/problems/rate-limited` with Retry-After: a rate limit was hit.
+    #[error("too many {}; retry after {} s", what_was_limited(.0.limit), retry_after_secs(.0.retry_after))]
+    RateLimited(Refused),
     /// 503 with Retry-After: the core's queue is full or no connection was free.
     #[error("the server is overloaded; retry shortly")]
     Overloaded,
@@ -188,6 +193,7 @@ impl Error {
                 (S::UNPROCESSABLE_ENTITY, "/problems/idempotency-key-reused", "Idempotency-Key reused")
             }
             Error::IdempotencyKeyInUse => (S::CONFLICT, "/problems/idempotency-key-in-use", "Idempotency-Key in use"),
+            Error::RateLimited(_) => (S::TOO_MANY_REQUESTS, "/problems/rate-limited", "Rate limited"),
             Error::Overloaded => (S::SERVICE_UNAVAILABLE, "/problems/overloaded", "Overloaded"),
             Error::Timeout => (S::SERVICE_UNAVAILABLE, "/problems/timeout", "Request timed out"),
             Error::NotReady(_) => (S::SERVICE_UNAVAILABLE, "/problems/not-ready", "Not ready"),
@@ -237,6 +243,9 @@ impl IntoResponse for Error {
             Error::Overloaded | Error::Timeout | Error::NotReady(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            Error::RateLimited(refused) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(refused.retry_after)));
+            }
             Error::Unauthorized(_) | Error::InvalidCredentials => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"gavel\""));
             }
@@ -280,4 +289,43 @@ impl From<SubmitError> for Error {
     }
 }
 
+/// Whole seconds to wait, as Retry-After says them: rounded up, and at least 1.
+fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0).max(u64::from(wait.is_zero()))
+}
+
+/// What a rate limit limits, for a 429's detail.
+fn what_was_limited(limit: RateLimit) -> &'static str {
+    match limit {
+        RateLimit::LogInAccount => "failed log-ins for this account",
+        RateLimit::LogInAddress => "failed log-ins from this address",
+        RateLimit::Bids => "bids from this bidder",
+    }
+}
+
+/// What a rate-limited route may answer, for the API document.
+pub(crate) struct RateLimitProblems;
+
+impl IntoResponses for RateLimitProblems {
+    fn responses() -> BTreeMap<String, RefOr<openapi::Response>> {
+        problem_responses(&[(StatusCode::TOO_MANY_REQUESTS, "A rate limit was hit: retry after Retry-After seconds")])
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds_of_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(300)), 300);
+    }
+}

@@ -16,6 +16,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,15 +24,17 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::{Body, HttpBody};
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use axum::http::{Method, header};
 use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use bytes::Bytes;
 use chrono::Utc;
+use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use tower::Service;
 
+use super::activity::{Activity, OpenStream};
 use super::per_request::Outgoing;
 use super::{auctions, inventory, request_id};
 use crate::core::Core;
@@ -71,11 +74,26 @@ fn classify<B>(request: &Request<B>) -> Option<Hot<'_>> {
 pub struct App {
     core: Arc<Core>,
     router: Router,
+    /// The connection's peer, for the routes that need the client's address
+    /// (as axum's `ConnectInfo`); set per connection.
+    peer: Option<SocketAddr>,
+    /// An HTTP/2 connection's open streams, counted for its idle timeout.
+    activity: Option<Arc<Activity>>,
 }
 
 impl App {
     pub fn new(core: Arc<Core>, router: Router) -> Self {
-        App { core, router }
+        App { core, router, peer: None, activity: None }
+    }
+
+    /// This app, for a connection from `peer`.
+    pub fn for_peer(&self, peer: SocketAddr) -> Self {
+        App { peer: Some(peer), ..self.clone() }
+    }
+
+    /// This app, counting its streams in `activity` (an HTTP/2 connection's).
+    pub fn counting(&self, activity: Arc<Activity>) -> Self {
+        App { activity: Some(activity), ..self.clone() }
     }
 
     /// The cache's answer to `request`, if it is a hot read of a cached row.
@@ -141,17 +159,35 @@ impl App {
         B: HttpBody<Data = Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
     {
-        match self.answer(&request) {
-            Some(response) => Answer::Hot { response: Some(response) },
-            None => Answer::Routed { inner: self.router.clone().call(request.map(Body::new)) },
-        }
+        let open = self.activity.as_ref().map(|a| a.open());
+        let way = match self.answer(&request) {
+            Some(response) => Way::Hot { response: Some(response) },
+            None => {
+                let mut request = request.map(Body::new);
+                // Only here, off the hot path: an extension is an allocation.
+                if let Some(peer) = self.peer {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                }
+                Way::Routed { inner: self.router.clone().call(request) }
+            }
+        };
+        Answer { way, open }
     }
 }
 
 pin_project! {
-    /// A hot read's answer, or the router's.
-    #[project = AnswerProj]
-    pub enum Answer {
+    /// The answer to one request: a hot read's, or the router's.
+    pub struct Answer {
+        #[pin]
+        way: Way,
+        // On an HTTP/2 connection: the stream, open until its body ends.
+        open: Option<OpenStream>,
+    }
+}
+
+pin_project! {
+    #[project = WayProj]
+    enum Way {
         Hot { response: Option<Response> },
         Routed { #[pin] inner: RouteFuture<Infallible> },
     }
@@ -161,10 +197,16 @@ impl Future for Answer {
     type Output = Result<Response, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            AnswerProj::Hot { response } => Poll::Ready(Ok(response.take().unwrap_or_default())),
-            AnswerProj::Routed { inner } => inner.poll(cx),
-        }
+        let this = self.project();
+        let response = match this.way.project() {
+            WayProj::Hot { response } => response.take().unwrap_or_default(),
+            WayProj::Routed { inner } => std::task::ready!(inner.poll(cx))?,
+        };
+        Poll::Ready(Ok(match this.open.take() {
+            // The stream stays open as long as its body: the guard goes with it.
+            Some(open) => response.map(|body| Body::new(body.map_frame(move |frame| (&open, frame).1))),
+            None => response,
+        }))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The public HTTP API: one router per resource, merged here, and the OpenAPI
 //! document the same `#[utoipa::path]` attributes generate (see [`openapi`]).
 
+pub mod activity;
 pub mod error;
 pub mod extract;
 pub mod hot;

@@ -22,7 +22,9 @@ use crate::db::bids::{Announcer, Bids};
 use crate::db::orders::Orders;
 use crate::events::{Hub, StreamLimits};
 use crate::http;
+use crate::http::activity::Activity;
 use crate::metrics::{self, CoreGauges, StreamMetrics};
+use crate::throttle::Throttles;
 
 use super::deadlines::Deadlines;
 
@@ -38,6 +40,7 @@ pub(super) struct Start {
     pub database: PgConnectOptions,
     pub keys: Arc<Keys>,
     pub health: Arc<Health>,
+    pub throttles: Arc<Throttles>,
     /// The process's bid lanes, shared by every core's bid batcher.
     pub bid_lanes: Option<Lanes>,
     pub shutdown: watch::Receiver<bool>,
@@ -71,7 +74,7 @@ pub(super) fn run(start: Start) {
 }
 
 async fn core_main(start: Start) {
-    let Start { index, pin, listener, config, database, keys, health, bid_lanes, shutdown, started } = start;
+    let Start { index, pin, listener, config, database, keys, health, throttles, bid_lanes, shutdown, started } = start;
     // The pool is created here, inside this core's runtime: its connections belong
     // to the runtime that opened them.
     let pool = db::core_pool(&database, index, config.db_conns_per_core, config.db_acquire_timeout);
@@ -88,8 +91,11 @@ async fn core_main(start: Start) {
         }
     };
 
-    let caches =
-        Arc::new(Caches::new(CacheLimits { capacity: config.cache_capacity, closed_grace: config.cache_closed_grace }));
+    let caches = Arc::new(Caches::new(CacheLimits {
+        capacity: config.cache_capacity,
+        closed_grace: config.cache_closed_grace,
+        session_ttl: config.session_ttl,
+    }));
     let bids = Batcher::spawn(
         pool.clone(),
         Bids::new(Announcer::spawn(pool.clone())),
@@ -136,8 +142,12 @@ async fn core_main(start: Start) {
             request_timeout: config.request_timeout,
             session_ttl: config.session_ttl,
         },
-        web: Web { cors_origins: config.cors_origins.clone() },
+        web: Web {
+            cors_origins: config.cors_origins.clone(),
+            client_address_header: config.client_address_header.clone(),
+        },
         health: health.clone(),
+        throttles: throttles.clone(),
         hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });
     let gauges = Arc::new(CoreGauges::new(index));
@@ -157,7 +167,7 @@ async fn core_main(start: Start) {
     let delivery_task = tokio::spawn(events.clone().deliver_changes(core.bids.outstanding(), shutdown.clone()));
     let pool_task = tokio::spawn(sample_pool(pool.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
     let lifecycle_task =
-        (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), config.lifecycle_tick, shutdown.clone())));
+        (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), throttles, config.lifecycle_tick, shutdown.clone())));
 
     tracing::info!(core = index, cpu = pin.map(|p| p.id), "core serving");
     health.core_serving();
@@ -241,11 +251,11 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(e).await;
                     continue;
@@ -260,18 +270,21 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
         {
             tracing::debug!(error = %e, "cannot set SO_SNDBUF");
         }
+        let app = app.for_peer(peer);
         let Some(http2) = &http2 else {
-            let connection = http.clone().timer(deadlines.timer()).serve_connection(TokioIo::new(stream), app.clone());
+            let connection = http.clone().timer(deadlines.timer()).serve_connection(TokioIo::new(stream), app);
             spawn_connection(graceful.watch(connection), permit);
             continue;
         };
         // Told apart on the connection's own task, so that accepting goes on.
-        let (mut http, http2, app, timer) = (http.clone(), http2.clone(), app.clone(), deadlines.timer());
-        let (within, watcher) = (config.header_read_timeout, graceful.watcher());
+        let (mut http, http2, timer) = (http.clone(), http2.clone(), deadlines.timer());
+        let (within, watcher, closing) = (config.header_read_timeout, graceful.watcher(), shutdown.clone());
         tokio::spawn(async move {
             match speaks_http2(&stream, within).await {
                 Some(true) => {
-                    spawn_connection(watcher.watch(http2.serve_connection(TokioIo::new(stream), app)), permit)
+                    let activity = Arc::new(Activity::default());
+                    let connection = http2.serve_connection(TokioIo::new(stream), app.counting(activity.clone()));
+                    spawn_connection(serve_http2(connection, activity, within, closing), permit)
                 }
                 Some(false) => {
                     let connection = http.timer(timer).serve_connection(TokioIo::new(stream), app);
@@ -281,16 +294,50 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
             }
         });
     }
-    // Stop accepting at once; then give open connections the grace period.
+    // Stop accepting at once; then give open connections the grace period:
+    // HTTP/1.1's are told by `graceful`, HTTP/2's by `shutdown` (see
+    // `serve_http2`), and each holds its slot until it closes.
     drop(listener);
+    let all_closed = async {
+        graceful.shutdown().await;
+        let _ = slots.acquire_many(config.max_connections_per_core.min(u32::MAX as usize) as u32).await;
+    };
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = all_closed => {}
         _ = tokio::time::sleep(config.shutdown_grace) => {
             tracing::warn!("shutdown grace period over; closing the remaining connections");
         }
     }
     sweep.abort();
 }
+
+/// Serves an HTTP/2 connection until it ends, and ends it gracefully (GOAWAY,
+/// then its open streams finish) at shutdown, or once no stream has been open
+/// for `idle` (`--header-read-timeout`, which bounds an idle HTTP/1.1
+/// connection alike). hyper-util's `GracefulShutdown` cannot be told to close
+/// a connection for idleness, so this does both.
+async fn serve_http2(
+    connection: Http2Connection,
+    activity: Arc<Activity>,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> hyper::Result<()> {
+    let mut connection = std::pin::pin!(connection);
+    let idle = activity.idle_for(idle);
+    let stop = shutdown.wait_for(|stop| *stop);
+    tokio::pin!(idle, stop);
+    tokio::select! {
+        ended = connection.as_mut() => return ended,
+        _ = &mut idle => {}
+        _ = &mut stop => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    connection.await
+}
+
+/// An HTTP/2 connection as a core serves it.
+type Http2Connection =
+    hyper::server::conn::http2::Connection<TokioIo<tokio::net::TcpStream>, http::hot::App, TokioExecutor>;
 
 /// Runs a connection to its end on a task of its own; its slot frees then.
 fn spawn_connection<E: std::fmt::Display>(
@@ -332,16 +379,32 @@ async fn sample_pool(pool: PgPool, max: u32, gauges: Arc<CoreGauges>, mut shutdo
     }
 }
 
-/// Opens and closes auctions as their times come (core 0 only).
-async fn lifecycle(pool: PgPool, tick: Duration, mut shutdown: watch::Receiver<bool>) {
+/// How often core 0 deletes the revocations of expired tokens, and sweeps the
+/// rate limits' tables.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// Opens and closes auctions as their times come; purges revocations that no
+/// token needs any more, and what the rate limits no longer need (core 0 only).
+async fn lifecycle(pool: PgPool, throttles: Arc<Throttles>, tick: Duration, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // Not at once: a start has nothing to purge that a minute later has not.
+    let mut purge = tokio::time::interval_at(tokio::time::Instant::now() + PURGE_EVERY, PURGE_EVERY);
+    purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = interval.tick() => {
                 if let Err(e) = db::auctions::advance(&pool).await {
                     tracing::warn!(error = %e, "auction lifecycle tick failed");
+                }
+            }
+            _ = purge.tick() => {
+                throttles.sweep();
+                match db::accounts::purge_revoked(&pool).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(purged = n, "purged the revocations of expired tokens"),
+                    Err(e) => tracing::warn!(error = %e, "purging expired revocations failed"),
                 }
             }
         }

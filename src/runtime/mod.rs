@@ -59,6 +59,7 @@ impl Server {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (started_tx, started_rx) = mpsc::sync_channel(cores);
         let bid_lanes = (config.bid_lanes > 0).then(|| Lanes::new(config.bid_lanes));
+        let throttles = Arc::new(config.throttles());
         let config = Arc::new(config.clone());
         let mut threads = Vec::with_capacity(cores);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -70,6 +71,7 @@ impl Server {
                 database: database.clone(),
                 keys: keys.clone(),
                 health: health.clone(),
+                throttles: throttles.clone(),
                 bid_lanes: bid_lanes.clone(),
                 shutdown: shutdown_rx.clone(),
                 started: started_tx.clone(),

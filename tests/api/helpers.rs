@@ -338,7 +338,10 @@ impl TestApp {
 /// A token signed with the right secret whose expiry has passed.
 pub fn expired_token(account: i64, role: &str) -> String {
     let now = Utc::now().timestamp();
-    let claims = json!({"sub": account.to_string(), "role": role, "iat": now - 120, "exp": now - 60, "iss": "gavel"});
+    let claims = json!({
+        "sub": account.to_string(), "role": role, "iat": now - 120, "exp": now - 60, "iss": "gavel",
+        "jti": "00000000-0000-4000-8000-000000000001", "sep": 0,
+    });
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,

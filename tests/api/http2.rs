@@ -111,3 +111,43 @@ async fn a_half_sent_preface_is_closed_after_the_header_read_timeout() {
     .await
     .unwrap();
 }
+
+/// An HTTP/2 connection with no stream open for the header-read timeout is
+/// closed, as an idle HTTP/1.1 connection is; one carrying an event stream is
+/// not, however long the stream lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_but_not_one_with_a_stream() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let app = spawn_app_with(&["--header-read-timeout", "300ms"]).await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let (sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+        (sender, tokio::spawn(connection))
+    };
+    let get = |path: String| {
+        hyper::Request::get(format!("http://{}{path}", app.addr)).body(Empty::<bytes::Bytes>::new()).unwrap()
+    };
+
+    let (mut sender, connection) = connect().await;
+    let read = sender.send_request(get(format!("/api/auctions/{id}"))).await.unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+    read.into_body().collect().await.unwrap();
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), connection).await.expect("closed when idle").unwrap().unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250), "not before the timeout: {:?}", started.elapsed());
+
+    let (mut sender, connection) = connect().await;
+    let events = sender.send_request(get(format!("/api/auctions/{id}/events"))).await.unwrap();
+    assert_eq!(events.status(), StatusCode::OK);
+    let mut body = events.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"event: auction\n"), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!connection.is_finished(), "a connection with a stream open stays");
+    drop(body);
+    tokio::time::timeout(Duration::from_secs(5), connection).await.expect("closed once idle").unwrap().unwrap();
+}

@@ -11,6 +11,7 @@ use utoipa::openapi::{RefOr, Response};
 
 use crate::auth::{Principal, Role, TokenError};
 use crate::core::Core;
+use crate::db;
 use crate::http::error::{Error, problem_responses};
 
 /// The name of the session cookie a log-in sets.
@@ -36,10 +37,19 @@ impl FromRequestParts<Arc<Core>> for Caller {
             None => session_cookie(&parts.headers)
                 .ok_or(Error::Unauthorized("this route needs a Bearer token or a session cookie"))?,
         };
-        core.keys.verify(token).map(Caller).map_err(|e| match e {
+        let principal = core.keys.verify(token).map_err(|e| match e {
             TokenError::Expired => Error::Unauthorized("the token has expired"),
             TokenError::Invalid => Error::Unauthorized("the token is not valid"),
-        })
+        })?;
+        let ended = match core.caches.session_ended(principal.account_id, &principal.session) {
+            Some(ended) => ended,
+            // The core's cache is recovering: only the database knows.
+            None => db::accounts::session_ended(&core.pool, principal.account_id, &principal.session).await?,
+        };
+        if ended {
+            return Err(Error::Unauthorized("the session has ended: log in again"));
+        }
+        Ok(Caller(principal))
     }
 }
 
