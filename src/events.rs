@@ -48,7 +48,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use http_body::{Body, Frame, SizeHint};
 
-use crate::db::notice::{Ended, Notice, OrderChange};
+use crate::auth::Session;
+use crate::db::notice::{Ended, Notice, OrderChange, SessionEnd};
 use crate::domain::auction::{Auction, BidState, Outbid};
 use crate::domain::stock::OrderStatus;
 use crate::metrics::{EventKind, StreamMetrics};
@@ -191,7 +192,7 @@ fn json(value: &impl serde::Serialize) -> Vec<u8> {
 struct Inner {
     topics: HashMap<i64, Topic>,
     /// The personal streams of each account with one open on this core.
-    accounts: HashMap<i64, Vec<(u64, Arc<Mailbox>)>>,
+    accounts: HashMap<i64, Vec<Personal>>,
     /// Topics whose newest change is not yet with their watchers, oldest first.
     queue: VecDeque<i64>,
     /// Every open stream, for heartbeats and the drain.
@@ -365,6 +366,10 @@ impl Hub {
                 Notice::Bids(states, outbid) => self.tell_outbid(&inner, states, outbid, at_us),
                 Notice::Ended(ended) => self.tell_ended(&inner, ended, at_us),
                 Notice::Order(order) => self.tell_order(&inner, order, at_us),
+                Notice::SessionEnd(end) => {
+                    drop(inner);
+                    return self.end_session(end);
+                }
                 _ => {}
             }
         }
@@ -519,8 +524,8 @@ impl Hub {
 
     /// Leaves `event` with each of one account's `streams`, counting what it
     /// coalesces.
-    fn tell(&self, streams: &[(u64, Arc<Mailbox>)], subject: Subject, event: &Event) {
-        for (_, mailbox) in streams {
+    fn tell(&self, streams: &[Personal], subject: Subject, event: &Event) {
+        for Personal { mailbox, .. } in streams {
             if mailbox.leave(subject, event.clone(), false) {
                 self.metrics.coalesced.increment(1);
             }
@@ -547,15 +552,35 @@ impl Hub {
         self.tell(streams, Subject::Order(order.order_id), &event);
     }
 
-    /// Opens a stream of the events that concern `account` alone.
-    pub fn subscribe_account(self: &Arc<Self>, slot: Slot, account: i64) -> EventStream {
+    /// Opens a stream of the events that concern `account` alone, for as long
+    /// as its `session` lasts.
+    pub fn subscribe_account(self: &Arc<Self>, slot: Slot, account: i64, session: Session) -> EventStream {
         let mut inner = self.lock();
         let mailbox = Arc::new(Mailbox::default());
-        // Never ends by itself: only a drain, or the client, closes it.
+        // Never ends by itself: only its session's end, a drain, or the client
+        // closes it.
         mailbox.lock().open = 1;
         let id = inner.new_id();
-        inner.accounts.entry(account).or_default().push((id, mailbox.clone()));
+        inner.accounts.entry(account).or_default().push(Personal { id, session, mailbox: mailbox.clone() });
         self.register(&mut inner, id, slot, mailbox, Vec::new(), Some(account))
+    }
+
+    /// Ends the personal streams of the sessions that `end` ended, at once:
+    /// what they had not sent yet is not sent.
+    pub fn end_session(&self, end: &SessionEnd) {
+        let inner = self.lock();
+        let ended = |account: i64, p: &Personal| match *end {
+            SessionEnd::One { session_id, .. } => p.session.id == session_id,
+            SessionEnd::AllBefore { account_id, epoch, .. } => account == account_id && p.session.epoch < epoch,
+        };
+        for (account, streams) in &inner.accounts {
+            for p in streams.iter().filter(|p| ended(*account, p)) {
+                p.mailbox.poke(|m| {
+                    m.events.clear();
+                    m.open = 0;
+                });
+            }
+        }
     }
 
     /// Ids of the auctions watched, for a reload after the notifications were
@@ -613,7 +638,7 @@ impl Hub {
         if let Some(account) = account
             && let Some(streams) = inner.accounts.get_mut(&account)
         {
-            streams.retain(|(s, _)| *s != id);
+            streams.retain(|p| p.id != id);
             if streams.is_empty() {
                 inner.accounts.remove(&account);
             }
@@ -714,6 +739,13 @@ impl Share {
             factor
         }
     }
+}
+
+/// A personal stream: the events of one account, for one of its sessions.
+struct Personal {
+    id: u64,
+    session: Session,
+    mailbox: Arc<Mailbox>,
 }
 
 /// What a mailbox keeps at most one pending event of.
@@ -864,6 +896,33 @@ mod tests {
     use chrono::TimeZone;
 
     use super::*;
+
+    /// A new session of `epoch`.
+    fn session(epoch: i32) -> Session {
+        Session { id: uuid::Uuid::new_v4(), epoch, expires: u64::MAX }
+    }
+
+    /// Whether the stream has ended (rather than waiting for more).
+    fn ended(stream: &mut EventStream) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(Pin::new(&mut *stream).poll_frame(&mut cx), Poll::Ready(None))
+    }
+
+    #[test]
+    fn a_personal_stream_ends_with_its_session_and_no_other() {
+        let hub = hub(10);
+        let (gone, kept) = (session(0), session(0));
+        let mut logged_out = hub.subscribe_account(hub.reserve().unwrap(), 41, gone);
+        let mut same_account = hub.subscribe_account(hub.reserve().unwrap(), 41, kept);
+        let mut older_epoch = hub.subscribe_account(hub.reserve().unwrap(), 42, session(0));
+        let mut newer_epoch = hub.subscribe_account(hub.reserve().unwrap(), 42, session(1));
+        hub.apply(&Notice::SessionEnd(SessionEnd::One { session_id: gone.id, expires_us: 0 }), 0);
+        hub.end_session(&SessionEnd::AllBefore { account_id: 42, epoch: 1, ended_us: 0 });
+        assert!(ended(&mut logged_out), "the logged-out session's stream ends");
+        assert!(ended(&mut older_epoch), "a session older than the new epoch ends");
+        assert!(!ended(&mut same_account), "the account's other session goes on");
+        assert!(!ended(&mut newer_epoch), "a session of the new epoch goes on");
+    }
 
     #[test]
     fn the_budget_halves_on_a_busy_cpu_and_grows_back_on_an_idle_one() {
@@ -1064,8 +1123,8 @@ mod tests {
     #[test]
     fn an_outbid_bidder_alone_is_told() {
         let hub = hub(10);
-        let mut outbid = hub.subscribe_account(hub.reserve().unwrap(), 41);
-        let mut other = hub.subscribe_account(hub.reserve().unwrap(), 42);
+        let mut outbid = hub.subscribe_account(hub.reserve().unwrap(), 41, session(0));
+        let mut other = hub.subscribe_account(hub.reserve().unwrap(), 42, session(0));
         let Notice::Bids(states, _) = bid(7, 3, 150) else { unreachable!() };
         hub.apply(&Notice::Bids(states, vec![Outbid { auction_id: 7, bidder: 41 }]), 1);
         let frames = ready(&mut outbid);
@@ -1084,9 +1143,9 @@ mod tests {
     #[test]
     fn the_bidders_of_a_closed_auction_are_told_who_won() {
         let hub = hub(10);
-        let mut winner = hub.subscribe_account(hub.reserve().unwrap(), 41);
-        let mut loser = hub.subscribe_account(hub.reserve().unwrap(), 42);
-        let mut bystander = hub.subscribe_account(hub.reserve().unwrap(), 43);
+        let mut winner = hub.subscribe_account(hub.reserve().unwrap(), 41, session(0));
+        let mut loser = hub.subscribe_account(hub.reserve().unwrap(), 42, session(0));
+        let mut bystander = hub.subscribe_account(hub.reserve().unwrap(), 43, session(0));
         let ended =
             Ended { auction_id: 7, winner_id: Some(41), high_bid: Some(150), version: 9, bidders: vec![41, 42] };
         hub.apply(&Notice::Ended(ended), 1);

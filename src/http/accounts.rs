@@ -150,6 +150,13 @@ async fn create_session(
 /// What ends a session in the browser: the cookie, emptied and expired.
 const CLEARED_COOKIE: &str = "gavel_session=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Strict";
 
+/// Ends sessions on this core at once, without waiting for the database's
+/// notification (which the other cores and instances act on).
+fn end_here(core: &Core, end: SessionEnd) {
+    core.caches.end_session(end);
+    core.events.end_session(&end);
+}
+
 /// An answer that ends the session on the client's side too.
 fn session_ended() -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
@@ -173,11 +180,10 @@ fn session_ended() -> Response {
 )]
 async fn end_session(State(core): State<Arc<Core>>, Caller(caller): Caller) -> Result<Response> {
     db::accounts::revoke_session(&core.pool, caller.account_id, &caller.session).await?;
-    // This core need not wait for the notification.
-    core.caches.end_session(SessionEnd::One {
-        session_id: caller.session.id,
-        expires_us: caller.session.expires as i64 * 1_000_000,
-    });
+    end_here(
+        &core,
+        SessionEnd::One { session_id: caller.session.id, expires_us: caller.session.expires as i64 * 1_000_000 },
+    );
     Ok(session_ended())
 }
 
@@ -229,10 +235,6 @@ async fn change_password(
     let epoch = db::accounts::change_password(&core.pool, account.id, &new_hash)
         .await?
         .ok_or(Error::Unauthorized("the token's account does not exist"))?;
-    core.caches.end_session(SessionEnd::AllBefore {
-        account_id: account.id,
-        epoch,
-        ended_us: Utc::now().timestamp_micros(),
-    });
+    end_here(&core, SessionEnd::AllBefore { account_id: account.id, epoch, ended_us: Utc::now().timestamp_micros() });
     Ok(session_ended())
 }

@@ -111,7 +111,7 @@ async fn events(State(core): State<Arc<Core>>, Params(watch): Params<Watch>) -> 
 )]
 async fn my_events(State(core): State<Arc<Core>>, Caller(caller): Caller) -> Result<Response> {
     let slot = reserve(&core)?;
-    Ok(stream_response(core.events.subscribe_account(slot, caller.account_id)))
+    Ok(stream_response(core.events.subscribe_account(slot, caller.account_id, caller.session)))
 }
 
 fn reserve(core: &Core) -> Result<crate::events::Slot> {

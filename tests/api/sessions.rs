@@ -217,3 +217,41 @@ async fn expired_revocations_are_purged() {
         sqlx::query_scalar("select session_id::text from revoked_sessions").fetch_all(&app.db).await.unwrap();
     assert_eq!(left, ["00000000-0000-4000-8000-00000000000b"]);
 }
+
+/// A session's event streams end with it, on every core, and the account's
+/// other session's stream goes on.
+#[tokio::test]
+async fn a_sessions_event_streams_end_with_it() {
+    use futures::StreamExt;
+
+    let app = spawn_app().await;
+    let (_, first) = app.signed_up("streams@example.org", PASSWORD, "bidder").await;
+    let second = app.session("streams@example.org", PASSWORD).await;
+    let client = fresh_connection_client();
+    let open = |token: String| {
+        let client = client.clone();
+        let url = app.url("/api/me/events");
+        async move {
+            let response = client.get(url).bearer_auth(token).send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            response.bytes_stream()
+        }
+    };
+    // Twelve streams on new connections: all on one core once in 2048 runs.
+    let mut ended = Vec::new();
+    for _ in 0..12 {
+        ended.push(open(first.clone()).await);
+    }
+    let open_streams = app.per_core(gavel::metrics::EVENT_STREAMS_OPEN, &[]).await;
+    assert_eq!(open_streams[0] + open_streams[1], 12.0);
+    assert!(open_streams[0] > 0.0 && open_streams[1] > 0.0, "the session has streams on both cores: {open_streams:?}");
+    let mut going_on = open(second.clone()).await;
+
+    assert_eq!(app.log_out(&first).await.status(), StatusCode::NO_CONTENT);
+    for stream in &mut ended {
+        let drained = async { while stream.next().await.is_some() {} };
+        tokio::time::timeout(WITHIN, drained).await.expect("the logged-out session's stream ended");
+    }
+    let still = tokio::time::timeout(Duration::from_millis(300), going_on.next()).await;
+    assert!(still.is_err(), "the other session's stream neither ended nor sent: {still:?}");
+}
