@@ -9,7 +9,7 @@ use crate::metrics::{self, Query};
 
 /// An auction row, as a query returns it and as `auction_json` announces it (with
 /// timestamps as epoch microseconds there): one decoder for both.
-#[derive(sqlx::FromRow, serde::Deserialize)]
+#[derive(serde::Deserialize)]
 pub(crate) struct Row {
     id: i64,
     seller_id: i64,
@@ -52,35 +52,38 @@ impl From<Row> for Auction {
     }
 }
 
-/// `select <every column> from auctions <rest>`, as one static string.
+/// `select <every column> from auctions <rest>` as a checked query of [`Row`]s,
+/// with the arguments that follow.
 macro_rules! select_auctions {
-    ($rest:literal) => {
-        concat!(
-            "select id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder, ",
-            "bid_count, starts_at, ends_at, status, winner_id, buy_now, version from auctions ",
-            $rest
+    ($rest:literal $(, $arg:expr)*) => {
+        sqlx::query_as!(
+            Row,
+            "select id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder, \
+             bid_count, starts_at, ends_at, status, winner_id, buy_now, version from auctions " + $rest
+            $(, $arg)*
         )
     };
 }
 
 pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<Auction, DbError> {
     let _timer = metrics::time_query(Query::AuctionWrite);
-    let row: Row = sqlx::query_as(
+    let row = sqlx::query_as!(
+        Row,
         r#"
         insert into auctions (seller_id, title, reserve, min_increment, extend_secs, starts_at, ends_at, status, buy_now)
         values ($1, $2, $3, $4, $5, $6, $7, case when $6 <= now() then 'open' else 'scheduled' end, $8)
         returning id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder,
                   bid_count, starts_at, ends_at, status, winner_id, buy_now, version
         "#,
+        seller_id,
+        &new.title,
+        new.reserve.get(),
+        new.min_increment.get(),
+        new.extend_secs,
+        new.starts_at,
+        new.ends_at,
+        new.buy_now.map(|b| b.get()),
     )
-    .bind(seller_id)
-    .bind(&new.title)
-    .bind(new.reserve.get())
-    .bind(new.min_increment.get())
-    .bind(new.extend_secs)
-    .bind(new.starts_at)
-    .bind(new.ends_at)
-    .bind(new.buy_now.map(|b| b.get()))
     .fetch_one(pool)
     .await?;
     Ok(row.into())
@@ -88,14 +91,14 @@ pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<A
 
 pub async fn get(pool: &PgPool, id: i64) -> Result<Option<Auction>, DbError> {
     let _timer = metrics::time_query(Query::AuctionRead);
-    let row: Option<Row> = sqlx::query_as(select_auctions!("where id = $1")).bind(id).fetch_optional(pool).await?;
+    let row = select_auctions!("where id = $1", id).fetch_optional(pool).await?;
     Ok(row.map(Into::into))
 }
 
 /// The current state of each of `ids` that exists (for a cache reload).
 pub async fn get_many(pool: &PgPool, ids: &[i64]) -> Result<Vec<Auction>, DbError> {
     let _timer = metrics::time_query(Query::AuctionRead);
-    let rows: Vec<Row> = sqlx::query_as(select_auctions!("where id = any($1)")).bind(ids).fetch_all(pool).await?;
+    let rows = select_auctions!("where id = any($1)", ids).fetch_all(pool).await?;
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
@@ -103,7 +106,7 @@ pub async fn get_many(pool: &PgPool, ids: &[i64]) -> Result<Vec<Auction>, DbErro
 /// (as the clock decides it, like a single read does).
 pub async fn list(pool: &PgPool, status: Option<Status>, after: i64, limit: i64) -> Result<Vec<Auction>, DbError> {
     let _timer = metrics::time_query(Query::AuctionList);
-    let rows: Vec<Row> = sqlx::query_as(select_auctions!(
+    let rows = select_auctions!(
         r#"
          where id > $1
            and case $2::text
@@ -114,11 +117,11 @@ pub async fn list(pool: &PgPool, status: Option<Status>, after: i64, limit: i64)
                end
          order by id
          limit $3
-        "#
-    ))
-    .bind(after)
-    .bind(status.map(Status::as_str))
-    .bind(limit)
+        "#,
+        after,
+        status.map(Status::as_str),
+        limit
+    )
     .fetch_all(pool)
     .await?;
     Ok(rows.into_iter().map(Into::into).collect())
@@ -127,5 +130,5 @@ pub async fn list(pool: &PgPool, status: Option<Status>, after: i64, limit: i64)
 /// Opens and closes the auctions whose time has come; returns how many changed.
 pub async fn advance(pool: &PgPool) -> Result<i32, DbError> {
     let _timer = metrics::time_query(Query::Lifecycle);
-    Ok(sqlx::query_scalar("select advance_auctions()").fetch_one(pool).await?)
+    Ok(sqlx::query_scalar!(r#"select advance_auctions() as "changed!""#).fetch_one(pool).await?)
 }

@@ -222,13 +222,19 @@ async fn announce_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<(Vec<BidSta
 /// Sends payloads on the cache channel in one transaction that does not wait
 /// for the disk.
 async fn send_notifications(pool: &PgPool, payloads: &[String]) {
-    const SQL: &str =
-        "select set_config('synchronous_commit', 'off', true), pg_notify($1, p) from unnest($2::text[]) as p";
     // Once more on a failure: a broken connection is dropped from the pool, and
     // the retry takes another.
     for attempt in 1..=2 {
         let _timer = metrics::time_query(Query::AnnounceBids);
-        match sqlx::query(SQL).bind(CACHE_CHANNEL).bind(payloads).execute(pool).await {
+        match sqlx::query!(
+            "select set_config('synchronous_commit', 'off', true), pg_notify($1, p) from unnest($2::text[]) as p",
+            CACHE_CHANNEL,
+            payloads
+        )
+        // One row of two voids a payload, and few payloads a round.
+        .fetch_all(pool)
+        .await
+        {
             Ok(_) => return,
             Err(e) if attempt == 1 => tracing::debug!(error = %e, "announcing bids failed; retrying"),
             Err(e) => {
@@ -239,7 +245,6 @@ async fn send_notifications(pool: &PgPool, payloads: &[String]) {
 }
 
 /// One row of `place_bids`' answer (see its migration for the columns' meaning).
-#[derive(sqlx::FromRow)]
 struct OutcomeRow {
     ord: i32,
     outcome: String,
@@ -338,16 +343,22 @@ pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) 
         keys.push(r.idempotency_key.as_deref());
         fingerprints.push(r.idempotency_key.as_ref().map(|_| r.bid.fingerprint()));
     }
-    let rows: Vec<OutcomeRow> = sqlx::query_as(
-        "select ord, outcome, bid_id, amount, min_next_bid, ends_at, version, bid_count, closed, outbid, \
-         high_bid, high_bidder from place_bids($1, $2, $3, $4, $5, $6)",
+    // `place_bids` declares its outcome's columns without nullability, so every
+    // column comes back as an Option but these two, which it always fills.
+    // The keys and fingerprints are arrays with null elements, which the
+    // macro's type check cannot express (`as _`).
+    let rows = sqlx::query_as!(
+        OutcomeRow,
+        r#"select ord as "ord!", outcome as "outcome!", bid_id, amount, min_next_bid, ends_at, version, bid_count,
+                  closed, outbid, high_bid, high_bidder
+             from place_bids($1, $2, $3, $4, $5, $6)"#,
+        &auctions,
+        &bidders,
+        &amounts,
+        &maxes as _,
+        &keys as _,
+        &fingerprints as _,
     )
-    .bind(&auctions)
-    .bind(&bidders)
-    .bind(&amounts)
-    .bind(&maxes)
-    .bind(&keys)
-    .bind(&fingerprints)
     .fetch_all(db)
     .await?;
     if rows.len() != n {
@@ -367,7 +378,7 @@ pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) 
 }
 
 /// One recorded bid, as the history lists it: never with its maximum.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 #[schema(as = Bid)]
 pub struct BidRecord {
     pub id: i64,
@@ -380,7 +391,7 @@ pub struct BidRecord {
 }
 
 /// One of the caller's own bids, with the maximum it was placed with.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 #[schema(as = MyBid)]
 pub struct OwnBid {
     pub id: i64,
@@ -398,7 +409,8 @@ pub struct OwnBid {
 /// `before` when given.
 pub async fn of_bidder(pool: &PgPool, bidder: i64, before: Option<i64>, limit: i64) -> Result<Vec<OwnBid>, DbError> {
     let _timer = metrics::time_query(Query::OwnBids);
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        OwnBid,
         r#"
         select id, auction_id, amount, max_amount, proxy, created_at
           from bids
@@ -406,10 +418,10 @@ pub async fn of_bidder(pool: &PgPool, bidder: i64, before: Option<i64>, limit: i
          order by id desc
          limit $3
         "#,
+        bidder,
+        before,
+        limit
     )
-    .bind(bidder)
-    .bind(before)
-    .bind(limit)
     .fetch_all(pool)
     .await?)
 }
@@ -423,7 +435,8 @@ pub async fn history(
     limit: i64,
 ) -> Result<Option<Vec<BidRecord>>, DbError> {
     let _timer = metrics::time_query(Query::BidHistory);
-    let rows: Vec<BidRecord> = sqlx::query_as(
+    let rows = sqlx::query_as!(
+        BidRecord,
         r#"
         select id, auction_id, bidder_id, amount, proxy, created_at
           from bids
@@ -431,17 +444,17 @@ pub async fn history(
          order by id desc
          limit $3
         "#,
+        auction_id,
+        before,
+        limit
     )
-    .bind(auction_id)
-    .bind(before)
-    .bind(limit)
     .fetch_all(pool)
     .await?;
     if rows.is_empty() {
-        let exists: bool = sqlx::query_scalar("select exists (select 1 from auctions where id = $1)")
-            .bind(auction_id)
-            .fetch_one(pool)
-            .await?;
+        let exists =
+            sqlx::query_scalar!(r#"select exists (select 1 from auctions where id = $1) as "exists!""#, auction_id)
+                .fetch_one(pool)
+                .await?;
         if !exists {
             return Ok(None);
         }

@@ -107,11 +107,13 @@ pub async fn migrate(options: &PgConnectOptions) -> Result<(), sqlx::migrate::Mi
 pub async fn ensure_database(options: &PgConnectOptions, database: &str) -> Result<(), sqlx::Error> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect_with(&options.clone().database("postgres")).await?;
-    let exists: bool = sqlx::query_scalar("select exists (select 1 from pg_database where datname = $1)")
-        .bind(database)
-        .fetch_one(&mut conn)
-        .await?;
+    let exists =
+        sqlx::query_scalar!(r#"select exists (select 1 from pg_database where datname = $1) as "exists!""#, database)
+            .fetch_one(&mut conn)
+            .await?;
     if !exists {
+        // Not a checked query: a database's name is an identifier, which no
+        // statement takes as a parameter.
         let quoted = format!("\"{}\"", database.replace('"', "\"\""));
         sqlx::query(&format!("create database {quoted}")).execute(&mut conn).await?;
     }

@@ -64,7 +64,6 @@ impl BatchWrite for Orders {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct OutcomeRow {
     ord: i32,
     outcome: String,
@@ -91,15 +90,19 @@ async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>,
             quantities.push(*quantity);
         }
     }
-    let rows: Vec<OutcomeRow> = sqlx::query_as(
-        "select ord, outcome, order_id, failed_sku, available, body from place_orders($1, $2, $3, $4, $5, $6)",
+    // As `place_bids`' (see `super::bids::place`): two columns always filled,
+    // and arrays with null elements.
+    let rows = sqlx::query_as!(
+        OutcomeRow,
+        r#"select ord as "ord!", outcome as "outcome!", order_id, failed_sku, available, body
+             from place_orders($1, $2, $3, $4, $5, $6)"#,
+        &buyers,
+        &keys as _,
+        &fingerprints as _,
+        &line_orders,
+        &skus as _,
+        &quantities,
     )
-    .bind(&buyers)
-    .bind(&keys)
-    .bind(&fingerprints)
-    .bind(&line_orders)
-    .bind(&skus)
-    .bind(&quantities)
     .fetch_all(pool)
     .await?;
     if rows.len() != requests.len() {
@@ -134,10 +137,10 @@ async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>,
 /// An order's buyer and its body, as `order_json` builds it.
 pub async fn get(pool: &PgPool, id: i64) -> Result<Option<(i64, String)>, DbError> {
     let _timer = metrics::time_query(Query::OrderRead);
-    Ok(sqlx::query_as("select buyer_id, order_json(id, false) from orders where id = $1")
-        .bind(id)
+    let row = sqlx::query!(r#"select buyer_id, order_json(id, false) as "order!" from orders where id = $1"#, id)
         .fetch_optional(pool)
-        .await?)
+        .await?;
+    Ok(row.map(|r| (r.buyer_id, r.order)))
 }
 
 /// What an order can be asked to do.
@@ -167,8 +170,9 @@ pub async fn finish(pool: &PgPool, id: i64, actor: i64, action: Action) -> Resul
         Action::Cancel => "cancel",
         Action::Fulfil => "fulfil",
     };
-    let outcome: String =
-        sqlx::query_scalar("select finish_order($1, $2, $3)").bind(id).bind(actor).bind(name).fetch_one(pool).await?;
+    let outcome = sqlx::query_scalar!(r#"select finish_order($1, $2, $3) as "outcome!""#, id, actor, name)
+        .fetch_one(pool)
+        .await?;
     Ok(match outcome.as_str() {
         "done" => Finished::Done,
         "not_found" => Finished::NotFound,

@@ -17,6 +17,7 @@ mod inventory;
 mod lifecycle;
 mod limits;
 mod metrics;
+mod offline_queries;
 mod openapi;
 mod operations;
 mod orders;
