@@ -172,6 +172,7 @@ fn serialise(c: &mut Criterion) {
         closed: false,
         winner_id: None,
         buy_now: None,
+        images: Vec::new(),
         version: 15,
     };
     let view = gavel::http::AuctionView::of(&auction, starts_at);
@@ -338,6 +339,14 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
             web: Default::default(),
             health: Arc::new(Health::new(1)),
             throttles: Arc::new(gavel::config::Serve::from_flags(Vec::<&str>::new()).unwrap().throttles()),
+            images: gavel::core::Images::new(
+                gavel::storage::Store::open(&gavel::storage::Location {
+                    url: url::Url::from_directory_path(std::env::temp_dir()).unwrap(),
+                    options: Vec::new(),
+                })
+                .unwrap(),
+                1024,
+            ),
             hashing: tokio::sync::Semaphore::new(HASHES_PER_CORE),
         })
     })

@@ -301,6 +301,25 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_BIDS_PER_SECOND_PER_BIDDER")]
     pub bids_per_second_per_bidder: Option<std::num::NonZeroU32>,
 
+    /// Where item images are stored: `file://DIR`, `s3://BUCKET[/PREFIX]`,
+    /// `gs://BUCKET` or `az://CONTAINER`. Cloud credentials come from the
+    /// environment, as each cloud's client reads them (AWS_*, GOOGLE_*,
+    /// AZURE_*). Unset: `objects/` under --data-dir, or else a temporary
+    /// directory removed at exit (as the embedded PostgreSQL's data).
+    #[arg(long, env = "GAVEL_OBJECT_STORE")]
+    pub object_store: Option<url::Url>,
+
+    /// A configuration key of the object store's client, as `KEY=VALUE`
+    /// (object_store's names, e.g. `aws_endpoint=http://127.0.0.1:9000` and
+    /// `aws_allow_http=true` for an S3-compatible server on this machine).
+    /// Repeat the flag, or list them comma-separated in GAVEL_OBJECT_STORE_OPTIONS.
+    #[arg(long = "object-store-option", env = "GAVEL_OBJECT_STORE_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub object_store_options: Vec<(String, String)>,
+
+    /// Largest image an upload may store, in bytes.
+    #[arg(long, env = "GAVEL_IMAGE_MAX_BYTES", default_value_t = 5 * 1024 * 1024)]
+    pub image_max_bytes: u64,
+
     /// The request header that names the client's address (e.g.
     /// `X-Forwarded-For` or `X-Real-IP`), for the per-address log-in limit
     /// behind a reverse proxy: the last address in it counts, the one the
@@ -369,6 +388,14 @@ fn parse_origin(s: &str) -> Result<axum::http::HeaderValue, String> {
         return Err(invalid());
     }
     axum::http::HeaderValue::from_str(s).map_err(|_| invalid())
+}
+
+/// `KEY=VALUE`, split at the first `=`.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => Ok((key.trim().to_owned(), value.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 impl Serve {

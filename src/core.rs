@@ -17,6 +17,7 @@ use crate::db::batch::Batcher;
 use crate::db::bids::Bids;
 use crate::db::orders::Orders;
 use crate::events::Hub;
+use crate::storage::Store;
 use crate::throttle::Throttles;
 
 /// Limits the HTTP layer enforces per request.
@@ -46,6 +47,28 @@ pub struct Web {
 /// request timeout). Measured with VmHWM during `gavel-loadtest seed --bidders 16`
 /// and the bid-storm's log-ins: peak RSS 20.7–23.8 MiB with 2 cores.
 pub const HASHES_PER_CORE: usize = 1;
+
+/// Image uploads a core takes at once. An upload to a cloud store buffers up to
+/// one 5 MiB part (see [`crate::storage`]); two at once bound that at 10 MiB a
+/// core, and more would only share the same link and CPU. Uploads past it wait
+/// (within the request timeout).
+pub const IMAGE_UPLOADS_PER_CORE: usize = 2;
+
+/// A core's item images: its client of the store, and their limits.
+#[derive(Debug)]
+pub struct Images {
+    pub store: Store,
+    /// Largest image an upload may store, in bytes.
+    pub max_bytes: u64,
+    /// Bounds the core's uploads in progress (see [`IMAGE_UPLOADS_PER_CORE`]).
+    pub uploads: tokio::sync::Semaphore,
+}
+
+impl Images {
+    pub fn new(store: Store, max_bytes: u64) -> Self {
+        Images { store, max_bytes, uploads: tokio::sync::Semaphore::new(IMAGE_UPLOADS_PER_CORE) }
+    }
+}
 
 /// Process-wide readiness, read by `GET /ready` and written at start and shutdown.
 /// Shared by all cores, but never touched on the hot path.
@@ -95,6 +118,7 @@ pub struct Core {
     pub health: Arc<Health>,
     /// The process's rate limits, shared with the other cores.
     pub throttles: Arc<Throttles>,
+    pub images: Images,
     /// Bounds this core's concurrent password hashing (see [`HASHES_PER_CORE`]).
     pub hashing: tokio::sync::Semaphore,
 }

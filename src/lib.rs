@@ -9,7 +9,7 @@
 //! # Layout
 //!
 //! Dependencies point downwards only: `runtime` → `http` → `core` → `cache` →
-//! `events` → `db` → `domain`; `config`, `auth`, `cpu`, `throttle` and `metrics` are leaves anything may use.
+//! `events` → `db` → `domain`; `config`, `auth`, `cpu`, `throttle`, `storage` and `metrics` are leaves anything may use.
 //!
 //! - [`runtime`]: the per-core engine (pinning, runtimes, listeners, shutdown), the
 //!   admin listener (`/metrics`) and the `serve` / `migrate` commands.
@@ -24,7 +24,8 @@
 //! - [`domain`]: pure rules — money, auction lifecycle, bid checks, accounts, stock.
 //! - [`config`]: the clap command line; [`auth`]: tokens, roles, password hashes;
 //!   [`metrics`]: metric names and per-core handles; [`cpu`]: how idle a CPU is;
-//!   [`throttle`]: the rate limits, the one state the cores share on a request path.
+//!   [`throttle`]: the rate limits, the one state the cores share on a request path;
+//!   [`storage`]: the object store that holds item images.
 
 pub mod auth;
 pub mod cache;
@@ -37,6 +38,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod runtime;
+pub mod storage;
 pub mod throttle;
 
 use std::io::IsTerminal;

@@ -27,6 +27,9 @@ pub(crate) struct Row {
     status: String,
     winner_id: Option<i64>,
     buy_now: Option<i64>,
+    // Absent from what gavel announced before images.
+    #[serde(default)]
+    images: Vec<String>,
     version: i64,
 }
 
@@ -47,6 +50,7 @@ impl From<Row> for Auction {
             closed: r.status == "closed",
             winner_id: r.winner_id,
             buy_now: r.buy_now,
+            images: r.images,
             version: r.version,
         }
     }
@@ -59,7 +63,7 @@ macro_rules! select_auctions {
         sqlx::query_as!(
             Row,
             "select id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder, \
-             bid_count, starts_at, ends_at, status, winner_id, buy_now, version from auctions " + $rest
+             bid_count, starts_at, ends_at, status, winner_id, buy_now, images, version from auctions " + $rest
             $(, $arg)*
         )
     };
@@ -73,7 +77,7 @@ pub async fn insert(pool: &PgPool, seller_id: i64, new: &NewAuction) -> Result<A
         insert into auctions (seller_id, title, reserve, min_increment, extend_secs, starts_at, ends_at, status, buy_now)
         values ($1, $2, $3, $4, $5, $6, $7, case when $6 <= now() then 'open' else 'scheduled' end, $8)
         returning id, seller_id, title, reserve, min_increment, extend_secs, high_bid, high_bidder,
-                  bid_count, starts_at, ends_at, status, winner_id, buy_now, version
+                  bid_count, starts_at, ends_at, status, winner_id, buy_now, images, version
         "#,
         seller_id,
         &new.title,

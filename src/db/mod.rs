@@ -5,6 +5,7 @@ pub mod auctions;
 pub mod batch;
 pub mod bids;
 pub mod embedded;
+pub mod images;
 pub mod inventory;
 pub mod notice;
 pub mod orders;

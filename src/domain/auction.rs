@@ -53,6 +53,8 @@ pub struct Auction {
     /// The buy-now price the auction was created with, if any (on offer only
     /// while no bid has reached the reserve: [`Auction::buy_now_offered`]).
     pub buy_now: Option<i64>,
+    /// The names of its images, in name order.
+    pub images: Vec<String>,
     /// Increases by one with every change to the row.
     pub version: i64,
 }
@@ -145,6 +147,7 @@ impl Auction {
             closed: false,
             winner_id: None,
             buy_now: None,
+            images: Vec::new(),
             version,
         }
     }
@@ -284,6 +287,7 @@ mod tests {
             closed: false,
             winner_id: None,
             buy_now: None,
+            images: Vec::new(),
             version: 1,
         }
     }

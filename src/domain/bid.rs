@@ -101,6 +101,7 @@ mod tests {
             closed,
             winner_id: None,
             buy_now: None,
+            images: Vec::new(),
             version: 1,
         }
     }

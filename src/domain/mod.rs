@@ -4,6 +4,7 @@
 pub mod account;
 pub mod auction;
 pub mod bid;
+pub mod image;
 pub mod money;
 pub mod stock;
 

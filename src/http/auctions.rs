@@ -49,6 +49,8 @@ pub struct AuctionView<'a> {
     /// once); null when the auction has none, or no longer: once a bid has met
     /// the reserve, or the auction has closed.
     buy_now: Option<i64>,
+    /// The names of its images, each at `/api/auctions/{id}/images/{name}`.
+    images: &'a [String],
     starts_at: DateTime<Utc>,
     ends_at: DateTime<Utc>,
     version: i64,
@@ -71,6 +73,7 @@ impl<'a> AuctionView<'a> {
             reserve_met: a.reserve_met(),
             winner_id: a.winner_id,
             buy_now: a.buy_now_offered(now),
+            images: &a.images,
             starts_at: a.starts_at,
             ends_at: a.ends_at,
             version: a.version,

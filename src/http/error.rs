@@ -17,6 +17,7 @@ use super::respond;
 use crate::db::DbError;
 use crate::db::batch::SubmitError;
 use crate::domain::FieldError;
+use crate::domain::image::MAX_IMAGES_PER_AUCTION;
 use crate::metrics::RateLimit;
 use crate::throttle::Refused;
 
@@ -85,6 +86,17 @@ pub enum Error {
     /// 409: the Idempotency-Key's first request is still being processed.
     #[error("a request with this Idempotency-Key is still in progress")]
     IdempotencyKeyInUse,
+    /// 415 `/problems/unsupported-image`: an upload that is not a JPEG, PNG or
+    /// WebP image, by its declared type or by its bytes.
+    #[error("{0}")]
+    UnsupportedImage(&'static str),
+    /// 409 `/problems/too-many-images`: the auction has as many as it may.
+    #[error("an auction has at most {MAX_IMAGES_PER_AUCTION} images; delete one first")]
+    TooManyImages,
+    /// 503 `/problems/storage-unavailable` with Retry-After: the object store
+    /// failed (logged); the client learns nothing more.
+    #[error("the image store failed: {0}")]
+    Storage(String),
     /// 429 `/problems/rate-limited` with Retry-After: a rate limit was hit.
     #[error("too many {}; retry after {} s", what_was_limited(.0.limit), retry_after_secs(.0.retry_after))]
     RateLimited(Refused),
@@ -194,6 +206,11 @@ impl Error {
             }
             Error::IdempotencyKeyInUse => (S::CONFLICT, "/problems/idempotency-key-in-use", "Idempotency-Key in use"),
             Error::RateLimited(_) => (S::TOO_MANY_REQUESTS, "/problems/rate-limited", "Rate limited"),
+            Error::UnsupportedImage(_) => {
+                (S::UNSUPPORTED_MEDIA_TYPE, "/problems/unsupported-image", "Unsupported image")
+            }
+            Error::TooManyImages => (S::CONFLICT, "/problems/too-many-images", "Too many images"),
+            Error::Storage(_) => (S::SERVICE_UNAVAILABLE, "/problems/storage-unavailable", "Image store unavailable"),
             Error::Overloaded => (S::SERVICE_UNAVAILABLE, "/problems/overloaded", "Overloaded"),
             Error::Timeout => (S::SERVICE_UNAVAILABLE, "/problems/timeout", "Request timed out"),
             Error::NotReady(_) => (S::SERVICE_UNAVAILABLE, "/problems/not-ready", "Not ready"),
@@ -211,6 +228,10 @@ impl IntoResponse for Error {
             Error::Internal(cause) => {
                 tracing::error!(request_id = %rid, error = %cause, "internal error");
                 "an internal error occurred; quote the request_id when reporting it".to_owned()
+            }
+            Error::Storage(cause) => {
+                tracing::warn!(request_id = %rid, error = %cause, "image store failed");
+                "the image store failed; retry shortly".to_owned()
             }
             other => other.to_string(),
         };
@@ -240,7 +261,7 @@ impl IntoResponse for Error {
         let mut response = respond::json_with(status, &problem, PROBLEM_JSON);
         let headers = response.headers_mut();
         match self {
-            Error::Overloaded | Error::Timeout | Error::NotReady(_) => {
+            Error::Overloaded | Error::Timeout | Error::NotReady(_) | Error::Storage(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::RateLimited(refused) => {

@@ -16,6 +16,7 @@ mod auctions;
 mod bids;
 mod events;
 mod health;
+mod images;
 mod inventory;
 mod orders;
 
@@ -123,6 +124,7 @@ fn documented() -> OpenApiRouter<Arc<Core>> {
     OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(health::router())
         .merge(auctions::router())
+        .merge(images::router())
         .merge(bids::router())
         .merge(events::router())
         .merge(accounts::router())

@@ -108,6 +108,7 @@ mod tests {
             "/api/auctions/{id}",
             "/api/auctions/{id}/bids",
             "/api/auctions/{id}/events",
+            "/api/auctions/{id}/images/{name}",
             "/api/events",
             "/api/me/events",
             "/api/me/bids",

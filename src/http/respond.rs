@@ -101,7 +101,7 @@ pub fn cached(view: View, if_none_match: Option<&HeaderValue>) -> Response {
 
 /// Whether an `If-None-Match` value names `etag`: `*`, or a list of entity tags
 /// compared weakly (a `W/` prefix is ignored), as RFC 9110 §13.1.2 asks.
-fn names(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
+pub(crate) fn names(if_none_match: &HeaderValue, etag: &HeaderValue) -> bool {
     let tags = if_none_match.as_bytes();
     if tags.trim_ascii() == b"*" {
         return true;

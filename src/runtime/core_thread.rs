@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::auth::Keys;
 use crate::cache::{self, CacheLimits, Caches};
 use crate::config::Serve;
-use crate::core::{Core, Health, Limits, Web};
+use crate::core::{Core, Health, Images, Limits, Web};
 use crate::db;
 use crate::db::batch::{BatchLimits, BatchStart, Batcher, Lanes};
 use crate::db::bids::{Announcer, Bids};
@@ -24,6 +24,7 @@ use crate::events::{Hub, StreamLimits};
 use crate::http;
 use crate::http::activity::Activity;
 use crate::metrics::{self, CoreGauges, StreamMetrics};
+use crate::storage;
 use crate::throttle::Throttles;
 
 use super::deadlines::Deadlines;
@@ -41,6 +42,8 @@ pub(super) struct Start {
     pub keys: Arc<Keys>,
     pub health: Arc<Health>,
     pub throttles: Arc<Throttles>,
+    /// Where item images are stored; each core opens its own client.
+    pub images: storage::Location,
     /// The process's bid lanes, shared by every core's bid batcher.
     pub bid_lanes: Option<Lanes>,
     pub shutdown: watch::Receiver<bool>,
@@ -74,7 +77,8 @@ pub(super) fn run(start: Start) {
 }
 
 async fn core_main(start: Start) {
-    let Start { index, pin, listener, config, database, keys, health, throttles, bid_lanes, shutdown, started } = start;
+    let Start { index, pin, listener, config, database, keys, health, throttles, images, bid_lanes, shutdown, started } =
+        start;
     // The pool is created here, inside this core's runtime: its connections belong
     // to the runtime that opened them.
     let pool = db::core_pool(&database, index, config.db_conns_per_core, config.db_acquire_timeout);
@@ -83,6 +87,13 @@ async fn core_main(start: Start) {
         let _ = started.send(Err(format!("core {index}: cannot reach the database: {e}")));
         return;
     }
+    let store = match storage::Store::open(&images) {
+        Ok(store) => store,
+        Err(e) => {
+            let _ = started.send(Err(format!("core {index}: cannot open the image store {}: {e}", images.url)));
+            return;
+        }
+    };
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -148,6 +159,7 @@ async fn core_main(start: Start) {
         },
         health: health.clone(),
         throttles: throttles.clone(),
+        images: Images::new(store, config.image_max_bytes),
         hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });
     let gauges = Arc::new(CoreGauges::new(index));

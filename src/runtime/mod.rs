@@ -22,6 +22,7 @@ use crate::config::{self, Serve};
 use crate::core::Health;
 use crate::db::batch::Lanes;
 use crate::db::{self, embedded};
+use crate::storage;
 
 /// How long start-up may take for all cores to serve.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,6 +36,28 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
     health: Arc<Health>,
+    /// The temporary image store, removed when the server is dropped.
+    _objects: Option<tempfile::TempDir>,
+}
+
+/// Where images go: `--object-store`, else `objects/` under `--data-dir`, else
+/// a temporary directory that lives as long as the server (returned with it).
+fn image_store(config: &Serve) -> anyhow::Result<(storage::Location, Option<tempfile::TempDir>)> {
+    let options = config.object_store_options.clone();
+    if let Some(url) = &config.object_store {
+        return Ok((storage::Location { url: url.clone(), options }, None));
+    }
+    let (dir, temporary) = match &config.database.data_dir {
+        Some(data) => (std::path::absolute(data)?.join("objects"), None),
+        None => {
+            let temporary = tempfile::Builder::new().prefix("gavel-objects-").tempdir()?;
+            (temporary.path().to_owned(), Some(temporary))
+        }
+    };
+    let url = url::Url::from_directory_path(&dir)
+        .map_err(|()| anyhow::anyhow!("{} cannot be a file:// URL", dir.display()))?;
+    tracing::info!(%url, ephemeral = temporary.is_some(), "storing images on the local disk");
+    Ok((storage::Location { url, options }, temporary))
 }
 
 impl Server {
@@ -60,6 +83,7 @@ impl Server {
         let (started_tx, started_rx) = mpsc::sync_channel(cores);
         let bid_lanes = (config.bid_lanes > 0).then(|| Lanes::new(config.bid_lanes));
         let throttles = Arc::new(config.throttles());
+        let (images, objects) = image_store(config)?;
         let config = Arc::new(config.clone());
         let mut threads = Vec::with_capacity(cores);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -72,6 +96,7 @@ impl Server {
                 keys: keys.clone(),
                 health: health.clone(),
                 throttles: throttles.clone(),
+                images: images.clone(),
                 bid_lanes: bid_lanes.clone(),
                 shutdown: shutdown_rx.clone(),
                 started: started_tx.clone(),
@@ -91,7 +116,7 @@ impl Server {
             threads.push(thread);
         }
         drop(started_tx);
-        let server = Server { local_addr, admin_addr, shutdown, threads, health };
+        let server = Server { local_addr, admin_addr, shutdown, threads, health, _objects: objects };
         for _ in 0..cores {
             match started_rx.recv_timeout(START_TIMEOUT) {
                 Ok(Ok(_)) => {}

@@ -147,7 +147,7 @@ async fn accounts_and_auctions_bids_refer_to_are_never_removed() {
     for sql in [
         format!("delete from auctions where id = {id}"),
         "delete from accounts where id = 2".to_owned(),
-        "truncate auctions, bids".to_owned(),
+        "truncate auctions, bids, auction_images".to_owned(),
         "truncate accounts cascade".to_owned(),
         format!("update auctions set id = default where id = {id}"),
         "update accounts set id = default where id = 2".to_owned(),

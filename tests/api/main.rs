@@ -13,6 +13,7 @@ mod errors;
 mod helpers;
 mod http2;
 mod idempotency;
+mod images;
 mod inventory;
 mod lifecycle;
 mod limits;

@@ -19,6 +19,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/auctions/{id}"),
     ("GET", "/api/auctions/{id}/bids"),
     ("GET", "/api/auctions/{id}/events"),
+    ("GET", "/api/auctions/{id}/images/{name}"),
+    ("PUT", "/api/auctions/{id}/images/{name}"),
+    ("DELETE", "/api/auctions/{id}/images/{name}"),
     ("GET", "/api/events"),
     ("GET", "/api/me/events"),
     ("GET", "/api/me/bids"),
@@ -63,9 +66,9 @@ fn operations(document: &Spec) -> BTreeSet<(String, String)> {
     document.operations().map(|(path, method, _)| (method.to_string(), path)).collect()
 }
 
-/// A concrete path for a template: `{id}` is 1, `{sku}` is `sku-1`.
+/// A concrete path for a template: `{id}` is 1, `{sku}` is `sku-1`, `{name}` is `a.png`.
 fn concrete(template: &str) -> String {
-    template.replace("{id}", "1").replace("{sku}", "sku-1")
+    template.replace("{id}", "1").replace("{sku}", "sku-1").replace("{name}", "a.png")
 }
 
 /// The document is served to anyone, as JSON, and says which OpenAPI it is.
