@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use oas3::Spec;
 use oas3::spec::{ObjectOrReference, Schema};
-use reqwest::{Method, StatusCode};
+use reqwest::{Method, StatusCode, Version};
 use serde_json::Value;
 
 use crate::helpers::{TestApp, spawn_app};
@@ -116,8 +116,10 @@ async fn the_document_is_valid_and_every_error_is_a_problem() {
 
 /// The document lists exactly the routes the router serves: each listed route is
 /// served (not the fallback's 404 or a 405), every other method on a listed path
-/// is 405, and the list is exactly the routes read from the routers.
-#[tokio::test]
+/// is 405, and the list is exactly the routes read from the routers. Over
+/// HTTP/1.1 and over HTTP/2 alike.
+// Two threads: the HTTP/2 client holds its connection to the end (see http2.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_route_served_is_documented_and_vice_versa() {
     let app = spawn_app().await;
     let documented = operations(&parse(fetch(&app).await));
@@ -125,24 +127,28 @@ async fn every_route_served_is_documented_and_vice_versa() {
         ROUTES.iter().map(|(method, path)| (method.to_string(), path.to_string())).collect();
     assert_eq!(documented, expected);
 
+    let http2 = reqwest::Client::builder().http2_prior_knowledge().build().unwrap();
     let paths: BTreeSet<&String> = documented.iter().map(|(_, path)| path).collect();
-    for template in paths {
-        let has = |method: &str| documented.contains(&(method.to_owned(), template.clone()));
-        for &method in METHODS {
-            let url = app.url(&concrete(template));
-            let response =
-                app.client.request(Method::from_bytes(method.as_bytes()).unwrap(), url).send().await.unwrap();
-            let status = response.status();
-            let at = format!("{method} {template}: {status}");
-            // axum answers HEAD wherever it answers GET, as GET without the body.
-            if has(method) || (method == "HEAD" && has("GET")) {
-                assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{at}");
-                if status == StatusCode::NOT_FOUND && method != "HEAD" {
-                    let problem: Value = response.json().await.unwrap();
-                    assert_ne!(problem["detail"], "no such route", "{at}");
+    for (client, version) in [(&app.client, Version::HTTP_11), (&http2, Version::HTTP_2)] {
+        for template in &paths {
+            let has = |method: &str| documented.contains(&(method.to_owned(), (*template).clone()));
+            for &method in METHODS {
+                let url = app.url(&concrete(template));
+                let response =
+                    client.request(Method::from_bytes(method.as_bytes()).unwrap(), url).send().await.unwrap();
+                let status = response.status();
+                let at = format!("{method} {template} over {version:?}: {status}");
+                assert_eq!(response.version(), version, "{at}");
+                // axum answers HEAD wherever it answers GET, as GET without the body.
+                if has(method) || (method == "HEAD" && has("GET")) {
+                    assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{at}");
+                    if status == StatusCode::NOT_FOUND && method != "HEAD" {
+                        let problem: Value = response.json().await.unwrap();
+                        assert_ne!(problem["detail"], "no such route", "{at}");
+                    }
+                } else {
+                    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{at}: an undocumented method is served");
                 }
-            } else {
-                assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{at}: an undocumented method is served");
             }
         }
     }
