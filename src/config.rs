@@ -196,9 +196,16 @@ pub struct Serve {
     #[arg(long, env = "GAVEL_CACHE_CLOSED_GRACE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub cache_closed_grace: Duration,
 
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    /// How long in-flight requests may take to finish once gavel stops accepting.
     #[arg(long, env = "GAVEL_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// On SIGTERM/SIGINT, how long gavel keeps serving, with GET /ready at 503,
+    /// before it stops accepting: the time a load balancer needs to see it not
+    /// ready and send no more. Then it drains within --shutdown-grace. A second
+    /// signal cuts the delay short.
+    #[arg(long, env = "GAVEL_DRAIN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_delay: Duration,
 
     /// Bids a core may hold waiting for its database write; past it new bids get 503.
     /// Bounded so overload is shed, not queued for ever.

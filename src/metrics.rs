@@ -39,6 +39,7 @@ pub const EVENTS_COALESCED_TOTAL: &str = "gavel_events_coalesced_total";
 pub const EVENT_DELIVERY_SECONDS: &str = "gavel_event_delivery_seconds";
 pub const EVENT_BUDGET_SHARE: &str = "gavel_event_budget_share";
 pub const RATE_LIMITED_TOTAL: &str = "gavel_rate_limited_total";
+pub const LIFECYCLE_LEADER: &str = "gavel_lifecycle_leader";
 
 /// Latency buckets, in seconds: from 50 µs (a cached read) to 10 s (a request
 /// timeout's order of magnitude).
@@ -296,6 +297,10 @@ fn describe() {
         "The part of --stream-events-per-sec a core may hand out now: below 1 while its CPU has no time to spare"
     );
     describe_counter!(RATE_LIMITED_TOTAL, "Requests refused with 429, by the limit they hit");
+    describe_gauge!(
+        LIFECYCLE_LEADER,
+        "1 while this instance runs the auction lifecycle (of all instances sharing its database, one does)"
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     process_collector().describe();

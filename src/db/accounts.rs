@@ -159,7 +159,7 @@ pub async fn ended_sessions(pool: &PgPool, ttl: std::time::Duration) -> Result<V
 }
 
 /// Deletes the revocations of tokens that have expired anyway; how many.
-pub async fn purge_revoked(pool: &PgPool) -> Result<u64, DbError> {
+pub async fn purge_revoked(db: impl sqlx::PgExecutor<'_>) -> Result<u64, DbError> {
     let _timer = metrics::time_query(Query::Lifecycle);
-    Ok(sqlx::query!("delete from revoked_sessions where expires_at < now()").execute(pool).await?.rows_affected())
+    Ok(sqlx::query!("delete from revoked_sessions where expires_at < now()").execute(db).await?.rows_affected())
 }

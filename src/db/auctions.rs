@@ -132,7 +132,18 @@ pub async fn list(pool: &PgPool, status: Option<Status>, after: i64, limit: i64)
 }
 
 /// Opens and closes the auctions whose time has come; returns how many changed.
-pub async fn advance(pool: &PgPool) -> Result<i32, DbError> {
+pub async fn advance(db: impl sqlx::PgExecutor<'_>) -> Result<i32, DbError> {
     let _timer = metrics::time_query(Query::Lifecycle);
-    Ok(sqlx::query_scalar!(r#"select advance_auctions() as "changed!""#).fetch_one(pool).await?)
+    Ok(sqlx::query_scalar!(r#"select advance_auctions() as "changed!""#).fetch_one(db).await?)
+}
+
+/// The advisory lock whose holder runs the auction lifecycle: one instance of
+/// all those sharing a database ("gavel" in ASCII, then 1).
+pub const LIFECYCLE_LOCK: i64 = 0x6761_7665_6c00_0001;
+
+/// Whether this connection now holds [`LIFECYCLE_LOCK`] (it keeps it until it
+/// closes: a session lock).
+pub async fn try_lead(conn: &mut sqlx::PgConnection) -> Result<bool, DbError> {
+    let _timer = metrics::time_query(Query::Lifecycle);
+    Ok(sqlx::query_scalar!(r#"select pg_try_advisory_lock($1) as "held!""#, LIFECYCLE_LOCK).fetch_one(conn).await?)
 }

@@ -163,6 +163,8 @@ async fn core_main(start: Start) {
         hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });
     let gauges = Arc::new(CoreGauges::new(index));
+    let lifecycle_task = (index == 0)
+        .then(|| tokio::spawn(lifecycle(database.clone(), throttles, config.lifecycle_tick, shutdown.clone())));
     let sweep_task = tokio::spawn(cache::sweep(caches.clone(), gauges.clone(), shutdown.clone()));
     let listen_task = tokio::spawn(cache::listener::run(
         index,
@@ -178,8 +180,6 @@ async fn core_main(start: Start) {
     let events_task = tokio::spawn(events.clone().run(shutdown.clone()));
     let delivery_task = tokio::spawn(events.clone().deliver_changes(core.bids.outstanding(), shutdown.clone()));
     let pool_task = tokio::spawn(sample_pool(pool.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
-    let lifecycle_task =
-        (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), throttles, config.lifecycle_tick, shutdown.clone())));
 
     tracing::info!(core = index, cpu = pin.map(|p| p.id), "core serving");
     health.core_serving();
@@ -391,34 +391,81 @@ async fn sample_pool(pool: PgPool, max: u32, gauges: Arc<CoreGauges>, mut shutdo
     }
 }
 
-/// How often core 0 deletes the revocations of expired tokens, and sweeps the
-/// rate limits' tables.
+/// How often the lifecycle's leader deletes the revocations of expired tokens,
+/// and core 0 sweeps the rate limits' tables.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
-/// Opens and closes auctions as their times come; purges revocations that no
-/// token needs any more, and what the rate limits no longer need (core 0 only).
-async fn lifecycle(pool: PgPool, throttles: Arc<Throttles>, tick: Duration, mut shutdown: watch::Receiver<bool>) {
+/// The application name of the lifecycle's connection (tests look for it).
+pub const LIFECYCLE_APPLICATION: &str = "gavel-lifecycle";
+
+/// Core 0's lifecycle duty: opens and closes auctions as their times come and
+/// purges revocations no token needs any more, while this instance leads; and
+/// sweeps the rate limits' tables.
+///
+/// Of all the instances sharing a database, the one whose lifecycle connection
+/// holds the advisory lock [`db::auctions::LIFECYCLE_LOCK`] leads, and does
+/// its work on that very connection. The others try for the lock every tick.
+/// The lock is a session's: when the leader's connection closes (the instance
+/// stopped, died, or lost its network), PostgreSQL releases it, and another
+/// instance takes over at its next tick.
+async fn lifecycle(
+    database: PgConnectOptions,
+    throttles: Arc<Throttles>,
+    tick: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use sqlx::Connection;
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // Not at once: a start has nothing to purge that a minute later has not.
     let mut purge = tokio::time::interval_at(tokio::time::Instant::now() + PURGE_EVERY, PURGE_EVERY);
     purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let options = database.application_name(LIFECYCLE_APPLICATION);
+    let leader = ::metrics::gauge!(metrics::LIFECYCLE_LEADER);
+    // The connection, and whether it holds the lock.
+    let mut held: Option<(sqlx::PgConnection, bool)> = None;
     loop {
         tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
             _ = interval.tick() => {
-                if let Err(e) = db::auctions::advance(&pool).await {
+                if held.is_none() {
+                    match sqlx::PgConnection::connect_with(&options).await {
+                        Ok(conn) => held = Some((conn, false)),
+                        Err(e) => tracing::debug!(error = %e, "the lifecycle cannot connect; retrying next tick"),
+                    }
+                }
+                let Some((conn, leading)) = held.as_mut() else { continue };
+                let result = match *leading {
+                    true => db::auctions::advance(&mut *conn).await.map(drop),
+                    false => db::auctions::try_lead(conn).await.map(|won| {
+                        if won {
+                            tracing::info!("this instance now runs the auction lifecycle");
+                            *leading = true;
+                            leader.set(1.0);
+                        }
+                    }),
+                };
+                if let Err(e) = result {
+                    // With its connection, a leader has lost the lock: start over.
                     tracing::warn!(error = %e, "auction lifecycle tick failed");
+                    held = None;
+                    leader.set(0.0);
                 }
             }
             _ = purge.tick() => {
                 throttles.sweep();
-                match db::accounts::purge_revoked(&pool).await {
+                let Some((conn, true)) = held.as_mut() else { continue };
+                match db::accounts::purge_revoked(&mut *conn).await {
                     Ok(0) => {}
                     Ok(n) => tracing::debug!(purged = n, "purged the revocations of expired tokens"),
                     Err(e) => tracing::warn!(error = %e, "purging expired revocations failed"),
                 }
             }
         }
+    }
+    leader.set(0.0);
+    if let Some((conn, _)) = held {
+        // Closing the session releases the lock for the next instance now.
+        let _ = conn.close().await;
     }
 }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod core_thread;
+pub use core_thread::LIFECYCLE_APPLICATION;
 mod deadlines;
 pub mod socket;
 
@@ -249,7 +250,16 @@ pub fn serve(config: Serve) -> anyhow::Result<()> {
         let server = Server::start(&config, db.options.clone(), Arc::new(keys))?;
         tracing::info!(addr = %server.local_addr(), cores, "gavel serving");
         runtime.block_on(wait_for_signal())?;
-        tracing::info!(grace = ?config.shutdown_grace, "shutting down: draining in-flight requests");
+        // Still serving, but not ready: load balancers stop sending here.
+        server.health().start_draining();
+        tracing::info!(delay = ?config.drain_delay, "shutting down: not ready, still serving");
+        runtime.block_on(async {
+            tokio::select! {
+                _ = tokio::time::sleep(config.drain_delay) => {}
+                _ = wait_for_signal() => tracing::info!("a second signal: not waiting out the drain delay"),
+            }
+        });
+        tracing::info!(grace = ?config.shutdown_grace, "shutting down: no longer accepting; draining in-flight requests");
         server.stop();
         Ok(())
     })();

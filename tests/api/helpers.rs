@@ -56,16 +56,8 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     gavel::db::ensure_database(&options, "gavel").await.expect("create database");
     gavel::db::migrate(&options).await.expect("migrate");
     seed_accounts(&options).await;
-    let mut args =
-        vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2", "--lifecycle-tick", "50ms"];
-    // Without --steer-by-cpu: a test's new connections must spread over both cores
-    // by the kernel's hash, whichever CPU the test's thread runs on.
-    args.extend_from_slice(&["--steer-by-cpu", "false"]);
-    args.extend_from_slice(flags);
-    let config = Serve::from_flags(args).expect("test flags parse");
+    let server = start_server(&options, flags);
     let keys = Keys::new(SECRET.as_bytes()).unwrap();
-    let server = Server::start(&config, options.clone(), Arc::new(Keys::new(SECRET.as_bytes()).unwrap()))
-        .expect("server starts");
     let db = PgPoolOptions::new().max_connections(4).connect_with(options.clone()).await.expect("test pool");
     TestApp {
         addr: server.local_addr(),
@@ -77,6 +69,21 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
         server: Some(server),
         cluster: Some(cluster),
     }
+}
+
+/// A two-core gavel on `options`' database, with test-friendly timings and
+/// extra `flags`: another instance, when the database has one already.
+pub fn start_server(options: &PgConnectOptions, flags: &[&str]) -> Server {
+    let mut args = vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2"];
+    if !flags.contains(&"--lifecycle-tick") {
+        args.extend_from_slice(&["--lifecycle-tick", "50ms"]);
+    }
+    // Without --steer-by-cpu: a test's new connections must spread over both cores
+    // by the kernel's hash, whichever CPU the test's thread runs on.
+    args.extend_from_slice(&["--steer-by-cpu", "false"]);
+    args.extend_from_slice(flags);
+    let config = Serve::from_flags(args).expect("test flags parse");
+    Server::start(&config, options.clone(), Arc::new(Keys::new(SECRET.as_bytes()).unwrap())).expect("server starts")
 }
 
 /// How many accounts every test database starts with (ids 1..=ACCOUNTS), so tokens
@@ -129,6 +136,13 @@ impl TestApp {
         let response = self.client.get(format!("http://{}/metrics", self.admin_addr)).send().await.expect("scrape");
         assert_eq!(response.status(), StatusCode::OK);
         response.text().await.unwrap()
+    }
+
+    /// Stops the server (its database stays up); returns once it has stopped.
+    pub fn stop_server(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
     }
 
     /// Begins the server's shutdown (readiness turns 503, listeners close).

@@ -14,6 +14,7 @@ mod helpers;
 mod http2;
 mod idempotency;
 mod images;
+mod instances;
 mod inventory;
 mod lifecycle;
 mod limits;

@@ -150,22 +150,15 @@ async fn ready_is_503_while_draining() {
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
 }
 
-/// The real binary, on its embedded PostgreSQL: SIGTERM under load lets in-flight
-/// requests finish, exits 0 and leaves no PostgreSQL behind.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_under_load_drains_and_exits_cleanly() {
+/// The real binary, serving on its embedded PostgreSQL with `extra` flags: the
+/// process, its address and its data directory. Its standard error is read
+/// (and thrown away) to the end.
+async fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2"];
+    args.extend_from_slice(&["--log-format", "json"]);
+    args.extend_from_slice(extra);
     let mut child = Command::new(env!("CARGO_BIN_EXE_gavel"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--cores",
-            "2",
-            "--log-format",
-            "json",
-        ])
+        .args(&args)
         .env("GAVEL_JWT_SECRET", crate::helpers::SECRET)
         .env_remove("DATABASE_URL")
         .env_remove("GAVEL_DATA_DIR")
@@ -198,6 +191,45 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
     .unwrap();
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
+    (child, addr, data_dir)
+}
+
+fn sigterm(child: &std::process::Child) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
+/// On SIGTERM, for --drain-delay, gavel answers /ready with 503 and keeps
+/// serving, new connections included; then it stops accepting and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_ready_off_and_keeps_serving_for_the_drain_delay() {
+    let (mut child, addr, _) = spawn_binary(&["--drain-delay", "2s"]).await;
+    let base = format!("http://{addr}");
+    let fresh = crate::helpers::fresh_connection_client();
+    assert_eq!(fresh.get(format!("{base}/ready")).send().await.unwrap().status(), StatusCode::OK);
+    sigterm(&child);
+    let signalled = Instant::now();
+    crate::helpers::eventually(Duration::from_secs(1), "/ready turns 503", || async {
+        let ready = fresh.get(format!("{base}/ready")).send().await.ok()?;
+        (ready.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    // Still serving, on new connections, until the delay is over.
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        let health = fresh.get(format!("{base}/health")).send().await.expect("served during the drain delay");
+        assert_eq!(health.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(signalled.elapsed() >= Duration::from_secs(2), "exited before the delay: {:?}", signalled.elapsed());
+    assert_eq!(exit.code(), Some(0));
+    assert!(fresh.get(format!("{base}/health")).send().await.is_err(), "no longer accepting");
+}
+
+/// The real binary, on its embedded PostgreSQL: SIGTERM under load lets in-flight
+/// requests finish, exits 0 and leaves no PostgreSQL behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_under_load_drains_and_exits_cleanly() {
+    let (mut child, addr, data_dir) = spawn_binary(&["--drain-delay", "0s"]).await;
     let postmaster_pid: i32 =
         std::fs::read_to_string(format!("{data_dir}/postmaster.pid")).unwrap().lines().next().unwrap().parse().unwrap();
 
@@ -271,7 +303,7 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    sigterm(&child);
     let exit = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
