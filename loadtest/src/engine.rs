@@ -36,10 +36,15 @@ use crate::series::{self, Part, Reporter, Rss, Second};
 use crate::stats::{Kind, Recorder};
 use crate::ticker::Ticker;
 
-/// How hard and how long to drive the target.
+/// How hard and how long to drive the targets.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub target: Target,
+    /// One or more servers of one service (instances behind no balancer):
+    /// connection `i` starts on target `i mod n`, and moves to the next target
+    /// when its own refuses it or resets it. A request whose connection was
+    /// reset before its response is sent again on the next target, and counted
+    /// as retried, not failed. Nonempty.
+    pub targets: Vec<Target>,
     pub connections: usize,
     pub threads: usize,
     /// Every run stops after this long…
@@ -220,7 +225,7 @@ struct ThreadPlan {
 
 /// What a thread's connections share. Single-threaded, so `Cell`s and no locks.
 struct Shared {
-    target: Target,
+    targets: Vec<Target>,
     timeout: Duration,
     deadline: Instant,
     budget: Option<Cell<u64>>,
@@ -263,6 +268,23 @@ impl Shared {
     fn refused(&self) {
         self.recorder.borrow_mut().errors.connect += 1;
         self.part_at(Instant::now()).1.errors += 1;
+    }
+
+    /// A request whose connection was reset goes to another target.
+    fn retried(&self) {
+        self.recorder.borrow_mut().errors.retried += 1;
+    }
+
+    /// A connection to the target at `at`, or else to the next one that takes
+    /// it (`at` then names it); `None` when every target refuses.
+    async fn connect(&self, at: &mut usize) -> Option<Conn> {
+        for _ in 0..self.targets.len() {
+            if let Ok(conn) = Conn::connect(self.targets[*at].addr).await {
+                return Some(conn);
+            }
+            *at = (*at + 1) % self.targets.len();
+        }
+        None
     }
 
     /// The second `at` falls in (from 1), the run's last for anything after it.
@@ -339,9 +361,10 @@ async fn drive_thread(
     // Connect before the clock starts: a run measures requests, not handshakes.
     let mut conns = Vec::with_capacity(part.conns);
     let mut refused = None;
-    for _ in 0..part.conns {
-        match Conn::connect(plan.target.addr).await {
-            Ok(conn) => conns.push(conn),
+    for i in 0..part.conns {
+        let at = (part.first_conn + i) % plan.targets.len();
+        match Conn::connect(plan.targets[at].addr).await {
+            Ok(conn) => conns.push((conn, at)),
             Err(e) => {
                 refused = Some(e);
                 break;
@@ -351,7 +374,8 @@ async fn drive_thread(
     // Every thread reaches the barrier, failed or not, so none waits for ever.
     barrier.wait();
     if let Some(e) = refused {
-        return Err(e).with_context(|| format!("cannot connect to {}", plan.target.addr));
+        let addrs: Vec<String> = plan.targets.iter().map(|t| t.addr.to_string()).collect();
+        return Err(e).with_context(|| format!("cannot connect to {}", addrs.join(", ")));
     }
     let start = *start.get_or_init(Instant::now);
     let pacer = match part.rate {
@@ -363,7 +387,7 @@ async fn drive_thread(
     };
     let driver = pacer.as_ref().map(|(_, ticker)| tokio::task::spawn_local(Rc::clone(ticker).drive()));
     let shared = Rc::new(Shared {
-        target: plan.target.clone(),
+        targets: plan.targets.clone(),
         timeout: plan.timeout,
         deadline: start + plan.duration,
         budget: part.budget.map(Cell::new),
@@ -377,9 +401,9 @@ async fn drive_thread(
     });
     let seconds = tokio::task::spawn_local(report_seconds(Rc::clone(&shared)));
     let mut tasks = Vec::with_capacity(conns.len());
-    for (i, conn) in conns.into_iter().enumerate() {
+    for (i, (conn, at)) in conns.into_iter().enumerate() {
         let generator = work.generator(part.first_conn + i, plan.seed ^ part.index as u64);
-        tasks.push(tokio::task::spawn_local(drive_connection(Rc::clone(&shared), conn, generator)));
+        tasks.push(tokio::task::spawn_local(drive_connection(Rc::clone(&shared), conn, at, generator)));
     }
     for task in tasks {
         task.await.context("a connection task panicked")?;
@@ -416,9 +440,11 @@ fn measured(elapsed: Duration, duration: Duration, last_response: Option<Duratio
 }
 
 /// One connection's loop: claim, (wait,) send, receive, record, until the run ends.
-async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut generator: Generator) {
+/// `at` is the target it is connected to.
+async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut at: usize, mut generator: Generator) {
     let mut conn = Some(conn);
     let mut request = Vec::with_capacity(512);
+    let several = shared.targets.len() > 1;
     loop {
         if !shared.take() {
             break;
@@ -438,36 +464,47 @@ async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut generator: Generat
             break;
         }
         request.clear();
-        let kind = generator.next(&shared.target.authority, &mut request);
+        let kind = generator.next(&shared.targets[0].authority, &mut request);
         let sent = Instant::now();
         if let Some((pacer, at)) = due {
             pacer.sent(at, sent);
         }
-        if conn.is_none() {
-            match Conn::connect(shared.target.addr).await {
-                Ok(c) => conn = Some(c),
-                Err(_) => {
-                    shared.refused();
-                    // Not a busy loop against a target that is down.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+        // A request is sent at most twice: again on the next target when its
+        // connection was reset before the response, and there is another.
+        for attempt in 0..2 {
+            if conn.is_none() {
+                match shared.connect(&mut at).await {
+                    Some(c) => conn = Some(c),
+                    None => {
+                        shared.refused();
+                        // Not a busy loop against targets that are down.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        break;
+                    }
                 }
             }
-        }
-        let Some(c) = conn.as_mut() else { continue };
-        match c.exchange(&request, shared.timeout).await {
-            Ok(response) => {
-                let done = Instant::now();
-                shared.last_response.set(Some(done));
-                let latency = done - late_since.unwrap_or(sent);
-                shared.record(kind, response.status, latency, done);
-                if c.closing() {
+            let Some(c) = conn.as_mut() else { break };
+            match c.exchange(&request, shared.timeout).await {
+                Ok(response) => {
+                    let done = Instant::now();
+                    shared.last_response.set(Some(done));
+                    let latency = done - late_since.unwrap_or(sent);
+                    shared.record(kind, response.status, latency, done);
+                    if c.closing() {
+                        conn = None;
+                    }
+                    break;
+                }
+                Err(Fault::Io(_)) if several && attempt == 0 => {
+                    shared.retried();
                     conn = None;
+                    at = (at + 1) % shared.targets.len();
                 }
-            }
-            Err(fault) => {
-                shared.fault(&fault);
-                conn = None;
+                Err(fault) => {
+                    shared.fault(&fault);
+                    conn = None;
+                    break;
+                }
             }
         }
     }
@@ -515,7 +552,7 @@ mod tests {
 
     fn plan(target: Target, rate: Option<f64>, requests: Option<u64>) -> Plan {
         Plan {
-            target,
+            targets: vec![target],
             connections: 1,
             threads: 1,
             duration: Duration::from_secs(1),

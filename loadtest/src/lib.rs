@@ -88,9 +88,12 @@ pub struct SeedArgs {
 pub struct RunArgs {
     pub scenario: Scenario,
     /// Base URL of the server to drive, e.g. http://127.0.0.1:8080. Nothing else is
-    /// ever sent to.
-    #[arg(long, env = "GAVEL_TARGET")]
-    pub target: String,
+    /// ever sent to. Repeat it (or list them comma-separated) for several
+    /// instances of one gavel: the connections are spread over them, a refused
+    /// connection moves to the next, and a request reset before its response is
+    /// sent again there (counted as retried, not failed).
+    #[arg(long, env = "GAVEL_TARGET", value_delimiter = ',', required = true)]
+    pub target: Vec<String>,
     /// How long the run lasts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
@@ -213,11 +216,12 @@ pub fn main(cli: Cli) -> anyhow::Result<()> {
 
 /// Prepares the workload `args` asks for, drives it and reports.
 pub fn run(args: &RunArgs) -> anyhow::Result<Report> {
-    let target = Target::parse(&args.target)?;
+    let targets = args.target.iter().map(|t| Target::parse(t)).collect::<anyhow::Result<Vec<_>>>()?;
     let kinds = args.scenario.kinds(&args.mix);
-    let work = block_on_local(prepare(args, &target, &kinds))?;
+    // What the requests refer to is the same on every instance: read from the first.
+    let work = block_on_local(prepare(args, &targets[0], &kinds))?;
     let plan = engine::Plan {
-        target,
+        targets,
         connections: args.connections,
         threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         duration: args.duration,
@@ -263,7 +267,7 @@ async fn prepare(args: &RunArgs, target: &Target, kinds: &[(Kind, u32)]) -> anyh
             bail!(
                 "{} has no open auctions: run `gavel-loadtest seed --target {}` first",
                 target.authority,
-                args.target
+                args.target[0]
             );
         }
     }

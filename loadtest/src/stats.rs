@@ -56,9 +56,13 @@ pub struct Errors {
     pub io: u64,
     pub timeout: u64,
     pub protocol: u64,
+    /// Requests whose connection was reset before their response, sent again
+    /// on another target (not failures: see `engine::Plan::targets`).
+    pub retried: u64,
 }
 
 impl Errors {
+    /// The requests that failed; the retried ones are not among them.
     pub fn total(&self) -> u64 {
         self.connect + self.io + self.timeout + self.protocol
     }
@@ -104,6 +108,7 @@ impl Recorder {
         self.errors.io += other.errors.io;
         self.errors.timeout += other.errors.timeout;
         self.errors.protocol += other.errors.protocol;
+        self.errors.retried += other.errors.retried;
     }
 
     /// Responses of `kind` with `status`.
@@ -269,6 +274,9 @@ impl Report {
                 "  errors     connect {}, i/o {}, timeout {}, protocol {}",
                 e.connect, e.io, e.timeout, e.protocol
             );
+        }
+        if e.retried > 0 {
+            let _ = writeln!(out, "  retried    {} (reset before their response; sent again elsewhere)", e.retried);
         }
         if let Some(kept) = &self.schedule {
             let _ = writeln!(

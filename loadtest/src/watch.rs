@@ -330,7 +330,7 @@ fn storm(
     threads: usize,
 ) -> anyhow::Result<Report> {
     let plan = engine::Plan {
-        target: target.clone(),
+        targets: vec![target.clone()],
         connections,
         threads,
         duration,

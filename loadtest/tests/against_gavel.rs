@@ -210,3 +210,46 @@ fn watch_holds_streams_that_follow_the_bids_to_the_final_state() {
         assert_eq!(report.streams_with_final_state, 30, "every stream ends on its auction's final state");
     }
 }
+
+/// A rolling restart under a closed-loop bid load spread over two instances of
+/// one gavel: the one restarted turns not ready, then stops; every request its
+/// connections lose is sent again to the other, none fails, and every bid
+/// acknowledged is in the database.
+#[test]
+fn a_rolling_restart_under_bids_fails_no_request_and_loses_no_bid() {
+    let mut first = start_gavel();
+    first.seed(50);
+    let options = first.cluster.as_ref().unwrap().connect_options("gavel");
+    let config = Serve::from_flags(["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2"])
+        .expect("flags parse");
+    let second = Server::start(&config, options, Arc::new(Keys::new(SECRET.as_bytes()).unwrap())).expect("starts");
+    let second_url = format!("http://{}", second.local_addr());
+
+    let leaving = first.server.take().unwrap();
+    let restart = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        // As on SIGTERM: not ready for the drain delay, then stop accepting and drain.
+        leaving.health().start_draining();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        leaving.stop();
+    });
+    let bids = first.run("bid-storm", &["--target", &second_url, "--duration", "3s"]).unwrap();
+    restart.join().unwrap();
+
+    let accepted = bids.statuses.get("201").copied().unwrap_or(0);
+    assert!(accepted > 100, "the load ran: {:?}", bids.statuses);
+    // The stopped instance's connections moved to the other: one that could not
+    // would count a refused connection every 10 ms.
+    assert_eq!(bids.errors.total(), 0, "no request failed: {:?}", bids.errors);
+    assert!(bids.series.last().is_some_and(|s| s.requests > 0), "bids went on after the restart");
+    assert!(bids.statuses.keys().all(|s| !s.starts_with('5')), "{:?}", bids.statuses);
+    let recorded = local(async {
+        let mut api = Api::new(Target::parse(&second_url).unwrap());
+        let (status, page) = api.call("GET", "/api/auctions?status=open&limit=100", None, None).await.unwrap();
+        assert_eq!(status, 200);
+        page["items"].as_array().unwrap().iter().map(|a| a["bid_count"].as_i64().unwrap()).sum::<i64>()
+    });
+    assert!(recorded as u64 >= accepted, "{accepted} bids acknowledged, {recorded} recorded");
+    eprintln!("rolling restart: {accepted} bids acknowledged, {recorded} recorded, {} retried", bids.errors.retried);
+    second.stop();
+}
