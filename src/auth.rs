@@ -13,6 +13,11 @@ use uuid::Uuid;
 /// Issuer written into and required of every token.
 pub const ISSUER: &str = "gavel";
 
+/// Seconds past its `exp` a token is still accepted (clock skew between the
+/// instances that mint and check it). Whatever remembers a revoked token must
+/// remember it this much longer.
+pub const LEEWAY_SECS: u64 = 5;
+
 /// Shortest accepted secret: HS256 is only as strong as its key (RFC 7518 §3.2).
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -178,7 +183,7 @@ impl Keys {
         // algorithm-confusion tokens; `exp` is required and checked with no leeway
         // beyond a few seconds of clock skew.
         let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECS;
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "sub", "jti"]);
         Ok(Keys { encoding: EncodingKey::from_secret(secret), decoding: DecodingKey::from_secret(secret), validation })

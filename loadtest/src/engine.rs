@@ -495,7 +495,9 @@ async fn drive_connection(shared: Rc<Shared>, conn: Conn, mut at: usize, mut gen
                     }
                     break;
                 }
-                Err(Fault::Io(_)) if several && attempt == 0 => {
+                // Reset before any byte of the response: the server read
+                // nothing of it, or answered nothing; another target may.
+                Err(Fault::Reset(_)) if several && attempt == 0 => {
                     shared.retried();
                     conn = None;
                     at = (at + 1) % shared.targets.len();

@@ -78,7 +78,11 @@ pub fn write_request(
 /// Why an exchange failed. The connection is unusable after any of them.
 #[derive(Debug)]
 pub enum Fault {
-    /// Reading or writing failed, or the server closed the connection mid-exchange.
+    /// The connection failed before any byte of the response came: writing the
+    /// request failed, or the server closed or reset the connection without
+    /// answering (as one does with a keep-alive connection it is closing).
+    Reset(io::Error),
+    /// Reading failed, or the server closed the connection, mid-response.
     Io(io::Error),
     /// No whole response within the request timeout.
     Timeout,
@@ -89,6 +93,7 @@ pub enum Fault {
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Fault::Reset(e) => write!(f, "reset before the response: {e}"),
             Fault::Io(e) => write!(f, "i/o error: {e}"),
             Fault::Timeout => f.write_str("timed out"),
             Fault::Protocol(what) => write!(f, "protocol error: {what}"),
@@ -147,7 +152,8 @@ impl Conn {
             self.filled -= self.consumed;
             self.consumed = 0;
         }
-        self.stream.write_all(request).await.map_err(Fault::Io)?;
+        self.stream.write_all(request).await.map_err(Fault::Reset)?;
+        let before = self.filled;
         loop {
             if let Some(head) = parse_head(&self.buf[..self.filled])? {
                 let end = head.len + head.content_length;
@@ -158,7 +164,10 @@ impl Conn {
                 self.closing = head.close;
                 return Ok((head.status, head.len, end));
             }
-            self.read_more().await?;
+            match self.read_more().await {
+                Err(Fault::Io(e)) if self.filled == before => return Err(Fault::Reset(e)),
+                other => other?,
+            }
         }
     }
 

@@ -127,7 +127,7 @@ impl Api {
                     }
                     return Ok((status, value));
                 }
-                Err(Fault::Io(_)) if attempt == 0 => self.conn = None,
+                Err(Fault::Io(_) | Fault::Reset(_)) if attempt == 0 => self.conn = None,
                 Err(fault) => return Err(fault).with_context(|| format!("{method} {path}")),
             }
         }

@@ -85,7 +85,7 @@ impl Recorder {
 
     pub fn fault(&mut self, fault: &Fault) {
         match fault {
-            Fault::Io(_) => self.errors.io += 1,
+            Fault::Io(_) | Fault::Reset(_) => self.errors.io += 1,
             Fault::Timeout => self.errors.timeout += 1,
             Fault::Protocol(_) => self.errors.protocol += 1,
         }

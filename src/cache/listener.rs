@@ -128,6 +128,9 @@ async fn reload(caches: &Caches, events: &Hub, pool: &PgPool) -> Result<(), sqlx
         }
     }
     for end in db::accounts::ended_sessions(pool, caches.session_ttl()).await.map_err(unwrap)? {
+        // A stream of a session that ended while this core was not listening
+        // ends now.
+        events.end_session(&end);
         caches.end_session(end);
     }
     Ok(())

@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use hashlink::LruCache;
 
 use self::sessions::EndedSessions;
-use crate::auth::Session;
+use crate::auth::{LEEWAY_SECS, Session};
 use crate::db::inventory::Item;
 use crate::db::notice::{Notice, SessionEnd};
 use crate::domain::auction::{Auction, BidState};
@@ -342,9 +342,12 @@ impl Caches {
     pub fn end_session(&self, end: SessionEnd) {
         let inner = &mut *self.lock();
         match end {
-            SessionEnd::One { session_id, expires_us } => inner.sessions.revoke(session_id, expires_us / 1_000_000 + 1),
+            // Remembered as long as the token is accepted: to its expiry, and the leeway.
+            SessionEnd::One { session_id, expires_us } => {
+                inner.sessions.revoke(session_id, expires_us / 1_000_000 + 1 + LEEWAY_SECS as i64)
+            }
             SessionEnd::AllBefore { account_id, epoch, ended_us } => {
-                let until = ended_us / 1_000_000 + 1 + inner.limits.session_ttl.as_secs() as i64;
+                let until = ended_us / 1_000_000 + 1 + (inner.limits.session_ttl.as_secs() + LEEWAY_SECS) as i64;
                 inner.sessions.end_all(account_id, epoch, until)
             }
         }

@@ -138,7 +138,7 @@ pub async fn ended_sessions(pool: &PgPool, ttl: std::time::Duration) -> Result<V
     let _timer = metrics::time_query(Query::Account);
     let revoked = sqlx::query!(
         r#"select session_id, (extract(epoch from expires_at) * 1000000)::bigint as "expires_us!"
-             from revoked_sessions where expires_at >= now()"#
+             from revoked_sessions where expires_at >= now() - interval '1 minute'"#
     )
     .fetch_all(pool)
     .await?;
@@ -158,8 +158,13 @@ pub async fn ended_sessions(pool: &PgPool, ttl: std::time::Duration) -> Result<V
     Ok(revoked.chain(raised).collect())
 }
 
-/// Deletes the revocations of tokens that have expired anyway; how many.
+/// Deletes the revocations of tokens that have expired anyway (for longer than
+/// any is accepted past its expiry); how many.
 pub async fn purge_revoked(db: impl sqlx::PgExecutor<'_>) -> Result<u64, DbError> {
     let _timer = metrics::time_query(Query::Lifecycle);
-    Ok(sqlx::query!("delete from revoked_sessions where expires_at < now()").execute(db).await?.rows_affected())
+    // A minute past expiry: longer than any token is accepted (`auth::LEEWAY_SECS`).
+    Ok(sqlx::query!("delete from revoked_sessions where expires_at < now() - interval '1 minute'")
+        .execute(db)
+        .await?
+        .rows_affected())
 }

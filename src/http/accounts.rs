@@ -19,6 +19,7 @@ use crate::core::Core;
 use crate::db::notice::SessionEnd;
 use crate::db::{self, accounts::CreateError};
 use crate::domain::account::{NewAccount, check_password};
+use crate::throttle::Attempt;
 
 pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
     OpenApiRouter::default()
@@ -44,6 +45,25 @@ struct AccountView {
     email: String,
     role: String,
     created_at: DateTime<Utc>,
+}
+
+/// Runs `work`, a password check, off the core like [`off_core`], as an attempt
+/// to log in to `account` from `address`: refused past the failed log-in
+/// limits, and counted as a failure unless the caller says it succeeded. The
+/// attempt is claimed once the core's turn to hash has come, so one that waits
+/// for it (and perhaps times out) is never charged.
+async fn checked<T: Send + 'static>(
+    core: &Core,
+    account: &str,
+    address: Option<std::net::IpAddr>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<(Attempt, T)> {
+    let _permit = core.hashing.acquire().await.map_err(|_| Error::Overloaded)?;
+    let attempt = core.throttles.log_in.attempt(account, address).map_err(Error::RateLimited)?;
+    let done = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(format!("password hashing failed: {e}")))?;
+    Ok((attempt, done))
 }
 
 /// Runs `work` (password hashing) on a blocking thread, at most
@@ -118,12 +138,12 @@ async fn create_session(
     ClientAddr(address): ClientAddr,
     Json(body): Json<LogIn>,
 ) -> Result<Response> {
+    // Read first, so that a database outage charges nobody a failure.
     let found = db::accounts::credentials(&core.pool, &body.email).await?;
-    // Claimed only now, so that a database outage charges nobody a failure.
-    let attempt = core.throttles.log_in.attempt(&body.email, address).map_err(Error::RateLimited)?;
     let stored = found.as_ref().map(|c| c.password_hash.clone());
     let password = body.password;
-    let verified = off_core(&core, move || auth::verify_password(&password, stored.as_deref())).await?;
+    let (attempt, verified) =
+        checked(&core, &body.email, address, move || auth::verify_password(&password, stored.as_deref())).await?;
     let account = match found {
         Some(account) if verified => account,
         // The attempt, dropped, stays a failure.
@@ -224,13 +244,13 @@ async fn change_password(
     let account = db::accounts::credentials_of(&core.pool, caller.account_id)
         .await?
         .ok_or(Error::Unauthorized("the token's account does not exist"))?;
-    let attempt = core.throttles.log_in.attempt(&account.email, address).map_err(Error::RateLimited)?;
     let (old, stored) = (body.old_password, account.password_hash);
     let new = body.new_password;
-    let new_hash =
-        off_core(&core, move || auth::verify_password(&old, Some(&stored)).then(|| auth::hash_password(&new)))
-            .await?
-            .ok_or(Error::Forbidden("the old password is wrong"))?;
+    let (attempt, new_hash) = checked(&core, &account.email, address, move || {
+        auth::verify_password(&old, Some(&stored)).then(|| auth::hash_password(&new))
+    })
+    .await?;
+    let new_hash = new_hash.ok_or(Error::Forbidden("the old password is wrong"))?;
     attempt.succeeded();
     let epoch = db::accounts::change_password(&core.pool, account.id, &new_hash)
         .await?

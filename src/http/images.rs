@@ -140,34 +140,15 @@ async fn put_image(
     let storage = |e: object_store::Error| Error::Storage(e.to_string());
     let mut upload = core.images.store.upload(&key, declared.content_type()).await.map_err(storage)?;
     let size = stream_into(&mut upload, body, declared, max).await?;
-    upload.finish().await.map_err(storage)?;
-
+    // The bytes are all here. What is left runs to its end on a task of its
+    // own, even if this request is dropped now (the client gone, the request
+    // timeout): completing the object, recording it, deleting what it replaced
+    // or what no row will name.
     let image =
         Image { content_type: declared.content_type().to_owned(), size: size as i64, object_key: key.to_string() };
-    let recorded = db::images::put(&core.pool, path.id, seller.account_id, &path.name, &image).await;
-    let forget = |key: object_store::path::Path| {
-        let store = core.images.store.clone();
-        async move {
-            if let Err(e) = store.delete(&key).await {
-                tracing::warn!(error = %e, %key, "cannot delete an image object no row names");
-            }
-        }
-    };
-    let status = match recorded {
-        Ok(Put::Stored { replaced: None }) => StatusCode::CREATED,
-        Ok(Put::Stored { replaced: Some(old) }) => {
-            forget(object_store::path::Path::from(old)).await;
-            StatusCode::OK
-        }
-        Ok(Put::Refused(access)) => {
-            forget(key).await;
-            return Err(refuse(access).expect_err("a refusal"));
-        }
-        Err(e) => {
-            forget(key).await;
-            return Err(e.into());
-        }
-    };
+    let (core2, name, seller) = (core.clone(), path.name.clone(), seller.account_id);
+    let settled = tokio::spawn(async move { settle(&core2, upload, path.id, seller, &name, &image, key).await });
+    let status = settled.await.map_err(|e| Error::Internal(format!("an image upload's task failed: {e}")))??;
     let stored = StoredImage { auction_id: path.id, name: &path.name, content_type: declared.content_type(), size };
     let mut response = respond::json(status, &stored);
     let location = format!("/api/auctions/{}/images/{}", path.id, path.name);
@@ -175,6 +156,40 @@ async fn put_image(
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+/// Completes an upload of image `name` to `key` and records it: the status to
+/// answer, or the problem. Whatever fails, no object is left that no row names.
+async fn settle(
+    core: &Core,
+    upload: Upload,
+    auction: i64,
+    seller: i64,
+    name: &str,
+    image: &Image,
+    key: object_store::path::Path,
+) -> Result<StatusCode> {
+    upload.finish().await.map_err(|e| Error::Storage(e.to_string()))?;
+    let forget = |key: object_store::path::Path| async move {
+        if let Err(e) = core.images.store.delete(&key).await {
+            tracing::warn!(error = %e, %key, "cannot delete an image object no row names");
+        }
+    };
+    match db::images::put(&core.pool, auction, seller, name, image).await {
+        Ok(Put::Stored { replaced: None }) => Ok(StatusCode::CREATED),
+        Ok(Put::Stored { replaced: Some(old) }) => {
+            forget(object_store::path::Path::from(old)).await;
+            Ok(StatusCode::OK)
+        }
+        Ok(Put::Refused(access)) => {
+            forget(key).await;
+            Err(refuse(access).expect_err("a refusal"))
+        }
+        Err(e) => {
+            forget(key).await;
+            Err(e.into())
+        }
+    }
 }
 
 /// The answer to an access check: nothing when granted.
@@ -259,7 +274,8 @@ async fn get_image(State(core): State<Arc<Core>>, path: ImagePath, IfNoneMatch(t
         return Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response());
     }
     let object = core.images.store.read(&key).await.map_err(|e| match e {
-        object_store::Error::NotFound { .. } => Error::Internal(format!("image object {key} is missing")),
+        // Replaced or deleted since the row was read.
+        object_store::Error::NotFound { .. } => NO_IMAGE,
         other => Error::Storage(other.to_string()),
     })?;
     let content_type = HeaderValue::try_from(image.content_type).map_err(|e| Error::Internal(e.to_string()))?;

@@ -395,6 +395,10 @@ async fn sample_pool(pool: PgPool, max: u32, gauges: Arc<CoreGauges>, mut shutdo
 /// and core 0 sweeps the rate limits' tables.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
+/// Longest the lifecycle waits to connect or for one statement; past it the
+/// connection, and with it any leadership, is given up.
+const LIFECYCLE_WAIT: Duration = Duration::from_secs(5);
+
 /// The application name of the lifecycle's connection (tests look for it).
 pub const LIFECYCLE_APPLICATION: &str = "gavel-lifecycle";
 
@@ -429,22 +433,30 @@ async fn lifecycle(
             _ = shutdown.changed() => break,
             _ = interval.tick() => {
                 if held.is_none() {
-                    match sqlx::PgConnection::connect_with(&options).await {
-                        Ok(conn) => held = Some((conn, false)),
-                        Err(e) => tracing::debug!(error = %e, "the lifecycle cannot connect; retrying next tick"),
+                    match tokio::time::timeout(LIFECYCLE_WAIT, sqlx::PgConnection::connect_with(&options)).await {
+                        Ok(Ok(conn)) => held = Some((conn, false)),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "the lifecycle cannot connect; retrying next tick"),
+                        Err(_) => tracing::debug!("the lifecycle's connecting timed out; retrying next tick"),
                     }
                 }
                 let Some((conn, leading)) = held.as_mut() else { continue };
-                let result = match *leading {
-                    true => db::auctions::advance(&mut *conn).await.map(drop),
-                    false => db::auctions::try_lead(conn).await.map(|won| {
-                        if won {
-                            tracing::info!("this instance now runs the auction lifecycle");
-                            *leading = true;
-                            leader.set(1.0);
-                        }
-                    }),
+                let work = async {
+                    match *leading {
+                        true => db::auctions::advance(&mut *conn).await.map(drop),
+                        false => db::auctions::try_lead(conn).await.map(|won| {
+                            if won {
+                                tracing::info!("this instance now runs the auction lifecycle");
+                                *leading = true;
+                                leader.set(1.0);
+                            }
+                        }),
+                    }
                 };
+                // A connection that hangs (a half-open one) is dropped like a
+                // broken one, and shutdown never waits on it for longer.
+                let result = tokio::time::timeout(LIFECYCLE_WAIT, work).await.unwrap_or_else(|_| {
+                    Err(db::DbError::Unavailable(sqlx::Error::Protocol("the lifecycle's statement timed out".into())))
+                });
                 if let Err(e) = result {
                     // With its connection, a leader has lost the lock: start over.
                     tracing::warn!(error = %e, "auction lifecycle tick failed");
@@ -455,10 +467,15 @@ async fn lifecycle(
             _ = purge.tick() => {
                 throttles.sweep();
                 let Some((conn, true)) = held.as_mut() else { continue };
-                match db::accounts::purge_revoked(&mut *conn).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(purged = n, "purged the revocations of expired tokens"),
-                    Err(e) => tracing::warn!(error = %e, "purging expired revocations failed"),
+                match tokio::time::timeout(LIFECYCLE_WAIT, db::accounts::purge_revoked(&mut *conn)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::debug!(purged = n, "purged the revocations of expired tokens"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "purging expired revocations failed"),
+                    Err(_) => {
+                        tracing::warn!("purging expired revocations timed out; reconnecting");
+                        held = None;
+                        leader.set(0.0);
+                    }
                 }
             }
         }

@@ -48,6 +48,14 @@ fn image_store(config: &Serve) -> anyhow::Result<(storage::Location, Option<temp
     if let Some(url) = &config.object_store {
         return Ok((storage::Location { url: url.clone(), options }, None));
     }
+    if config.database.database_url.is_some() {
+        // The rows of an external database outlive this process, and other
+        // instances share them; a local directory does neither.
+        tracing::warn!(
+            "no --object-store with DATABASE_URL: images are kept on this machine's disk, for this process \
+             alone; set --object-store to a store every instance shares"
+        );
+    }
     let (dir, temporary) = match &config.database.data_dir {
         Some(data) => (std::path::absolute(data)?.join("objects"), None),
         None => {

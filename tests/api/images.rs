@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, assert_problem, eventually, spawn_app_with};
+use crate::helpers::{TestApp, assert_problem, eventually, fresh_connection_client, spawn_app_with};
 
 /// A PNG's signature and then `len - 8` more bytes: gavel checks the signature.
 fn png(len: usize) -> Vec<u8> {
@@ -28,6 +28,8 @@ impl TestApp {
         self.url(&format!("/api/auctions/{auction}/images/{name}"))
     }
 
+    /// On a connection of its own: a refused upload's connection is closed
+    /// with its body unread, and a pooled one could be reused as it closes.
     async fn upload(
         &self,
         token: &str,
@@ -36,7 +38,7 @@ impl TestApp {
         content_type: &str,
         bytes: Vec<u8>,
     ) -> reqwest::Response {
-        self.client
+        fresh_connection_client()
             .put(self.image_url(auction, name))
             .bearer_auth(token)
             .header("content-type", content_type)
@@ -188,18 +190,21 @@ async fn bad_uploads_get_their_problem_and_leave_nothing_behind() {
     let unknown = app.upload(&seller, 999_999, "a.png", "image/png", png(100)).await;
     assert_problem(unknown, StatusCode::NOT_FOUND, "/problems/not-found").await;
     for url in [app.url("/api/auctions/abc/images/a.png"), app.url("/api/auctions/0/images/a.png")] {
-        let put = app.client.put(&url).bearer_auth(&seller).header("content-type", "image/png").body(png(100));
+        let put =
+            fresh_connection_client().put(&url).bearer_auth(&seller).header("content-type", "image/png").body(png(100));
         assert_problem(put.send().await.unwrap(), StatusCode::NOT_FOUND, "/problems/not-found").await;
-        let get = app.client.get(&url).send().await.unwrap();
+        let get = fresh_connection_client().get(&url).send().await.unwrap();
         assert_problem(get, StatusCode::NOT_FOUND, "/problems/not-found").await;
     }
-    let anonymous = app.client.put(app.image_url(auction, "a.png")).header("content-type", "image/png").body(png(100));
+    let anonymous = fresh_connection_client()
+        .put(app.image_url(auction, "a.png"))
+        .header("content-type", "image/png")
+        .body(png(100));
     assert_problem(anonymous.send().await.unwrap(), StatusCode::UNAUTHORIZED, "/problems/unauthorized").await;
 
     // Too large without a Content-Length: found while streaming, and aborted.
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..5).map(|_| Ok(png(4000))).collect();
-    let streamed = app
-        .client
+    let streamed = fresh_connection_client()
         .put(app.image_url(auction, "big.png"))
         .bearer_auth(&seller)
         .header("content-type", "image/png")
@@ -214,7 +219,7 @@ async fn bad_uploads_get_their_problem_and_leave_nothing_behind() {
         files(dir.path()).is_empty().then_some(())
     })
     .await;
-    let read = app.client.get(app.image_url(auction, "a.png")).send().await.unwrap();
+    let read = fresh_connection_client().get(app.image_url(auction, "a.png")).send().await.unwrap();
     assert_problem(read, StatusCode::NOT_FOUND, "/problems/not-found").await;
 }
 

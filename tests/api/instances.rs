@@ -137,7 +137,8 @@ async fn one_instance_runs_the_lifecycle_and_another_takes_over() {
     })
     .await;
     eprintln!("the other instance took over the lifecycle after {takeover:?} (tick {TICK:?})");
-    assert!(takeover <= TICK * 2 + Duration::from_millis(100), "took {takeover:?}");
+    // Two ticks, and room for a loaded machine's scheduling and the polling here.
+    assert!(takeover <= TICK * 2 + Duration::from_millis(400), "took {takeover:?}");
     // It runs the lifecycle: the auction closes, with its winner, in the database.
     eventually(Duration::from_secs(5), "the auction is closed by the remaining instance", || async {
         let row: (String, Option<i64>) = sqlx::query_as("select status, winner_id from auctions where id = $1")
