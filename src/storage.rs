@@ -149,6 +149,14 @@ impl Store {
         }
     }
 
+    /// Deletes the object at `key`, which no row names any more; a failure is
+    /// logged (the object is left behind), since the caller's outcome stands.
+    pub async fn discard(&self, key: &Path) {
+        if let Err(e) = self.delete(key).await {
+            tracing::warn!(error = %e, %key, "cannot delete an image object no row names");
+        }
+    }
+
     /// Deletes the object at `key`; one already gone is no error.
     pub async fn delete(&self, key: &Path) -> object_store::Result<()> {
         use object_store::ObjectStoreExt;

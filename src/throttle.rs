@@ -109,13 +109,17 @@ impl<K: Hash + Eq + Clone> Windows<K> {
         }
     }
 
-    #[cold]
-    fn make_room(&mut self, now: Instant, window: Duration) {
-        let horizon = now.checked_sub(window);
+    /// Forgets failures older than `horizon`, and the keys left with none.
+    fn prune(&mut self, horizon: Option<Instant>) {
         self.failures.retain(|_, f| {
             f.forget_before(horizon);
             !f.0.is_empty()
         });
+    }
+
+    #[cold]
+    fn make_room(&mut self, now: Instant, window: Duration) {
+        self.prune(now.checked_sub(window));
         if self.failures.len() >= MAX_KEYS {
             let stalest = self.failures.iter().min_by_key(|(_, f)| f.0.back().copied()).map(|(k, _)| k.clone());
             if let Some(key) = stalest {
@@ -182,12 +186,8 @@ impl LogInThrottle {
     pub fn sweep(&self) {
         let horizon = Instant::now().checked_sub(self.window);
         let mut tables = self.tables.lock().unwrap_or_else(|e| e.into_inner());
-        let keep = |f: &mut Failures| {
-            f.forget_before(horizon);
-            !f.0.is_empty()
-        };
-        tables.accounts.failures.retain(|_, f| keep(f));
-        tables.addresses.failures.retain(|_, f| keep(f));
+        tables.accounts.prune(horizon);
+        tables.addresses.prune(horizon);
     }
 }
 

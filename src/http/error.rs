@@ -333,6 +333,13 @@ impl IntoResponses for RateLimitProblems {
     }
 }
 
+impl From<object_store::Error> for Error {
+    #[cold]
+    fn from(e: object_store::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]

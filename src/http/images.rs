@@ -137,8 +137,7 @@ async fn put_image(
         path.name.clone(),
         uuid::Uuid::new_v4().to_string(),
     ]);
-    let storage = |e: object_store::Error| Error::Storage(e.to_string());
-    let mut upload = core.images.store.upload(&key, declared.content_type()).await.map_err(storage)?;
+    let mut upload = core.images.store.upload(&key, declared.content_type()).await?;
     let size = stream_into(&mut upload, body, declared, max).await?;
     // The bytes are all here. What is left runs to its end on a task of its
     // own, even if this request is dropped now (the client gone, the request
@@ -169,24 +168,20 @@ async fn settle(
     image: &Image,
     key: object_store::path::Path,
 ) -> Result<StatusCode> {
-    upload.finish().await.map_err(|e| Error::Storage(e.to_string()))?;
-    let forget = |key: object_store::path::Path| async move {
-        if let Err(e) = core.images.store.delete(&key).await {
-            tracing::warn!(error = %e, %key, "cannot delete an image object no row names");
-        }
-    };
+    upload.finish().await?;
+    let store = &core.images.store;
     match db::images::put(&core.pool, auction, seller, name, image).await {
         Ok(Put::Stored { replaced: None }) => Ok(StatusCode::CREATED),
         Ok(Put::Stored { replaced: Some(old) }) => {
-            forget(object_store::path::Path::from(old)).await;
+            store.discard(&object_store::path::Path::from(old)).await;
             Ok(StatusCode::OK)
         }
         Ok(Put::Refused(access)) => {
-            forget(key).await;
+            store.discard(&key).await;
             Err(refuse(access).expect_err("a refusal"))
         }
         Err(e) => {
-            forget(key).await;
+            store.discard(&key).await;
             Err(e.into())
         }
     }
@@ -205,7 +200,6 @@ fn refuse(access: Access) -> Result<()> {
 /// Sends `body` to `upload` as it arrives: its first bytes must be an image of
 /// the `declared` type, and all of it at most `max` bytes. Returns its size.
 async fn stream_into(upload: &mut Upload, mut body: Body, declared: ImageType, max: u64) -> Result<u64> {
-    let storage = |e: object_store::Error| Error::Storage(e.to_string());
     // Held back until there are enough to tell the format.
     let mut head = Vec::with_capacity(ImageType::SNIFF_LEN);
     let mut size = 0u64;
@@ -222,19 +216,19 @@ async fn stream_into(upload: &mut Upload, mut body: Body, declared: ImageType, m
             return Err(Error::PayloadTooLarge(max.try_into().unwrap_or(usize::MAX)));
         }
         if sniffed {
-            upload.write(bytes).await.map_err(storage)?;
+            upload.write(bytes).await?;
             continue;
         }
         head.extend_from_slice(&bytes);
         if head.len() >= ImageType::SNIFF_LEN {
             checked(&head)?;
             sniffed = true;
-            upload.write(std::mem::take(&mut head).into()).await.map_err(storage)?;
+            upload.write(std::mem::take(&mut head).into()).await?;
         }
     }
     if !sniffed {
         checked(&head)?;
-        upload.write(head.into()).await.map_err(storage)?;
+        upload.write(head.into()).await?;
     }
     Ok(size)
 }
@@ -276,7 +270,7 @@ async fn get_image(State(core): State<Arc<Core>>, path: ImagePath, IfNoneMatch(t
     let object = core.images.store.read(&key).await.map_err(|e| match e {
         // Replaced or deleted since the row was read.
         object_store::Error::NotFound { .. } => NO_IMAGE,
-        other => Error::Storage(other.to_string()),
+        other => other.into(),
     })?;
     let content_type = HeaderValue::try_from(image.content_type).map_err(|e| Error::Internal(e.to_string()))?;
     let headers = [
@@ -307,10 +301,7 @@ async fn delete_image(State(core): State<Arc<Core>>, Seller(seller): Seller, pat
     }
     match db::images::delete(&core.pool, path.id, seller.account_id, &path.name).await? {
         Deleted::Gone(key) => {
-            let key = object_store::path::Path::from(key);
-            if let Err(e) = core.images.store.delete(&key).await {
-                tracing::warn!(error = %e, %key, "cannot delete an image object no row names");
-            }
+            core.images.store.discard(&object_store::path::Path::from(key)).await;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         Deleted::NoImage => Err(Error::NotFound("no image of this name")),
