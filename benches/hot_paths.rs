@@ -324,6 +324,7 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
             ),
             orders: Batcher::spawn(pool.clone(), Orders, limits, Box::new(|_| {})),
             pool,
+            replicas: Arc::new(gavel::db::replicas::Replicas::none()),
             caches,
             events: Arc::new(gavel::events::Hub::new(
                 gavel::events::StreamLimits::default(),

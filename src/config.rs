@@ -37,6 +37,24 @@ pub struct Database {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// A streaming standby of the primary to send reads to that may lag a
+    /// little: bid history, the auction and inventory lists, and cache misses of
+    /// closed auctions. Repeat the flag, or list them space-separated in
+    /// GAVEL_REPLICA_URLS. Caches, `?consistent=true` reads and every write stay
+    /// on the primary.
+    #[arg(long = "replica-url", env = "GAVEL_REPLICA_URLS", value_delimiter = ' ', value_parser = parse_pg_url, hide_env_values = true)]
+    pub replica_urls: Vec<String>,
+
+    /// A replica whose replay lags the primary by more than this gets no reads
+    /// until it catches up; each core measures every quarter of it (between
+    /// 50 ms and 1 s).
+    #[arg(long, env = "GAVEL_REPLICA_MAX_LAG", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub replica_max_lag: Duration,
+
+    /// Connections each core opens to each replica, when it first reads there.
+    #[arg(long, env = "GAVEL_REPLICA_CONNS_PER_CORE", default_value_t = 2)]
+    pub replica_conns_per_core: u32,
+
     /// Data directory of the embedded cluster. Unset means a fresh temporary directory,
     /// removed at exit: the one-command start leaves nothing behind. Set it to keep data.
     #[arg(long, env = "GAVEL_DATA_DIR")]
@@ -397,6 +415,16 @@ fn parse_origin(s: &str) -> Result<axum::http::HeaderValue, String> {
     axum::http::HeaderValue::from_str(s).map_err(|_| invalid())
 }
 
+/// A single-host PostgreSQL URL, checked and kept as written (it is redacted
+/// before it is logged).
+fn parse_pg_url(s: &str) -> Result<String, String> {
+    match crate::db::target::Target::parse(s) {
+        Ok(target) if target.is_multi_host() => Err("one host per URL (repeat the flag for more)".into()),
+        Ok(_) => Ok(s.to_owned()),
+        Err(e) => Err(format!("not a PostgreSQL URL: {e}")),
+    }
+}
+
 /// `KEY=VALUE`, split at the first `=`.
 fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
@@ -427,6 +455,7 @@ impl Serve {
             shown.secret.jwt_secret = Some("<redacted>".into());
         }
         shown.database.database_url = shown.database.database_url.as_deref().map(redact_url);
+        shown.database.replica_urls = shown.database.replica_urls.iter().map(|u| redact_url(u)).collect();
         shown
     }
 
@@ -459,7 +488,7 @@ impl Serve {
 }
 
 /// A database URL without its password.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
@@ -508,12 +537,26 @@ mod tests {
             "super-secret-super-secret-super-secret",
             "--database-url",
             "postgres://app:hunter2@db.internal:5432/gavel",
+            "--replica-url",
+            "postgres://app:hunter3@replica.internal/gavel",
         ])
         .unwrap();
         let shown = format!("{:?}", s.redacted());
-        assert!(!shown.contains("super-secret") && !shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("super-secret") && !shown.contains("hunter2") && !shown.contains("hunter3"), "{shown}");
         assert!(shown.contains("postgres://app:<redacted>@db.internal:5432/gavel"), "{shown}");
         assert_eq!(redact_url("postgres:///gavel?host=/tmp"), "postgres:///gavel?host=/tmp");
+    }
+
+    #[test]
+    fn replicas_are_single_host_urls_and_lag_defaults_to_a_second() {
+        let s =
+            Serve::from_flags(["--replica-url", "postgres://r1/gavel", "--replica-url", "postgres://r2:6432/gavel"])
+                .unwrap();
+        assert_eq!(s.database.replica_urls, ["postgres://r1/gavel", "postgres://r2:6432/gavel"]);
+        assert_eq!(s.database.replica_max_lag, Duration::from_secs(1));
+        assert!(Serve::from_flags(["--replica-url", "mysql://r1/gavel"]).is_err());
+        assert!(Serve::from_flags(["--replica-url", "postgres://r1:port/gavel"]).is_err());
+        assert!(Serve::from_flags(["--replica-url", "postgres://r1,r2/gavel"]).is_err());
     }
 
     #[test]

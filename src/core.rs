@@ -16,6 +16,7 @@ use crate::cache::Caches;
 use crate::db::batch::Batcher;
 use crate::db::bids::Bids;
 use crate::db::orders::Orders;
+use crate::db::replicas::Replicas;
 use crate::events::Hub;
 use crate::storage::Store;
 use crate::throttle::Throttles;
@@ -107,6 +108,8 @@ impl Health {
 pub struct Core {
     pub id: usize,
     pub pool: PgPool,
+    /// Read replicas, for the reads that may lag a little.
+    pub replicas: Arc<Replicas>,
     pub caches: Arc<Caches>,
     /// The core's event streams.
     pub events: Arc<Hub>,

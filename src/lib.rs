@@ -20,7 +20,8 @@
 //! - [`events`]: per-core event streams (SSE), fed by the same notifications.
 //! - [`db`]: queries per resource, the generic write batcher, the bid
 //!   announcer, the one decoder of what the database announces (`db::notice`),
-//!   the embedded PostgreSQL, migrations.
+//!   the embedded PostgreSQL, migrations, finding the primary among several
+//!   hosts (`db::target`) and the read replicas (`db::replicas`).
 //! - [`domain`]: pure rules — money, auction lifecycle, bid checks, accounts, stock.
 //! - [`config`]: the clap command line; [`auth`]: tokens, roles, password hashes;
 //!   [`metrics`]: metric names and per-core handles; [`cpu`]: how idle a CPU is;

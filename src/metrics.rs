@@ -40,6 +40,9 @@ pub const EVENT_DELIVERY_SECONDS: &str = "gavel_event_delivery_seconds";
 pub const EVENT_BUDGET_SHARE: &str = "gavel_event_budget_share";
 pub const RATE_LIMITED_TOTAL: &str = "gavel_rate_limited_total";
 pub const LIFECYCLE_LEADER: &str = "gavel_lifecycle_leader";
+pub const REPLICA_LAG_SECONDS: &str = "gavel_replica_lag_seconds";
+pub const REPLICA_USABLE: &str = "gavel_replica_usable";
+pub const ROUTED_READS_TOTAL: &str = "gavel_routed_reads_total";
 
 /// Latency buckets, in seconds: from 50 µs (a cached read) to 10 s (a request
 /// timeout's order of magnitude).
@@ -301,6 +304,18 @@ fn describe() {
         LIFECYCLE_LEADER,
         "1 while this instance runs the auction lifecycle (of all instances sharing its database, one does)"
     );
+    describe_gauge!(
+        REPLICA_LAG_SECONDS,
+        "A read replica's replay lag as a core last measured it (0 while it has replayed all it received)"
+    );
+    describe_gauge!(
+        REPLICA_USABLE,
+        "1 while a core sends reads to this replica (answering, lag within --replica-max-lag)"
+    );
+    describe_counter!(
+        ROUTED_READS_TOTAL,
+        "Reads that may go to a replica (history, lists, misses of closed auctions), by what answered them"
+    );
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     process_collector().describe();
@@ -525,6 +540,35 @@ impl Drop for QueryTimer {
 /// Starts timing `query` on this core.
 pub fn time_query(query: Query) -> QueryTimer {
     QueryTimer { query, started: Instant::now() }
+}
+
+/// What answered a read that may go to a replica (`gavel_routed_reads_total{to}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadSource {
+    Replica,
+    Primary,
+}
+
+/// One core's handles for its read replicas.
+pub struct ReplicaMetrics {
+    /// By [`ReadSource`].
+    pub routed: [Counter; 2],
+}
+
+impl ReplicaMetrics {
+    pub fn new(core: usize) -> Self {
+        let core = core.to_string();
+        ReplicaMetrics {
+            routed: ["replica", "primary"]
+                .map(|to| metrics::counter!(ROUTED_READS_TOTAL, "core" => core.clone(), "to" => to)),
+        }
+    }
+
+    /// Lag and usability gauges of replica `name` on core `core`.
+    pub fn replica(core: usize, name: &str) -> (Gauge, Gauge) {
+        let labels = [("core", core.to_string()), ("replica", name.to_owned())];
+        (metrics::gauge!(REPLICA_LAG_SECONDS, &labels), metrics::gauge!(REPLICA_USABLE, &labels))
+    }
 }
 
 /// The two caches of a core (`crate::cache`), as metric labels.

@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::watch;
 
 use super::Caches;
+use crate::db::target::Target;
 use crate::db::{self, CACHE_CHANNEL, notice};
 use crate::events::Hub;
 use crate::metrics::CoreGauges;
@@ -21,12 +22,19 @@ pub fn application_name(core: usize) -> String {
     format!("gavel-core-{core}-listen")
 }
 
-/// Runs until `shutdown` turns true. `pool` is the core's pool, used for reloads.
+/// Runs until `shutdown` turns true. `pool` is the core's pool, used for reloads;
+/// it is on host `host` of `target`.
+///
+/// With several hosts, every (re)connection first finds the primary, from the
+/// host in use on: after a failover, the core moves its pool and its LISTEN
+/// connection to the promoted server, then reloads as after any loss.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     core: usize,
     caches: Arc<Caches>,
     events: Arc<Hub>,
-    options: PgConnectOptions,
+    target: Target,
+    mut host: usize,
     pool: PgPool,
     gauges: std::sync::Arc<CoreGauges>,
     mut shutdown: watch::Receiver<bool>,
@@ -36,12 +44,15 @@ pub async fn run(
     let listen_pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options.application_name(&application_name(core)));
+        .connect_lazy_with(target.host(host).clone().application_name(&application_name(core)));
     let mut backoff = Duration::from_millis(20);
     while !*shutdown.borrow() {
         tokio::select! {
             _ = shutdown.changed() => break,
-            result = listen_once(&caches, &events, &listen_pool, &pool, &gauges) => {
+            result = async {
+                follow_primary(core, &target, &mut host, &listen_pool, &pool).await?;
+                listen_once(&caches, &events, &listen_pool, &pool, &gauges).await
+            } => {
                 caches.set_live(false);
                 gauges.cache_live.set(0.0);
                 match result {
@@ -61,6 +72,29 @@ pub async fn run(
     }
     caches.set_live(false);
     listen_pool.close().await;
+}
+
+/// Finds the primary among `target`'s hosts (when there are several) and points
+/// both pools at it, if it moved.
+async fn follow_primary(
+    core: usize,
+    target: &Target,
+    host: &mut usize,
+    listen_pool: &PgPool,
+    pool: &PgPool,
+) -> Result<(), sqlx::Error> {
+    if !target.is_multi_host() {
+        return Ok(());
+    }
+    let found = target.locate(*host).await?;
+    if found != *host {
+        tracing::warn!(core, from = %target.describe(*host), to = %target.describe(found), "the primary moved; following it");
+        *host = found;
+        let options = target.host(found);
+        pool.set_connect_options(options.clone().application_name(&db::core_application_name(core)));
+        listen_pool.set_connect_options(options.clone().application_name(&application_name(core)));
+    }
+    Ok(())
 }
 
 /// Connects, subscribes, reloads, goes live, and applies notifications until the

@@ -72,12 +72,18 @@ pub struct Options {
     pub bin_dir: Option<PathBuf>,
     /// Extra `-c name=value` server settings, e.g. `max_connections`.
     pub settings: Vec<(String, String)>,
+    /// Also listen on this TCP port of 127.0.0.1 (the socket is named after it
+    /// too). `None`: the Unix socket alone, on the default port.
+    pub port: Option<u16>,
 }
 
 /// A running cluster. Stopped (fast shutdown) on [`Cluster::stop`] or drop.
 #[derive(Debug)]
 pub struct Cluster {
     child: Option<Child>,
+    bin_dir: PathBuf,
+    run_as: Option<User>,
+    port: Option<u16>,
     socket_dir: PathBuf,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -147,12 +153,17 @@ impl Cluster {
         let log = fs::File::create(&log_path).map_err(io_err("creating the PostgreSQL log"))?;
         let log_err = log.try_clone().map_err(io_err("opening the PostgreSQL log"))?;
         let mut postgres = Command::new(bin_dir.join("postgres"));
+        let listen = if options.port.is_some() { "127.0.0.1" } else { "" };
         postgres
             .arg("-D")
             .arg(&data_dir)
-            .args(["-c", "listen_addresses="])
+            .arg("-c")
+            .arg(format!("listen_addresses={listen}"))
             .arg("-c")
             .arg(format!("unix_socket_directories={}", socket_dir.display()));
+        if let Some(port) = options.port {
+            postgres.arg("-c").arg(format!("port={port}"));
+        }
         for (name, value) in &options.settings {
             postgres.arg("-c").arg(format!("{name}={value}"));
         }
@@ -171,7 +182,16 @@ impl Cluster {
         }
         let child = postgres.spawn().map_err(io_err("starting postgres"))?;
 
-        let mut cluster = Cluster { child: Some(child), socket_dir, data_dir, log_path, run_dir };
+        let mut cluster = Cluster {
+            child: Some(child),
+            bin_dir,
+            run_as,
+            port: options.port,
+            socket_dir,
+            data_dir,
+            log_path,
+            run_dir,
+        };
         cluster.wait_ready()?;
         Ok(cluster)
     }
@@ -180,10 +200,10 @@ impl Cluster {
         let deadline = Instant::now() + START_TIMEOUT;
         let pid_file = self.data_dir.join("postmaster.pid");
         loop {
-            // Line 8 of postmaster.pid is the postmaster's status; "ready" once it
-            // accepts connections.
+            // Line 8 of postmaster.pid is the postmaster's status: "ready" once it
+            // accepts connections, "standby" once a hot standby does.
             if let Ok(text) = fs::read_to_string(&pid_file)
-                && text.lines().nth(7).is_some_and(|s| s.trim() == "ready")
+                && text.lines().nth(7).is_some_and(|s| matches!(s.trim(), "ready" | "standby"))
             {
                 return Ok(());
             }
@@ -201,12 +221,52 @@ impl Cluster {
 
     /// Connection options for `database` on this cluster.
     pub fn connect_options(&self, database: &str) -> PgConnectOptions {
-        PgConnectOptions::new().socket(&self.socket_dir).username(SUPERUSER).database(database)
+        let options = PgConnectOptions::new().socket(&self.socket_dir).username(SUPERUSER).database(database);
+        match self.port {
+            Some(port) => options.port(port),
+            None => options,
+        }
     }
 
-    /// A URL for `database`, for tools such as psql and pgbench.
+    /// A URL for `database`, for gavel (`--replica-url`) and for tools such as
+    /// psql and pgbench.
     pub fn url(&self, database: &str) -> String {
-        format!("postgres://{SUPERUSER}@/{database}?host={}", self.socket_dir.display())
+        let port = self.port.map(|p| format!("&port={p}")).unwrap_or_default();
+        format!("postgres:///{database}?host={}&user={SUPERUSER}{port}", self.socket_dir.display())
+    }
+
+    /// The TCP port it listens on, if it was asked to.
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// Copies this running cluster into `dest` (which must not exist, in a
+    /// directory the cluster's user may write) with `pg_basebackup -R`: a
+    /// data directory that starts as a streaming standby of this cluster.
+    pub fn base_backup(&self, dest: &Path) -> Result<(), Error> {
+        let mut backup = Command::new(self.bin_dir.join("pg_basebackup"));
+        backup.arg("--pgdata").arg(dest).arg("--host").arg(&self.socket_dir).args([
+            "--username",
+            SUPERUSER,
+            "--write-recovery-conf",
+            "--checkpoint",
+            "fast",
+            "--wal-method",
+            "stream",
+        ]);
+        if let Some(port) = self.port {
+            backup.arg("--port").arg(port.to_string());
+        }
+        run_quietly(backup, &self.run_as, "pg_basebackup")
+    }
+
+    /// Gives `dir` to the user the clusters run as (when this process is root),
+    /// so that [`Cluster::base_backup`] may write there.
+    pub fn hand_over(dir: &Path) -> Result<(), Error> {
+        match unprivileged_user()? {
+            Some(user) => chown(dir, &user),
+            None => Ok(()),
+        }
     }
 
     /// The postmaster's process id, while it runs.

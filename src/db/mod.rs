@@ -1,4 +1,5 @@
-//! Queries per resource, write batching, the embedded PostgreSQL and migrations.
+//! Queries per resource, write batching, the embedded PostgreSQL, migrations,
+//! the primary among several hosts and the read replicas.
 
 pub mod accounts;
 pub mod auctions;
@@ -9,10 +10,14 @@ pub mod images;
 pub mod inventory;
 pub mod notice;
 pub mod orders;
+pub mod replicas;
+pub mod target;
 
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use self::target::{SessionAttrs, Target};
 
 /// The channel every cache notification travels on (one mechanism for every kind).
 pub const CACHE_CHANNEL: &str = "gavel_cache";
@@ -72,24 +77,50 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 53: insufficient resources (too many
             // connections); 57: operator intervention (shutdown, cancel); 55000: the
-            // database is not accepting connections.
-            code.starts_with("08") || code.starts_with("53") || code.starts_with("57") || code == "55000"
+            // database is not accepting connections; 25006: a write on a server
+            // that has become read-only (a failover is under way).
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57")
+                || code == "55000"
+                || code == "25006"
         }),
         _ => false,
     }
 }
 
-/// Builds one core's pool. It must be called inside the runtime that will use it:
-/// a pool's connections belong to the runtime that opened them.
-pub fn core_pool(options: &PgConnectOptions, core: usize, size: u32, acquire_timeout: Duration) -> PgPool {
-    PgPoolOptions::new()
+/// The application name of core `core`'s pool connections.
+pub fn core_application_name(core: usize) -> String {
+    format!("gavel-core-{core}")
+}
+
+/// Builds one core's pool on host `host` of `target`. It must be called inside the
+/// runtime that will use it: a pool's connections belong to the runtime that
+/// opened them. With `target_session_attrs`, each new connection is checked, so
+/// a pool never writes through a server that has turned into a standby.
+pub fn core_pool(target: &Target, host: usize, core: usize, size: u32, acquire_timeout: Duration) -> PgPool {
+    let attrs = target.attrs();
+    let mut pool = PgPoolOptions::new()
         .max_connections(size.max(1))
         .min_connections(size.max(1))
         .acquire_timeout(acquire_timeout)
         // The pool is this core's alone; checking a connection before each use
         // costs a round trip on the hot path, and a broken one fails its query anyway.
-        .test_before_acquire(false)
-        .connect_lazy_with(options.clone().application_name(&format!("gavel-core-{core}")))
+        .test_before_acquire(false);
+    if attrs != SessionAttrs::Any {
+        pool = pool.after_connect(move |conn, _| {
+            Box::pin(async move {
+                match target::fits(attrs, conn).await? {
+                    true => Ok(()),
+                    false => Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::NotConnected,
+                        "the server does not accept writes (a standby, after a failover?)",
+                    ))),
+                }
+            })
+        });
+    }
+    pool.connect_lazy_with(target.host(host).clone().application_name(&core_application_name(core)))
 }
 
 /// Applies every pending migration.

@@ -1,5 +1,6 @@
 //! Auctions: create, read (from the core's cache), list, and bid history.
 
+use sqlx::PgPool;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -188,7 +189,16 @@ async fn get_auction(
     {
         return Ok(response);
     }
-    let auction = db::auctions::get(&core.pool, id).await?.ok_or(Error::NotFound("no such auction"))?;
+    let found = match q.consistent {
+        true => db::auctions::get(&core.pool, id).await?,
+        // A closed auction's bidding is final: a replica's copy of it will do.
+        // Anything else, or nothing yet, is the primary's to answer.
+        false => {
+            let read = |db: PgPool| async move { db::auctions::get(&db, id).await };
+            core.replicas.read(&core.pool, read, |found| found.as_ref().is_some_and(|a| a.closed)).await?
+        }
+    };
+    let auction = found.ok_or(Error::NotFound("no such auction"))?;
     let view = auction_view(&auction, now);
     core.caches.apply_auction(auction);
     Ok(respond::cached(view, tags.as_ref()))
@@ -218,7 +228,9 @@ struct ListQuery {
 async fn list_auctions(State(core): State<Arc<Core>>, Params(q): Params<ListQuery>) -> Result<Response> {
     let limit = page_limit(q.limit)?;
     let after = q.after.unwrap_or(0);
-    let auctions = db::auctions::list(&core.pool, q.status, after, limit).await?;
+    let status = q.status;
+    let read = |db: PgPool| async move { db::auctions::list(&db, status, after, limit).await };
+    let auctions = core.replicas.read(&core.pool, read, |_| true).await?;
     let now = Utc::now();
     let next_after = (auctions.len() as i64 == limit).then(|| auctions.last().map(|a| a.id)).flatten();
     let items: Vec<AuctionView<'_>> = auctions.iter().map(|a| AuctionView::of(a, now)).collect();
@@ -241,6 +253,10 @@ async fn list_auctions(State(core): State<Arc<Core>>, Params(q): Params<ListQuer
 )]
 async fn list_bids(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<NewestFirst>) -> Result<Response> {
     let limit = page_limit(q.limit)?;
-    let bids = db::bids::history(&core.pool, id, q.after, limit).await?.ok_or(Error::NotFound("no such auction"))?;
+    // An auction a replica does not know yet may be new: the primary decides.
+    let after = q.after;
+    let read = |db: PgPool| async move { db::bids::history(&db, id, after, limit).await };
+    let bids =
+        core.replicas.read(&core.pool, read, Option::is_some).await?.ok_or(Error::NotFound("no such auction"))?;
     Ok(respond::json(StatusCode::OK, &Page::newest_first(bids, limit, |b| b.id)))
 }

@@ -1,6 +1,7 @@
 //! Inventory: create or restock (the owner seller), read (from the core's cache),
 //! list.
 
+use sqlx::PgPool;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -184,7 +185,9 @@ async fn list_inventory(State(core): State<Arc<Core>>, Params(q): Params<ListQue
     if !after.is_empty() && !valid_sku(&after) {
         return Err(Error::Validation(vec![FieldError::new("after", "must be a sku")]));
     }
-    let items = db::inventory::list(&core.pool, q.seller, &after, limit).await?;
+    let (seller, after) = (q.seller, after.as_str());
+    let read = |db: PgPool| async move { db::inventory::list(&db, seller, after, limit).await };
+    let items = core.replicas.read(&core.pool, read, |_| true).await?;
     let next_after = (items.len() as i64 == limit).then(|| items.last().map(|i| i.sku.clone())).flatten();
     let items: Vec<ItemView<'_>> = items.iter().map(ItemView::from).collect();
     Ok(respond::json(StatusCode::OK, &Page { items, next_after }))

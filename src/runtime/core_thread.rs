@@ -20,6 +20,8 @@ use crate::db;
 use crate::db::batch::{BatchLimits, BatchStart, Batcher, Lanes};
 use crate::db::bids::{Announcer, Bids};
 use crate::db::orders::Orders;
+use crate::db::replicas::{ReplicaLimits, Replicas};
+use crate::db::target::Target;
 use crate::events::{Hub, StreamLimits};
 use crate::http;
 use crate::http::activity::Activity;
@@ -38,7 +40,10 @@ pub(super) struct Start {
     pub pin: Option<core_affinity::CoreId>,
     pub listener: std::net::TcpListener,
     pub config: Arc<Serve>,
-    pub database: PgConnectOptions,
+    /// Where the primary is.
+    pub database: Target,
+    /// The read replicas (`--replica-url`).
+    pub replicas: Vec<PgConnectOptions>,
     pub keys: Arc<Keys>,
     pub health: Arc<Health>,
     pub throttles: Arc<Throttles>,
@@ -77,11 +82,40 @@ pub(super) fn run(start: Start) {
 }
 
 async fn core_main(start: Start) {
-    let Start { index, pin, listener, config, database, keys, health, throttles, images, bid_lanes, shutdown, started } =
-        start;
+    let Start {
+        index,
+        pin,
+        listener,
+        config,
+        database,
+        replicas,
+        keys,
+        health,
+        throttles,
+        images,
+        bid_lanes,
+        shutdown,
+        started,
+    } = start;
+    // With several hosts, this core finds the primary itself, as it will again
+    // after any failover (see `cache::listener`).
+    let host = match database.is_multi_host() {
+        false => 0,
+        true => match tokio::time::timeout(CONNECT_TIMEOUT, database.locate(0)).await {
+            Ok(Ok(host)) => host,
+            Ok(Err(e)) => {
+                let _ = started.send(Err(format!("core {index}: cannot find the primary: {e}")));
+                return;
+            }
+            Err(_) => {
+                let _ = started.send(Err(format!("core {index}: cannot find the primary: timed out")));
+                return;
+            }
+        },
+    };
     // The pool is created here, inside this core's runtime: its connections belong
     // to the runtime that opened them.
-    let pool = db::core_pool(&database, index, config.db_conns_per_core, config.db_acquire_timeout);
+    let pool = db::core_pool(&database, host, index, config.db_conns_per_core, config.db_acquire_timeout);
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, pool.acquire()).await;
     if let Err(e) = connected.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
         let _ = started.send(Err(format!("core {index}: cannot reach the database: {e}")));
@@ -140,9 +174,19 @@ async fn core_main(start: Start) {
         http::auction_json,
         StreamMetrics::new(index),
     ));
+    let replicas = Arc::new(Replicas::open(
+        index,
+        &replicas,
+        &ReplicaLimits {
+            max_lag: config.database.replica_max_lag,
+            conns: config.database.replica_conns_per_core,
+            acquire_timeout: config.db_acquire_timeout,
+        },
+    ));
     let core = Arc::new(Core {
         id: index,
         pool: pool.clone(),
+        replicas: replicas.clone(),
         caches: caches.clone(),
         events: events.clone(),
         bids,
@@ -163,14 +207,19 @@ async fn core_main(start: Start) {
         hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });
     let gauges = Arc::new(CoreGauges::new(index));
-    let lifecycle_task = (index == 0)
-        .then(|| tokio::spawn(lifecycle(database.clone(), throttles, config.lifecycle_tick, shutdown.clone())));
+    let lifecycle_task =
+        (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), throttles, config.lifecycle_tick, shutdown.clone())));
+    let replicas_task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { replicas.watch(shutdown).await }
+    });
     let sweep_task = tokio::spawn(cache::sweep(caches.clone(), gauges.clone(), shutdown.clone()));
     let listen_task = tokio::spawn(cache::listener::run(
         index,
         caches,
         events.clone(),
         database,
+        host,
         pool.clone(),
         gauges.clone(),
         shutdown.clone(),
@@ -191,6 +240,7 @@ async fn core_main(start: Start) {
     let _ = events_task.await;
     let _ = delivery_task.await;
     let _ = pool_task.await;
+    let _ = replicas_task.await;
     if let Some(task) = lifecycle_task {
         let _ = task.await;
     }
@@ -412,19 +462,16 @@ pub const LIFECYCLE_APPLICATION: &str = "gavel-lifecycle";
 /// The lock is a session's: when the leader's connection closes (the instance
 /// stopped, died, or lost its network), PostgreSQL releases it, and another
 /// instance takes over at its next tick.
-async fn lifecycle(
-    database: PgConnectOptions,
-    throttles: Arc<Throttles>,
-    tick: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
+///
+/// It connects where core 0's pool does, so it follows that core to a new
+/// primary after a failover.
+async fn lifecycle(pool: PgPool, throttles: Arc<Throttles>, tick: Duration, mut shutdown: watch::Receiver<bool>) {
     use sqlx::Connection;
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // Not at once: a start has nothing to purge that a minute later has not.
     let mut purge = tokio::time::interval_at(tokio::time::Instant::now() + PURGE_EVERY, PURGE_EVERY);
     purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let options = database.application_name(LIFECYCLE_APPLICATION);
     let leader = ::metrics::gauge!(metrics::LIFECYCLE_LEADER);
     // The connection, and whether it holds the lock.
     let mut held: Option<(sqlx::PgConnection, bool)> = None;
@@ -433,6 +480,7 @@ async fn lifecycle(
             _ = shutdown.changed() => break,
             _ = interval.tick() => {
                 if held.is_none() {
+                    let options = pool.connect_options().as_ref().clone().application_name(LIFECYCLE_APPLICATION);
                     match tokio::time::timeout(LIFECYCLE_WAIT, sqlx::PgConnection::connect_with(&options)).await {
                         Ok(Ok(conn)) => held = Some((conn, false)),
                         Ok(Err(e)) => tracing::debug!(error = %e, "the lifecycle cannot connect; retrying next tick"),

@@ -22,6 +22,7 @@ use crate::auth::Keys;
 use crate::config::{self, Serve};
 use crate::core::Health;
 use crate::db::batch::Lanes;
+use crate::db::target::Target;
 use crate::db::{self, embedded};
 use crate::storage;
 
@@ -72,7 +73,8 @@ fn image_store(config: &Serve) -> anyhow::Result<(storage::Location, Option<temp
 impl Server {
     /// Starts every core and returns once all of them serve, or with the first
     /// core's error (after stopping the others).
-    pub fn start(config: &Serve, database: PgConnectOptions, keys: Arc<Keys>) -> anyhow::Result<Server> {
+    pub fn start(config: &Serve, database: impl Into<Target>, keys: Arc<Keys>) -> anyhow::Result<Server> {
+        let database = database.into();
         let cores = config.core_count();
         let metrics = crate::metrics::install(config.metrics);
         let admin = match metrics {
@@ -93,6 +95,14 @@ impl Server {
         let bid_lanes = (config.bid_lanes > 0).then(|| Lanes::new(config.bid_lanes));
         let throttles = Arc::new(config.throttles());
         let (images, objects) = image_store(config)?;
+        let replicas = config
+            .database
+            .replica_urls
+            .iter()
+            .map(|url| {
+                PgConnectOptions::from_str(url).with_context(|| format!("--replica-url {}", config::redact_url(url)))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let config = Arc::new(config.clone());
         let mut threads = Vec::with_capacity(cores);
         for (index, listener) in listeners.into_iter().enumerate() {
@@ -102,6 +112,7 @@ impl Server {
                 listener,
                 config: config.clone(),
                 database: database.clone(),
+                replicas: replicas.clone(),
                 keys: keys.clone(),
                 health: health.clone(),
                 throttles: throttles.clone(),
@@ -174,10 +185,11 @@ impl Server {
     }
 }
 
-/// The database a command runs against: an external server or an embedded cluster
-/// (stopped when this is dropped).
+/// The database a command runs against: an external server (one host, or several
+/// of which the primary is used) or an embedded cluster (stopped when this is
+/// dropped).
 pub struct Database {
-    pub options: PgConnectOptions,
+    pub target: Target,
     pub cluster: Option<embedded::Cluster>,
 }
 
@@ -187,27 +199,29 @@ impl Database {
     /// that starts it).
     pub fn open(config: &config::Database, max_connections: u32) -> anyhow::Result<Database> {
         if let Some(url) = &config.database_url {
-            let options = PgConnectOptions::from_str(url).context("DATABASE_URL is not a valid PostgreSQL URL")?;
+            let target = Target::parse(url).context("DATABASE_URL is not a valid PostgreSQL URL")?;
+            let hosts: Vec<String> = (0..target.hosts().len()).map(|i| target.describe(i)).collect();
             tracing::info!(
-                host = options.get_host(),
-                port = options.get_port(),
-                database = options.get_database().unwrap_or_default(),
+                hosts = ?hosts,
+                attrs = ?target.attrs(),
+                database = target.host(0).get_database().unwrap_or_default(),
                 "using the PostgreSQL at DATABASE_URL"
             );
-            return Ok(Database { options, cluster: None });
+            return Ok(Database { target, cluster: None });
         }
         let cluster = embedded::Cluster::start(&embedded::Options {
             data_dir: config.data_dir.clone(),
             bin_dir: config.pg_bin_dir.clone(),
             settings: vec![("max_connections".into(), max_connections.to_string())],
+            ..embedded::Options::default()
         })?;
         tracing::info!(
             data_dir = %cluster.data_dir().display(),
             ephemeral = config.data_dir.is_none(),
             "started the embedded PostgreSQL"
         );
-        let options = cluster.connect_options(EMBEDDED_DATABASE);
-        Ok(Database { options, cluster: Some(cluster) })
+        let target = cluster.connect_options(EMBEDDED_DATABASE).into();
+        Ok(Database { target, cluster: Some(cluster) })
     }
 
     /// Stops the embedded cluster, if any.
@@ -225,13 +239,19 @@ fn main_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// Prepares the database for use: creates the embedded database and migrates.
+/// Prepares the database for use: creates the embedded database and migrates
+/// the primary.
 fn prepare(db: &Database, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     runtime.block_on(async {
+        let primary = match db.target.is_multi_host() {
+            true => db.target.locate(0).await.context("cannot find the primary")?,
+            false => 0,
+        };
+        let options = db.target.host(primary);
         if db.cluster.is_some() {
-            db::ensure_database(&db.options, EMBEDDED_DATABASE).await.context("cannot create the database")?;
+            db::ensure_database(options, EMBEDDED_DATABASE).await.context("cannot create the database")?;
         }
-        db::migrate(&db.options).await.context("migrations failed")
+        db::migrate(options).await.context("migrations failed")
     })
 }
 
@@ -255,7 +275,7 @@ pub fn serve(config: Serve) -> anyhow::Result<()> {
     let runtime = main_runtime()?;
     let result = (|| {
         prepare(&db, &runtime)?;
-        let server = Server::start(&config, db.options.clone(), Arc::new(keys))?;
+        let server = Server::start(&config, db.target.clone(), Arc::new(keys))?;
         tracing::info!(addr = %server.local_addr(), cores, "gavel serving");
         runtime.block_on(wait_for_signal())?;
         // Still serving, but not ready: load balancers stop sending here.

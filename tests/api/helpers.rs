@@ -8,6 +8,7 @@ use chrono::{SecondsFormat, Utc};
 use gavel::auth::{Keys, Role};
 use gavel::config::Serve;
 use gavel::db::embedded::{Cluster, Options};
+use gavel::db::target::Target;
 use gavel::runtime::Server;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
@@ -52,11 +53,22 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     // Started on this thread, which lives as long as the test: the cluster is told
     // to stop if the thread that started it ends.
     let cluster = start_cluster();
+    let options = prepare_database(&cluster).await;
+    let server = start_server(options.clone(), flags);
+    app_on(cluster, options, server).await
+}
+
+/// Creates, migrates and seeds the test database on `cluster`; its options.
+pub async fn prepare_database(cluster: &Cluster) -> PgConnectOptions {
     let options = cluster.connect_options("gavel");
     gavel::db::ensure_database(&options, "gavel").await.expect("create database");
     gavel::db::migrate(&options).await.expect("migrate");
     seed_accounts(&options).await;
-    let server = start_server(&options, flags);
+    options
+}
+
+/// A [`TestApp`] of `server`, whose database is `options` on `cluster`.
+pub async fn app_on(cluster: Cluster, options: PgConnectOptions, server: Server) -> TestApp {
     let keys = Keys::new(SECRET.as_bytes()).unwrap();
     let db = PgPoolOptions::new().max_connections(4).connect_with(options.clone()).await.expect("test pool");
     TestApp {
@@ -71,9 +83,10 @@ pub async fn spawn_app_with(flags: &[&str]) -> TestApp {
     }
 }
 
-/// A two-core gavel on `options`' database, with test-friendly timings and
-/// extra `flags`: another instance, when the database has one already.
-pub fn start_server(options: &PgConnectOptions, flags: &[&str]) -> Server {
+/// A two-core gavel on `database` (one server, or a multi-host target), with
+/// test-friendly timings and extra `flags`: another instance, when the database
+/// has one already.
+pub fn start_server(database: impl Into<Target>, flags: &[&str]) -> Server {
     let mut args = vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2"];
     if !flags.contains(&"--lifecycle-tick") {
         args.extend_from_slice(&["--lifecycle-tick", "50ms"]);
@@ -83,7 +96,7 @@ pub fn start_server(options: &PgConnectOptions, flags: &[&str]) -> Server {
     args.extend_from_slice(&["--steer-by-cpu", "false"]);
     args.extend_from_slice(flags);
     let config = Serve::from_flags(args).expect("test flags parse");
-    Server::start(&config, options.clone(), Arc::new(Keys::new(SECRET.as_bytes()).unwrap())).expect("server starts")
+    Server::start(&config, database, Arc::new(Keys::new(SECRET.as_bytes()).unwrap())).expect("server starts")
 }
 
 /// How many accounts every test database starts with (ids 1..=ACCOUNTS), so tokens
@@ -104,15 +117,69 @@ async fn seed_accounts(options: &PgConnectOptions) {
 }
 
 pub fn start_cluster() -> Cluster {
-    Cluster::start(&Options {
-        settings: vec![
-            // Durability is not under test here; speed is welcome.
-            ("fsync".into(), "off".into()),
-            ("max_connections".into(), "100".into()),
-        ],
-        ..Options::default()
-    })
-    .expect("start a private PostgreSQL (is postgresql-15 installed?)")
+    start_cluster_on(None)
+}
+
+/// A private cluster that also listens on TCP `port` of 127.0.0.1, if given.
+pub fn start_cluster_on(port: Option<u16>) -> Cluster {
+    Cluster::start(&Options { settings: test_settings(), port, ..Options::default() })
+        .expect("start a private PostgreSQL (is postgresql-15 installed?)")
+}
+
+fn test_settings() -> Vec<(String, String)> {
+    vec![
+        // Durability across power cuts is not under test here; speed is welcome.
+        // (A crashed server process loses nothing: its writes are in the kernel.)
+        ("fsync".into(), "off".into()),
+        ("max_connections".into(), "100".into()),
+    ]
+}
+
+/// A free TCP port of 127.0.0.1, for a cluster to listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A hot standby of a primary, streaming from it, and a pool on its database.
+pub struct Standby {
+    pub db: PgPool,
+    pub cluster: Cluster,
+    /// Holds the standby's data directory; removed after the cluster stops.
+    _dir: tempfile::TempDir,
+}
+
+impl Standby {
+    /// Copies `primary` with `pg_basebackup -R` and starts the copy as its
+    /// streaming standby, on TCP `port` too if given. Call it on the test's
+    /// thread, as [`start_cluster`].
+    pub async fn of(primary: &Cluster, port: Option<u16>) -> Standby {
+        let dir = tempfile::tempdir().unwrap();
+        Cluster::hand_over(dir.path()).expect("hand the standby's directory over");
+        let data = dir.path().join("data");
+        primary.base_backup(&data).expect("pg_basebackup -R");
+        let cluster =
+            Cluster::start(&Options { data_dir: Some(data), settings: test_settings(), port, ..Options::default() })
+                .expect("start the standby");
+        let options = cluster.connect_options("gavel");
+        let db = PgPoolOptions::new().max_connections(2).connect_with(options).await.expect("standby pool");
+        Standby { db, cluster, _dir: dir }
+    }
+
+    /// Waits until the standby has replayed everything the primary (`primary`)
+    /// has written so far.
+    pub async fn caught_up(&self, primary: &PgPool) {
+        let lsn: String =
+            sqlx::query_scalar("select pg_current_wal_lsn()::text").fetch_one(primary).await.expect("primary's LSN");
+        eventually(Duration::from_secs(10), "the standby replays the primary's writes", || async {
+            let behind: bool = sqlx::query_scalar("select pg_last_wal_replay_lsn() < $1::pg_lsn")
+                .bind(&lsn)
+                .fetch_one(&self.db)
+                .await
+                .ok()?;
+            (!behind).then_some(())
+        })
+        .await;
+    }
 }
 
 /// A client that opens a new connection for every request, so requests spread
@@ -143,6 +210,11 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             server.stop();
         }
+    }
+
+    /// The postmaster of the test's cluster, while it runs.
+    pub fn cluster_pid(&self) -> Option<u32> {
+        self.cluster.as_ref().and_then(Cluster::pid)
     }
 
     /// Begins the server's shutdown (readiness turns 503, listeners close).
@@ -283,20 +355,7 @@ impl TestApp {
     /// The samples of `family` summed per core (`[core 0, core 1]`), over the
     /// sample lines that contain every one of `having` (e.g. `status="200"`).
     pub async fn per_core(&self, family: &str, having: &[&str]) -> [f64; 2] {
-        let mut sums = [0.0; 2];
-        let prefix = format!("{family}{{");
-        for line in self.scrape().await.lines().filter(|l| l.starts_with(&prefix)) {
-            if !having.iter().all(|h| line.contains(h)) {
-                continue;
-            }
-            let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a sample's value");
-            if line.contains("core=\"0\"") {
-                sums[0] += value;
-            } else if line.contains("core=\"1\"") {
-                sums[1] += value;
-            }
-        }
-        sums
+        per_core_at(self.admin_addr, family, having).await
     }
 
     /// GETs `path` (of route template `route`) on new connections until every core
@@ -347,6 +406,28 @@ impl TestApp {
         all.reverse();
         all
     }
+}
+
+/// The samples of `family` whose labels include all of `having`, summed per core,
+/// from the `/metrics` of the admin listener at `admin`.
+pub async fn per_core_at(admin: SocketAddr, family: &str, having: &[&str]) -> [f64; 2] {
+    let response = reqwest::get(format!("http://{admin}/metrics")).await.expect("scrape");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.unwrap();
+    let mut sums = [0.0; 2];
+    let prefix = format!("{family}{{");
+    for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+        if !having.iter().all(|h| line.contains(h)) {
+            continue;
+        }
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a sample's value");
+        if line.contains("core=\"0\"") {
+            sums[0] += value;
+        } else if line.contains("core=\"1\"") {
+            sums[1] += value;
+        }
+    }
+    sums
 }
 
 /// A token signed with the right secret whose expiry has passed.

@@ -14,7 +14,7 @@ use crate::helpers::{TestApp, eventually, fresh_connection_client, spawn_app_wit
 
 /// Another instance on `app`'s database, with the same flags.
 fn second(app: &TestApp, flags: &[&str]) -> Server {
-    start_server(&app.options, flags)
+    start_server(app.options.clone(), flags)
 }
 
 /// `path` read on new connections to `addr` until `check` holds for every core's
