@@ -9,13 +9,19 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::watch;
 
 use super::Caches;
-use crate::db::target::Target;
+use crate::db::target::{self, Moves, SessionAttrs, Target};
 use crate::db::{self, CACHE_CHANNEL, notice};
 use crate::events::Hub;
 use crate::metrics::CoreGauges;
 
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How often the LISTEN connection is asked whether its server still answers
+/// (and still has the session attributes asked for), and how long an answer
+/// may take. A server whose machine is lost sends no reset: without asking, a
+/// connection waiting for notifications would wait for ever. A server that
+/// turns read-only without a restart is noticed the same way.
+const LIVENESS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3));
 
 /// The application name of core `core`'s LISTEN connection (tests look for it).
 pub fn application_name(core: usize) -> String {
@@ -35,6 +41,7 @@ pub async fn run(
     events: Arc<Hub>,
     target: Target,
     mut host: usize,
+    moves: Moves,
     pool: PgPool,
     gauges: std::sync::Arc<CoreGauges>,
     mut shutdown: watch::Receiver<bool>,
@@ -50,8 +57,8 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.changed() => break,
             result = async {
-                follow_primary(core, &target, &mut host, &listen_pool, &pool).await?;
-                listen_once(&caches, &events, &listen_pool, &pool, &gauges).await
+                follow_primary(core, &target, &mut host, &moves, &listen_pool, &pool).await?;
+                listen_once(&caches, &events, target.attrs(), &listen_pool, &pool, &gauges).await
             } => {
                 caches.set_live(false);
                 gauges.cache_live.set(0.0);
@@ -75,24 +82,27 @@ pub async fn run(
 }
 
 /// Finds the primary among `target`'s hosts (when there are several) and points
-/// both pools at it, if it moved.
+/// both pools at it, if it moved; the pool then gives up the connections it
+/// opened before (`moves`).
 async fn follow_primary(
     core: usize,
     target: &Target,
     host: &mut usize,
+    moves: &Moves,
     listen_pool: &PgPool,
     pool: &PgPool,
 ) -> Result<(), sqlx::Error> {
     if !target.is_multi_host() {
         return Ok(());
     }
-    let found = target.locate(*host).await?;
+    let found = target.locate().await?;
     if found != *host {
         tracing::warn!(core, from = %target.describe(*host), to = %target.describe(found), "the primary moved; following it");
         *host = found;
         let options = target.host(found);
         pool.set_connect_options(options.clone().application_name(&db::core_application_name(core)));
         listen_pool.set_connect_options(options.clone().application_name(&application_name(core)));
+        moves.mark();
     }
     Ok(())
 }
@@ -102,6 +112,7 @@ async fn follow_primary(
 async fn listen_once(
     caches: &Caches,
     events: &Hub,
+    attrs: SessionAttrs,
     listen_pool: &PgPool,
     pool: &PgPool,
     gauges: &CoreGauges,
@@ -116,8 +127,24 @@ async fn listen_once(
     caches.set_live(true);
     gauges.cache_live.set(1.0);
     gauges.reconnects.increment(1);
+    let mut liveness = tokio::time::interval_at(tokio::time::Instant::now() + LIVENESS.0, LIVENESS.0);
+    liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        match listener.try_recv().await {
+        // `try_recv` may be dropped while it waits: it keeps a message only once
+        // it has all of it (sqlx reads into its own buffer until then).
+        let received = tokio::select! {
+            received = listener.try_recv() => received,
+            _ = liveness.tick() => {
+                match tokio::time::timeout(LIVENESS.1, target::fits(attrs, &mut listener)).await {
+                    Ok(Ok(true)) => continue,
+                    Ok(Ok(false)) => tracing::warn!("the database no longer accepts writes; looking for the primary"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "the cache listener's check failed"),
+                    Err(_) => tracing::warn!(wait = ?LIVENESS.1, "the database did not answer the cache listener's check"),
+                }
+                return Ok(());
+            }
+        };
+        match received {
             Ok(Some(notification)) => match notice::parse(notification.payload()) {
                 Ok(n) => {
                     let lag_us = chrono::Utc::now().timestamp_micros() - n.at_us;

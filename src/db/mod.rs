@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use self::target::{SessionAttrs, Target};
+use self::target::{Moves, SessionAttrs, Target};
 
 /// The channel every cache notification travels on (one mechanism for every kind).
 pub const CACHE_CHANNEL: &str = "gavel_cache";
@@ -98,7 +98,17 @@ pub fn core_application_name(core: usize) -> String {
 /// runtime that will use it: a pool's connections belong to the runtime that
 /// opened them. With `target_session_attrs`, each new connection is checked, so
 /// a pool never writes through a server that has turned into a standby.
-pub fn core_pool(target: &Target, host: usize, core: usize, size: u32, acquire_timeout: Duration) -> PgPool {
+///
+/// With several hosts, a connection opened before the core last moved to another
+/// (`moves`) is closed rather than used.
+pub fn core_pool(
+    target: &Target,
+    host: usize,
+    moves: &Moves,
+    core: usize,
+    size: u32,
+    acquire_timeout: Duration,
+) -> PgPool {
     let attrs = target.attrs();
     let mut pool = PgPoolOptions::new()
         .max_connections(size.max(1))
@@ -118,6 +128,13 @@ pub fn core_pool(target: &Target, host: usize, core: usize, size: u32, acquire_t
                     ))),
                 }
             })
+        });
+    }
+    if target.is_multi_host() {
+        let moves = moves.clone();
+        pool = pool.before_acquire(move |_, meta| {
+            let current = moves.opened_since(meta.age);
+            Box::pin(async move { Ok(current) })
         });
     }
     pool.connect_lazy_with(target.host(host).clone().application_name(&core_application_name(core)))

@@ -12,8 +12,12 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::Connection;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{Connection, PgExecutor};
 
 /// How long one host may take to accept a connection while the primary is looked
 /// for; a host that is down but not refusing (a lost machine) must not hold up
@@ -101,13 +105,20 @@ impl Target {
         }
         let kept = kept.finish();
         let query = if kept.is_empty() { String::new() } else { format!("?{kept}") };
-        let hosts = hosts
+        let hosts: Vec<PgConnectOptions> = hosts
             .split(',')
             .map(|host| {
                 PgConnectOptions::from_str(&format!("{scheme}://{userinfo}{host}{path}{query}"))
                     .map_err(|source| ParseError::Host { host: host.to_owned(), source })
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<_, _>>()?;
+        if hosts.len() > 1 && attrs == SessionAttrs::Any {
+            // libpq would take the first host that answers, a standby as well;
+            // gavel writes, so it must be told to look for the primary.
+            return Err(ParseError::Attrs(
+                "several hosts need target_session_attrs=read-write (or primary): gavel writes".into(),
+            ));
+        }
         Ok(Target { hosts, attrs })
     }
 
@@ -135,13 +146,12 @@ impl Target {
         describe(&self.hosts[index])
     }
 
-    /// The first host, trying them in order from `from`, that accepts a
-    /// connection whose session has the attributes asked for. One connection
+    /// The first host, in the order given, that accepts a connection whose
+    /// session has the attributes asked for, as libpq picks one. One connection
     /// per host tried, closed again.
-    pub async fn locate(&self, from: usize) -> Result<usize, sqlx::Error> {
+    pub async fn locate(&self) -> Result<usize, sqlx::Error> {
         let mut refused = Vec::with_capacity(self.hosts.len());
-        for step in 0..self.hosts.len() {
-            let index = (from + step) % self.hosts.len();
+        for index in 0..self.hosts.len() {
             let connected = tokio::time::timeout(HOST_CONNECT_TIMEOUT, PgConnection::connect_with(&self.hosts[index]));
             let why = match connected.await {
                 Ok(Ok(mut conn)) => {
@@ -165,10 +175,11 @@ impl Target {
     }
 }
 
-/// Whether the session on `conn` has the attributes `attrs` asks for.
-pub async fn fits(attrs: SessionAttrs, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+/// Whether the session on `conn` has the attributes `attrs` asks for. Always a
+/// round trip, so that it also tells whether the server still answers.
+pub async fn fits<'c>(attrs: SessionAttrs, conn: impl PgExecutor<'c>) -> Result<bool, sqlx::Error> {
     match attrs {
-        SessionAttrs::Any => Ok(true),
+        SessionAttrs::Any => sqlx::query_scalar!(r#"select true as "answers!""#).fetch_one(conn).await,
         SessionAttrs::ReadWrite => {
             sqlx::query_scalar!(r#"select current_setting('transaction_read_only') = 'off' as "writable!""#)
                 .fetch_one(conn)
@@ -177,6 +188,34 @@ pub async fn fits(attrs: SessionAttrs, conn: &mut PgConnection) -> Result<bool, 
         SessionAttrs::Primary => {
             sqlx::query_scalar!(r#"select not pg_is_in_recovery() as "primary!""#).fetch_one(conn).await
         }
+    }
+}
+
+/// When a core last moved its pool to another host. A connection opened before
+/// that is given up when the pool next hands it out: after a failover in which
+/// the old primary lives on (read-only), its connections would still answer,
+/// and refuse every write.
+#[derive(Debug, Clone)]
+pub struct Moves(Arc<(Instant, AtomicU64)>);
+
+impl Default for Moves {
+    fn default() -> Self {
+        Moves(Arc::new((Instant::now(), AtomicU64::new(0))))
+    }
+}
+
+impl Moves {
+    /// The pool moved now.
+    pub fn mark(&self) {
+        let (base, last) = &*self.0;
+        last.store(base.elapsed().as_nanos().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// Whether a connection `age` old was opened since the last move.
+    pub fn opened_since(&self, age: Duration) -> bool {
+        let (base, last) = &*self.0;
+        let last = last.load(Ordering::Relaxed);
+        last == 0 || base.elapsed().saturating_sub(age).as_nanos() as u64 >= last
     }
 }
 
@@ -219,11 +258,27 @@ mod tests {
 
     #[test]
     fn attributes_gavel_cannot_write_with_are_refused() {
+        let any = Target::parse("postgres://a@h1,h2/db").unwrap_err();
+        assert!(any.to_string().contains("target_session_attrs=read-write"), "{any}");
         for bad in ["read-only", "standby", "prefer-standby", "sometimes"] {
             let err = Target::parse(&format!("postgres://a@h1,h2/db?target_session_attrs={bad}")).unwrap_err();
             assert!(matches!(err, ParseError::Attrs(_)), "{bad}: {err}");
         }
         assert!(matches!(Target::parse("mysql://a@h/db"), Err(ParseError::Scheme)));
-        assert!(matches!(Target::parse("postgres://a@h1:notaport,h2/db"), Err(ParseError::Host { .. })));
+        assert!(matches!(
+            Target::parse("postgres://a@h1:notaport,h2/db?target_session_attrs=primary"),
+            Err(ParseError::Host { .. })
+        ));
+    }
+
+    #[test]
+    fn only_connections_opened_since_the_last_move_are_kept() {
+        let moves = Moves::default();
+        assert!(moves.opened_since(Duration::from_secs(3600)), "before any move, every connection is kept");
+        std::thread::sleep(Duration::from_millis(20));
+        moves.mark();
+        assert!(!moves.opened_since(Duration::from_millis(10)), "opened before the move");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(moves.opened_since(Duration::from_millis(10)), "opened after it");
     }
 }

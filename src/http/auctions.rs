@@ -21,6 +21,7 @@ use crate::core::Core;
 use crate::db;
 use crate::db::bids::BidRecord;
 use crate::domain::auction::{Auction, Draft, NewAuction, Status};
+use crate::metrics::ReadSource;
 
 pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
     OpenApiRouter::default()
@@ -189,8 +190,8 @@ async fn get_auction(
     {
         return Ok(response);
     }
-    let found = match q.consistent {
-        true => db::auctions::get(&core.pool, id).await?,
+    let (found, source) = match q.consistent {
+        true => (db::auctions::get(&core.pool, id).await?, ReadSource::Primary),
         // A closed auction's bidding is final: a replica's copy of it will do.
         // Anything else, or nothing yet, is the primary's to answer.
         false => {
@@ -200,7 +201,10 @@ async fn get_auction(
     };
     let auction = found.ok_or(Error::NotFound("no such auction"))?;
     let view = auction_view(&auction, now);
-    core.caches.apply_auction(auction);
+    // The caches hold what the primary says, never a replica's copy.
+    if source == ReadSource::Primary {
+        core.caches.apply_auction(auction);
+    }
     Ok(respond::cached(view, tags.as_ref()))
 }
 
@@ -230,7 +234,7 @@ async fn list_auctions(State(core): State<Arc<Core>>, Params(q): Params<ListQuer
     let after = q.after.unwrap_or(0);
     let status = q.status;
     let read = |db: PgPool| async move { db::auctions::list(&db, status, after, limit).await };
-    let auctions = core.replicas.read(&core.pool, read, |_| true).await?;
+    let (auctions, _) = core.replicas.read(&core.pool, read, |_| true).await?;
     let now = Utc::now();
     let next_after = (auctions.len() as i64 == limit).then(|| auctions.last().map(|a| a.id)).flatten();
     let items: Vec<AuctionView<'_>> = auctions.iter().map(|a| AuctionView::of(a, now)).collect();
@@ -256,7 +260,7 @@ async fn list_bids(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<
     // An auction a replica does not know yet may be new: the primary decides.
     let after = q.after;
     let read = |db: PgPool| async move { db::bids::history(&db, id, after, limit).await };
-    let bids =
-        core.replicas.read(&core.pool, read, Option::is_some).await?.ok_or(Error::NotFound("no such auction"))?;
+    let (bids, _) = core.replicas.read(&core.pool, read, Option::is_some).await?;
+    let bids = bids.ok_or(Error::NotFound("no such auction"))?;
     Ok(respond::json(StatusCode::OK, &Page::newest_first(bids, limit, |b| b.id)))
 }

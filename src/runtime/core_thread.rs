@@ -21,7 +21,7 @@ use crate::db::batch::{BatchLimits, BatchStart, Batcher, Lanes};
 use crate::db::bids::{Announcer, Bids};
 use crate::db::orders::Orders;
 use crate::db::replicas::{ReplicaLimits, Replicas};
-use crate::db::target::Target;
+use crate::db::target::{Moves, Target};
 use crate::events::{Hub, StreamLimits};
 use crate::http;
 use crate::http::activity::Activity;
@@ -101,7 +101,7 @@ async fn core_main(start: Start) {
     // after any failover (see `cache::listener`).
     let host = match database.is_multi_host() {
         false => 0,
-        true => match tokio::time::timeout(CONNECT_TIMEOUT, database.locate(0)).await {
+        true => match tokio::time::timeout(CONNECT_TIMEOUT, database.locate()).await {
             Ok(Ok(host)) => host,
             Ok(Err(e)) => {
                 let _ = started.send(Err(format!("core {index}: cannot find the primary: {e}")));
@@ -115,7 +115,8 @@ async fn core_main(start: Start) {
     };
     // The pool is created here, inside this core's runtime: its connections belong
     // to the runtime that opened them.
-    let pool = db::core_pool(&database, host, index, config.db_conns_per_core, config.db_acquire_timeout);
+    let moves = Moves::default();
+    let pool = db::core_pool(&database, host, &moves, index, config.db_conns_per_core, config.db_acquire_timeout);
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, pool.acquire()).await;
     if let Err(e) = connected.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
         let _ = started.send(Err(format!("core {index}: cannot reach the database: {e}")));
@@ -211,7 +212,8 @@ async fn core_main(start: Start) {
         (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), throttles, config.lifecycle_tick, shutdown.clone())));
     let replicas_task = tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { replicas.watch(shutdown).await }
+        let primary = pool.clone();
+        async move { replicas.watch(primary, shutdown).await }
     });
     let sweep_task = tokio::spawn(cache::sweep(caches.clone(), gauges.clone(), shutdown.clone()));
     let listen_task = tokio::spawn(cache::listener::run(
@@ -220,6 +222,7 @@ async fn core_main(start: Start) {
         events.clone(),
         database,
         host,
+        moves,
         pool.clone(),
         gauges.clone(),
         shutdown.clone(),

@@ -8,14 +8,12 @@ mod deadlines;
 pub mod socket;
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use sqlx::postgres::PgConnectOptions;
 use tokio::sync::watch;
 
 use crate::auth::Keys;
@@ -100,7 +98,8 @@ impl Server {
             .replica_urls
             .iter()
             .map(|url| {
-                PgConnectOptions::from_str(url).with_context(|| format!("--replica-url {}", config::redact_url(url)))
+                db::replicas::parse_url(url)
+                    .map_err(|e| anyhow::anyhow!("--replica-url {}: {e}", config::redact_url(url)))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let config = Arc::new(config.clone());
@@ -244,7 +243,7 @@ fn main_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn prepare(db: &Database, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     runtime.block_on(async {
         let primary = match db.target.is_multi_host() {
-            true => db.target.locate(0).await.context("cannot find the primary")?,
+            true => db.target.locate().await.context("cannot find the primary")?,
             false => 0,
         };
         let options = db.target.host(primary);

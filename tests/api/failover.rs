@@ -9,24 +9,46 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use gavel::db::embedded::Cluster;
 use gavel::db::target::Target;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
-use crate::helpers::{Standby, app_on, eventually, free_port, prepare_database, start_cluster_on, start_server};
+use crate::helpers::{
+    Standby, app_on, eventually, free_port, fresh_connection_client, prepare_database, start_cluster_on, start_server,
+};
+
+/// A primary and a streaming standby of it, each listening on TCP too.
+struct Pair {
+    primary: Cluster,
+    options: PgConnectOptions,
+    standby: Standby,
+    /// The primary's port, then the standby's.
+    first: u16,
+    second: u16,
+}
+
+impl Pair {
+    /// Call it on the test's thread, as `start_cluster`.
+    async fn start() -> Pair {
+        let primary = start_cluster_on(Some(free_port()));
+        let options = prepare_database(&primary).await;
+        // Each port is taken as soon as it is chosen, so no other test takes it first.
+        let standby = Standby::of(&primary, Some(free_port())).await;
+        let (first, second) = (primary.port().unwrap(), standby.cluster.port().unwrap());
+        Pair { primary, options, standby, first, second }
+    }
+}
 
 /// An acknowledged bid: its id, auction and amount, and when its 201 came.
 type Acked = (i64, i64, i64, Instant);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bids_survive_a_failover_to_a_promoted_synchronous_standby() {
-    let (first, second) = (free_port(), free_port());
-    let primary = start_cluster_on(Some(first));
-    let options = prepare_database(&primary).await;
-    let standby = Standby::of(&primary, Some(second)).await;
+    let Pair { primary, options, standby, first, second } = Pair::start().await;
     // From here on, a commit returns once the standby has it. The standby's own
     // configuration was copied before this, so once promoted it waits for no one.
     let admin = PgPoolOptions::new().max_connections(1).connect_with(options.clone()).await.unwrap();
@@ -156,10 +178,7 @@ async fn bids_survive_a_failover_to_a_promoted_synchronous_standby() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_host_that_accepts_writes_is_used_wherever_it_is_listed() {
-    let (first, second) = (free_port(), free_port());
-    let primary = start_cluster_on(Some(first));
-    let options = prepare_database(&primary).await;
-    let standby = Standby::of(&primary, Some(second)).await;
+    let Pair { primary, options, standby, first, second } = Pair::start().await;
 
     // Only the standby: nothing accepts writes, and gavel says so rather than start.
     let only_standby = format!("postgres://gavel@127.0.0.1:{second}/gavel?target_session_attrs=read-write");
@@ -195,4 +214,52 @@ async fn the_host_that_accepts_writes_is_used_wherever_it_is_listed() {
             .unwrap();
     assert!(on_primary >= 4, "the cores' pools and listeners are on the primary: {on_primary}");
     assert_eq!(on_standby, 0, "nothing of gavel's stays on the standby");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_turns_read_only_without_a_restart_is_left_for_the_writable_host() {
+    let Pair { primary, options, standby, first, second } = Pair::start().await;
+    let url = format!("postgres://gavel@127.0.0.1:{first},127.0.0.1:{second}/gavel?target_session_attrs=read-write");
+    let server = start_server(Target::parse(&url).unwrap(), &[]);
+    let app = app_on(primary, options, server).await;
+    let id = app.open_auction(100, 10, 300.0, 0).await["id"].as_i64().unwrap();
+    assert_eq!(app.place_bid(&app.bidder(2), id, 110).await.status(), StatusCode::CREATED);
+    standby.caught_up(&app.db).await;
+
+    // A switchover by hand: the old primary refuses writes from now on (its
+    // sessions too, on reload), but nothing breaks gavel's connections to it.
+    sqlx::query("alter system set default_transaction_read_only = on").execute(&app.db).await.unwrap();
+    sqlx::query("select pg_reload_conf()").execute(&app.db).await.unwrap();
+    let promoted: bool = sqlx::query_scalar("select pg_promote()").fetch_one(&standby.db).await.unwrap();
+    assert!(promoted);
+
+    // Each core's check of its LISTEN connection notices within seconds; the
+    // pool leaves the old server's connections behind.
+    let mut amount = 110;
+    let accepted = eventually(Duration::from_secs(15), "bids are accepted on the writable host", || {
+        amount += 10;
+        let bid = amount;
+        let app = &app;
+        async move { (app.place_bid(&app.bidder(3), id, bid).await.status() == StatusCode::CREATED).then_some(bid) }
+    })
+    .await;
+    let recorded: i64 = sqlx::query_scalar("select count(*) from bids where auction_id = $1 and amount = $2")
+        .bind(id)
+        .bind(accepted)
+        .fetch_one(&standby.db)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 1, "the bid went to the promoted server");
+    // A few more, on fresh connections, all land: no core writes to the old one.
+    let client = fresh_connection_client();
+    for step in 1..=8 {
+        let bid = client
+            .post(app.url("/api/bids"))
+            .bearer_auth(app.bidder(4))
+            .json(&json!({"auction_id": id, "amount": accepted + step * 10}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bid.status(), StatusCode::CREATED, "bid {step}");
+    }
 }
