@@ -65,6 +65,8 @@ pub enum ParseError {
     Scheme,
     #[error("{0}")]
     Attrs(String),
+    #[error("{0}")]
+    Hosts(String),
     #[error("host {host:?}: {source}")]
     Host {
         host: String,
@@ -81,7 +83,10 @@ impl From<PgConnectOptions> for Target {
 
 impl Target {
     /// Parses a PostgreSQL URL whose host part may list several `host:port`,
-    /// comma-separated, with an optional `target_session_attrs` parameter.
+    /// comma-separated, with an optional `target_session_attrs` parameter. As in
+    /// libpq, the hosts may instead be listed in the `host` parameter
+    /// (`?host=db1,db2&port=5432,5433`, or one port for all; a host starting with
+    /// `/` is a socket directory), which then wins over the host part.
     pub fn parse(url: &str) -> Result<Target, ParseError> {
         let (scheme, rest) = url.split_once("://").ok_or(ParseError::Scheme)?;
         if scheme != "postgres" && scheme != "postgresql" {
@@ -95,23 +100,39 @@ impl Target {
         };
         let (path, query) = tail.split_once('?').unwrap_or((tail, ""));
         let mut attrs = SessionAttrs::Any;
+        let mut listed: Option<(String, Option<String>)> = None;
         let mut kept = url::form_urlencoded::Serializer::new(String::new());
-        for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            if key == "target_session_attrs" {
-                attrs = value.parse().map_err(ParseError::Attrs)?;
-            } else {
-                kept.append_pair(&key, &value);
+        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+        let listed_in_query = pairs.iter().any(|(key, value)| (key == "host" || key == "port") && value.contains(','));
+        for (key, value) in pairs {
+            match key.as_str() {
+                "target_session_attrs" => attrs = value.parse().map_err(ParseError::Attrs)?,
+                "host" if listed_in_query => listed.get_or_insert_with(Default::default).0 = value,
+                "port" if listed_in_query => listed.get_or_insert_with(Default::default).1 = Some(value),
+                _ => {
+                    kept.append_pair(&key, &value);
+                }
             }
         }
         let kept = kept.finish();
         let query = if kept.is_empty() { String::new() } else { format!("?{kept}") };
-        let hosts: Vec<PgConnectOptions> = hosts
-            .split(',')
-            .map(|host| {
-                PgConnectOptions::from_str(&format!("{scheme}://{userinfo}{host}{path}{query}"))
-                    .map_err(|source| ParseError::Host { host: host.to_owned(), source })
-            })
-            .collect::<Result<_, _>>()?;
+        let hosts: Vec<PgConnectOptions> = match listed {
+            None => hosts
+                .split(',')
+                .map(|host| {
+                    PgConnectOptions::from_str(&format!("{scheme}://{userinfo}{host}{path}{query}"))
+                        .map_err(|source| ParseError::Host { host: host.to_owned(), source })
+                })
+                .collect::<Result<_, _>>()?,
+            Some((listed, ports)) => {
+                // The rest of the URL once, with a stand-in host (a URL with a
+                // user but no host is not one), then each listed host on it.
+                let stand_in = if hosts.is_empty() { "localhost" } else { hosts };
+                let base = PgConnectOptions::from_str(&format!("{scheme}://{userinfo}{stand_in}{path}{query}"))
+                    .map_err(|source| ParseError::Host { host: stand_in.to_owned(), source })?;
+                query_hosts(&base, &listed, ports.as_deref())?
+            }
+        };
         if hosts.len() > 1 && attrs == SessionAttrs::Any {
             // libpq would take the first host that answers, a standby as well;
             // gavel writes, so it must be told to look for the primary.
@@ -173,6 +194,39 @@ impl Target {
             format!("no host accepts writes ({})", refused.join("; ")),
         )))
     }
+}
+
+/// `base` on each host of the `host` parameter's list, with the `port`
+/// parameter's port (one for all, or one per host).
+fn query_hosts(base: &PgConnectOptions, hosts: &str, ports: Option<&str>) -> Result<Vec<PgConnectOptions>, ParseError> {
+    let hosts: Vec<&str> = hosts.split(',').collect();
+    let ports: Vec<&str> = ports.map(|p| p.split(',').collect()).unwrap_or_default();
+    if !(ports.len() <= 1 || ports.len() == hosts.len()) {
+        return Err(ParseError::Hosts(format!(
+            "{} hosts but {} ports: give one port, or one per host",
+            hosts.len(),
+            ports.len()
+        )));
+    }
+    hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let invalid = |why: &str| ParseError::Host {
+                host: (*host).to_owned(),
+                source: sqlx::Error::Configuration(why.to_owned().into()),
+            };
+            let mut options = match *host {
+                "" => return Err(invalid("empty host")),
+                dir if dir.starts_with('/') => base.clone().socket(dir),
+                name => base.clone().host(name),
+            };
+            if let Some(port) = ports.get(if ports.len() == 1 { 0 } else { i }) {
+                options = options.port(port.parse().map_err(|_| invalid("invalid port"))?);
+            }
+            Ok(options)
+        })
+        .collect()
 }
 
 /// Whether the session on `conn` has the attributes `attrs` asks for. Always a
@@ -245,6 +299,24 @@ mod tests {
             assert_eq!(t.host(i).get_database(), Some("gavel"));
         }
         assert!(t.is_multi_host());
+    }
+
+    #[test]
+    fn hosts_may_be_listed_in_the_host_parameter_as_libpq_allows() {
+        let t = Target::parse(
+            "postgres://app:pw@/gavel?host=db1,db2,/run/pg&port=5433,5434,5435&target_session_attrs=read-write",
+        )
+        .unwrap();
+        let hosts: Vec<String> = (0..3).map(|i| t.describe(i)).collect();
+        assert_eq!(hosts, ["db1:5433", "db2:5434", "/run/pg:5435"]);
+        assert_eq!(t.host(2).get_username(), "app");
+        assert_eq!(t.host(0).get_database(), Some("gavel"));
+        let one_port = Target::parse("postgres:///gavel?host=db1,db2&port=6000&target_session_attrs=primary").unwrap();
+        assert_eq!((one_port.describe(0), one_port.describe(1)), ("db1:6000".into(), "db2:6000".into()));
+        for bad in ["host=db1,db2&port=1,2,3", "host=db1,&port=1", "host=db1,db2&port=x"] {
+            let url = format!("postgres:///gavel?{bad}&target_session_attrs=read-write");
+            assert!(Target::parse(&url).is_err(), "{bad}");
+        }
     }
 
     #[test]
