@@ -33,7 +33,10 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct Database {
     /// PostgreSQL URL. Unset means: start a private cluster from the locally installed
-    /// PostgreSQL server binaries, so `gavel serve` needs no set-up.
+    /// PostgreSQL server binaries, so `gavel serve` needs no set-up. For failover,
+    /// list the primary and its standbys in libpq's form
+    /// (`postgres://u@db1:5432,db2:5432/gavel?target_session_attrs=read-write`):
+    /// gavel uses whichever accepts writes, and follows a promotion.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
