@@ -43,6 +43,7 @@ pub const LIFECYCLE_LEADER: &str = "gavel_lifecycle_leader";
 pub const REPLICA_LAG_SECONDS: &str = "gavel_replica_lag_seconds";
 pub const REPLICA_USABLE: &str = "gavel_replica_usable";
 pub const ROUTED_READS_TOTAL: &str = "gavel_routed_reads_total";
+pub const DB_PRIMARY_MOVES_TOTAL: &str = "gavel_db_primary_moves_total";
 
 /// Latency buckets, in seconds: from 50 µs (a cached read) to 10 s (a request
 /// timeout's order of magnitude).
@@ -315,6 +316,10 @@ fn describe() {
     describe_counter!(
         ROUTED_READS_TOTAL,
         "Reads that may go to a replica (history, lists, misses of closed auctions), by what answered them"
+    );
+    describe_counter!(
+        DB_PRIMARY_MOVES_TOTAL,
+        "Times a core moved its pool and LISTEN connection to another of DATABASE_URL's hosts (a failover)"
     );
     describe_gauge!(BUILD_INFO, "Always 1; the labels say which build runs");
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -616,6 +621,8 @@ pub struct CoreGauges {
     pub pool_max: Gauge,
     pub cache_live: Gauge,
     pub reconnects: Counter,
+    /// Moves to another of the database's hosts (failovers followed).
+    pub primary_moves: Counter,
     pub lag: Histogram,
     /// `[kind][newer]`: auction/inventory/bid (the `cache::Kind` order) × stale/applied.
     pub notifications: [[Counter; 2]; 3],
@@ -636,6 +643,7 @@ impl CoreGauges {
             pool_max: pool("max"),
             cache_live: metrics::gauge!(CACHE_LIVE, "core" => core.clone()),
             reconnects: metrics::counter!(CACHE_LISTENER_RECONNECTS_TOTAL, "core" => core.clone()),
+            primary_moves: metrics::counter!(DB_PRIMARY_MOVES_TOTAL, "core" => core.clone()),
             lag: metrics::histogram!(CACHE_NOTIFY_LAG_SECONDS, "core" => core.clone()),
             notifications: [
                 [notice("auction", "stale"), notice("auction", "applied")],

@@ -57,7 +57,9 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.changed() => break,
             result = async {
-                follow_primary(core, &target, &mut host, &moves, &listen_pool, &pool).await?;
+                if follow_primary(core, &target, &mut host, &moves, &listen_pool, &pool).await? {
+                    gauges.primary_moves.increment(1);
+                }
                 listen_once(&caches, &events, target.attrs(), &listen_pool, &pool, &gauges).await
             } => {
                 caches.set_live(false);
@@ -83,7 +85,7 @@ pub async fn run(
 
 /// Finds the primary among `target`'s hosts (when there are several) and points
 /// both pools at it, if it moved; the pool then gives up the connections it
-/// opened before (`moves`).
+/// opened before (`moves`). Says whether it moved.
 async fn follow_primary(
     core: usize,
     target: &Target,
@@ -91,9 +93,9 @@ async fn follow_primary(
     moves: &Moves,
     listen_pool: &PgPool,
     pool: &PgPool,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     if !target.is_multi_host() {
-        return Ok(());
+        return Ok(false);
     }
     let found = target.locate().await?;
     if found != *host {
@@ -103,8 +105,9 @@ async fn follow_primary(
         pool.set_connect_options(options.clone().application_name(&db::core_application_name(core)));
         listen_pool.set_connect_options(options.clone().application_name(&application_name(core)));
         moves.mark();
+        return Ok(true);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Connects, subscribes, reloads, goes live, and applies notifications until the

@@ -165,6 +165,7 @@ async fn bids_survive_a_failover_to_a_promoted_synchronous_standby() {
         (listening == 2 && app.per_core("gavel_cache_live", &[]).await == [1.0; 2]).then_some(())
     })
     .await;
+    assert_eq!(app.per_core("gavel_db_primary_moves_total", &[]).await, [1.0; 2], "each core moved once");
     let last = acked.iter().filter(|a| a.1 == auctions[0]).map(|a| a.2).max().unwrap();
     let bid = app.place_bid(&app.bidder(40), auctions[0], last + 100).await;
     assert_eq!(bid.status(), StatusCode::CREATED);
