@@ -323,7 +323,7 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
                 Box::new(|_| {}),
             ),
             orders: Batcher::spawn(pool.clone(), Orders, limits, Box::new(|_| {})),
-            pool,
+            primary: pool.into(),
             replicas: Arc::new(gavel::db::replicas::Replicas::none()),
             caches,
             events: Arc::new(gavel::events::Hub::new(

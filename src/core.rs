@@ -13,6 +13,7 @@ use sqlx::PgPool;
 
 use crate::auth::Keys;
 use crate::cache::Caches;
+use crate::db::Primary;
 use crate::db::batch::Batcher;
 use crate::db::bids::Bids;
 use crate::db::orders::Orders;
@@ -107,7 +108,8 @@ impl Health {
 #[derive(Debug)]
 pub struct Core {
     pub id: usize,
-    pub pool: PgPool,
+    /// The pool on the primary (replaced whole after a failover).
+    pub primary: Primary,
     /// Read replicas, for the reads that may lag a little.
     pub replicas: Arc<Replicas>,
     pub caches: Arc<Caches>,
@@ -124,4 +126,11 @@ pub struct Core {
     pub images: Images,
     /// Bounds this core's concurrent password hashing (see [`HASHES_PER_CORE`]).
     pub hashing: tokio::sync::Semaphore,
+}
+
+impl Core {
+    /// The pool on the primary now.
+    pub fn pool(&self) -> PgPool {
+        self.primary.pool()
+    }
 }

@@ -9,8 +9,8 @@ use sqlx::postgres::{PgListener, PgPoolOptions};
 use tokio::sync::watch;
 
 use super::Caches;
-use crate::db::target::{self, Moves, SessionAttrs, Target};
-use crate::db::{self, CACHE_CHANNEL, notice};
+use crate::db::target::{self, SessionAttrs, Target};
+use crate::db::{self, CACHE_CHANNEL, Primary, notice};
 use crate::events::Hub;
 use crate::metrics::CoreGauges;
 
@@ -28,12 +28,12 @@ pub fn application_name(core: usize) -> String {
     format!("gavel-core-{core}-listen")
 }
 
-/// Runs until `shutdown` turns true. `pool` is the core's pool, used for reloads;
-/// it is on host `host` of `target`.
+/// Runs until `shutdown` turns true. `primary` holds the core's pool, used for
+/// reloads; it is on host `host` of `target`.
 ///
-/// With several hosts, every (re)connection first finds the primary, from the
-/// host in use on: after a failover, the core moves its pool and its LISTEN
-/// connection to the promoted server, then reloads as after any loss.
+/// With several hosts, every (re)connection first finds the primary: after a
+/// failover, the core replaces its pool with one on the promoted server, points
+/// its LISTEN connection there, then reloads as after any loss.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     core: usize,
@@ -41,8 +41,7 @@ pub async fn run(
     events: Arc<Hub>,
     target: Target,
     mut host: usize,
-    moves: Moves,
-    pool: PgPool,
+    primary: Primary,
     gauges: std::sync::Arc<CoreGauges>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -57,10 +56,10 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.changed() => break,
             result = async {
-                if follow_primary(core, &target, &mut host, &moves, &listen_pool, &pool).await? {
+                if follow_primary(core, &target, &mut host, &listen_pool, &primary).await? {
                     gauges.primary_moves.increment(1);
                 }
-                listen_once(&caches, &events, target.attrs(), &listen_pool, &pool, &gauges).await
+                listen_once(&caches, &events, target.attrs(), &listen_pool, &primary.pool(), &gauges).await
             } => {
                 caches.set_live(false);
                 gauges.cache_live.set(0.0);
@@ -83,16 +82,15 @@ pub async fn run(
     listen_pool.close().await;
 }
 
-/// Finds the primary among `target`'s hosts (when there are several) and points
-/// both pools at it, if it moved; the pool then gives up the connections it
-/// opened before (`moves`). Says whether it moved.
+/// Finds the primary among `target`'s hosts (when there are several) and, if it
+/// moved, points the LISTEN pool at it and replaces the core's pool with one
+/// there. Says whether it moved.
 async fn follow_primary(
     core: usize,
     target: &Target,
     host: &mut usize,
-    moves: &Moves,
     listen_pool: &PgPool,
-    pool: &PgPool,
+    primary: &Primary,
 ) -> Result<bool, sqlx::Error> {
     if !target.is_multi_host() {
         return Ok(false);
@@ -102,9 +100,8 @@ async fn follow_primary(
         tracing::warn!(core, from = %target.describe(*host), to = %target.describe(found), "the primary moved; following it");
         *host = found;
         let options = target.host(found);
-        pool.set_connect_options(options.clone().application_name(&db::core_application_name(core)));
+        primary.move_to(options.clone().application_name(&db::core_application_name(core)));
         listen_pool.set_connect_options(options.clone().application_name(&application_name(core)));
-        moves.mark();
         return Ok(true);
     }
     Ok(false)

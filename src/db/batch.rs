@@ -35,7 +35,7 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::DbError;
+use super::{DbError, Primary};
 
 /// A kind of write that can be sent to the database in batches.
 pub trait BatchWrite: Send + Sync + 'static {
@@ -181,20 +181,38 @@ pub struct BatchLimits {
     /// Turns in the database shared with other cores' batchers of this kind; none:
     /// this core's `in_flight` is the only limit.
     pub lanes: Option<Lanes>,
+    /// Longest a batch's write may take. Past it the batch fails as the database
+    /// being unavailable, and gives back its lane and its slot: a statement sent
+    /// to a server that stopped answering (its machine lost, or frozen) would
+    /// otherwise hold them until TCP gives up, and every later batch with them,
+    /// even once the core has moved to a new primary. Its requests have been
+    /// answered 503 by their own timeout by then.
+    pub write_timeout: Duration,
 }
+
+/// [`BatchLimits::write_timeout`] where no configuration sets it.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl BatchLimits {
     /// One batch in the database at a time.
     pub fn one_at_a_time(queue_depth: usize, max_batch: usize) -> Self {
-        BatchLimits { queue_depth, max_batch, in_flight: 1, overlap_at: 1, overlap_after: Duration::ZERO, lanes: None }
+        BatchLimits {
+            queue_depth,
+            max_batch,
+            in_flight: 1,
+            overlap_at: 1,
+            overlap_after: Duration::ZERO,
+            lanes: None,
+            write_timeout: WRITE_TIMEOUT,
+        }
     }
 }
 
 impl<W: BatchWrite> Batcher<W> {
     /// Starts the batcher task on the current runtime (the core's own).
-    pub fn spawn(pool: PgPool, writer: W, limits: BatchLimits, observe: BatchObserver) -> Self {
+    pub fn spawn(primary: impl Into<Primary>, writer: W, limits: BatchLimits, observe: BatchObserver) -> Self {
         let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
-        tokio::spawn(run::<W>(pool, Arc::new(writer), rx, limits, observe));
+        tokio::spawn(run::<W>(primary.into(), Arc::new(writer), rx, limits, observe));
         Batcher { tx, outstanding: Arc::default() }
     }
 
@@ -239,7 +257,7 @@ impl Drop for Outstanding<'_> {
 }
 
 async fn run<W: BatchWrite>(
-    pool: PgPool,
+    primary: Primary,
     writer: Arc<W>,
     mut rx: mpsc::Receiver<Pending<W>>,
     limits: BatchLimits,
@@ -289,7 +307,7 @@ async fn run<W: BatchWrite>(
         let lane = match &limits.lanes {
             None => Lane::default(),
             Some(Lanes(lanes)) => {
-                let mut opening: Opening<W::Opened> = Box::pin(writer.open(&pool));
+                let mut opening: Opening<W::Opened> = Box::pin(writer.open(&primary.pool()));
                 let mut opened = None;
                 let turn = loop {
                     let room = max_batch - batch.len();
@@ -315,12 +333,19 @@ async fn run<W: BatchWrite>(
         observe(BatchStart { size: batch.len(), in_flight: busy + 1 });
         // The batch goes to its own task; the next one grows as writes arrive.
         let batch = std::mem::take(&mut batch);
-        let (pool, writer, outage, finished) = (pool.clone(), writer.clone(), outage.clone(), finished.clone());
+        let (pool, writer, outage, finished) = (primary.pool(), writer.clone(), outage.clone(), finished.clone());
+        let write_timeout = limits.write_timeout;
         let mut task = Box::pin(async move {
             let requests: Vec<&W::Request> = batch.iter().map(|p| &p.request).collect();
             // A retry runs without the lane: the first attempt gave it back.
             let mut lane = Some(lane);
-            let result = retry_transient(|| writer.write(&pool, &requests, lane.take().unwrap_or_default())).await;
+            let write = retry_transient(|| writer.write(&pool, &requests, lane.take().unwrap_or_default()));
+            let result = tokio::time::timeout(write_timeout, write).await.unwrap_or_else(|_| {
+                Err(DbError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the batch's write took longer than {write_timeout:?}"),
+                ))))
+            });
             drop(requests);
             // The batch's connection is back in the pool: the next batch may go.
             drop(slot);
@@ -507,6 +532,7 @@ mod tests {
             overlap_at: 4,
             overlap_after: Duration::from_secs(3600),
             lanes: None,
+            write_timeout: WRITE_TIMEOUT,
         };
         let (batcher, seen) = start(limits, Slow::taking(Duration::from_millis(10)));
         let mut writes = vec![submit(&batcher, 1)];
@@ -533,6 +559,7 @@ mod tests {
             overlap_at: 100,
             overlap_after: Duration::from_millis(5),
             lanes: None,
+            write_timeout: WRITE_TIMEOUT,
         };
         let (batcher, seen) = start(limits, Slow::taking(Duration::from_millis(50)));
         let first = submit(&batcher, 1);
@@ -608,6 +635,28 @@ mod tests {
         assert!(matches!(r, Err(SubmitError::QueueFull)), "{r:?}");
     }
 
+    /// A write that never answers (a server that stopped answering) fails after
+    /// `write_timeout`, and gives back its slot: the next batch goes.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_never_answers_fails_and_frees_its_slot() {
+        let limits = BatchLimits { write_timeout: Duration::from_secs(10), ..BatchLimits::one_at_a_time(64, 64) };
+        let (batcher, seen) = start(limits, Slow::taking(Duration::from_secs(24 * 3600)));
+        let started_at = Instant::now();
+        let first = submit(&batcher, 1);
+        settle().await;
+        let second = submit(&batcher, 2);
+        for write in [first, second] {
+            let r = write.await.unwrap();
+            assert!(matches!(r, Err(SubmitError::Db(ref e)) if matches!(**e, DbError::Unavailable(_))), "{r:?}");
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [started(1, 1), started(1, 1)],
+            "one at a time, the second after the first gave up"
+        );
+        assert_eq!(started_at.elapsed(), Duration::from_secs(20), "each gave up after 10 s");
+    }
+
     fn with_lanes(lanes: &Lanes) -> BatchLimits {
         BatchLimits {
             queue_depth: 64,
@@ -616,6 +665,7 @@ mod tests {
             overlap_at: 1,
             overlap_after: Duration::ZERO,
             lanes: Some(lanes.clone()),
+            write_timeout: WRITE_TIMEOUT,
         }
     }
 

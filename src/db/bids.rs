@@ -19,6 +19,7 @@
 //! see the README's Performance section.
 
 use std::future::Future;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -26,7 +27,7 @@ use sqlx::PgPool;
 use tokio::sync::mpsc;
 
 use super::batch::{BatchWrite, Lane};
-use super::{CACHE_CHANNEL, DbError, notice, protocol};
+use super::{CACHE_CHANNEL, DbError, Primary, notice, protocol};
 use crate::domain::auction::{BidState, Outbid};
 use crate::domain::bid::NewBid;
 use crate::metrics::{self, Query};
@@ -184,9 +185,9 @@ pub struct Announcer {
 
 impl Announcer {
     /// Starts the core's announcer task on the current runtime.
-    pub fn spawn(pool: PgPool) -> Self {
+    pub fn spawn(primary: impl Into<Primary>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(announce_loop(pool, rx));
+        tokio::spawn(announce_loop(primary.into(), rx));
         Announcer { tx }
     }
 
@@ -202,8 +203,11 @@ impl Announcer {
 
 /// Most batches drained into one announcement.
 const ANNOUNCE_ROUND: usize = 256;
+/// Longest an announcement may take: one sent to a server that stopped
+/// answering is given up, so those behind it go to the next primary.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(5);
 
-async fn announce_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<(Vec<BidState>, Vec<Outbid>)>) {
+async fn announce_loop(primary: Primary, mut rx: mpsc::UnboundedReceiver<(Vec<BidState>, Vec<Outbid>)>) {
     let mut batches = Vec::with_capacity(16);
     let mut states = Vec::new();
     let mut outbid = Vec::new();
@@ -215,7 +219,10 @@ async fn announce_loop(pool: PgPool, mut rx: mpsc::UnboundedReceiver<(Vec<BidSta
         let payloads = notice::encode_bids(&states, &outbid, Utc::now().timestamp_micros());
         states.clear();
         outbid.clear();
-        send_notifications(&pool, &payloads).await;
+        let sent = tokio::time::timeout(ANNOUNCE_WAIT, send_notifications(&primary.pool(), &payloads)).await;
+        if sent.is_err() {
+            tracing::warn!(wait = ?ANNOUNCE_WAIT, "announcing bids timed out; other caches catch up at the auctions' next change");
+        }
     }
 }
 

@@ -13,11 +13,12 @@ pub mod orders;
 pub mod replicas;
 pub mod target;
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use self::target::{Moves, SessionAttrs, Target};
+use self::target::{SessionAttrs, Target};
 
 /// The channel every cache notification travels on (one mechanism for every kind).
 pub const CACHE_CHANNEL: &str = "gavel_cache";
@@ -98,17 +99,7 @@ pub fn core_application_name(core: usize) -> String {
 /// runtime that will use it: a pool's connections belong to the runtime that
 /// opened them. With `target_session_attrs`, each new connection is checked, so
 /// a pool never writes through a server that has turned into a standby.
-///
-/// With several hosts, a connection opened before the core last moved to another
-/// (`moves`) is closed rather than used.
-pub fn core_pool(
-    target: &Target,
-    host: usize,
-    moves: &Moves,
-    core: usize,
-    size: u32,
-    acquire_timeout: Duration,
-) -> PgPool {
+pub fn core_pool(target: &Target, host: usize, core: usize, size: u32, acquire_timeout: Duration) -> PgPool {
     let attrs = target.attrs();
     let mut pool = PgPoolOptions::new()
         .max_connections(size.max(1))
@@ -130,14 +121,47 @@ pub fn core_pool(
             })
         });
     }
-    if target.is_multi_host() {
-        let moves = moves.clone();
-        pool = pool.before_acquire(move |_, meta| {
-            let current = moves.opened_since(meta.age);
-            Box::pin(async move { Ok(current) })
-        });
-    }
     pool.connect_lazy_with(target.host(host).clone().application_name(&core_application_name(core)))
+}
+
+/// A core's pool on the primary, which a failover replaces whole (see
+/// `cache::listener`).
+///
+/// Whole, because a query sent to a server that stopped answering (its machine
+/// lost, or frozen) holds its connection until TCP gives up, and sqlx, taking
+/// the connection back, tests it with a round trip that waits as long. Such
+/// connections stay with the old pool; the new one starts with all its room.
+/// Everything that uses the pool takes it from here for each piece of work.
+#[derive(Debug, Clone)]
+pub struct Primary(Arc<RwLock<PgPool>>);
+
+impl From<PgPool> for Primary {
+    fn from(pool: PgPool) -> Self {
+        Primary::new(pool)
+    }
+}
+
+impl Primary {
+    pub fn new(pool: PgPool) -> Self {
+        Primary(Arc::new(RwLock::new(pool)))
+    }
+
+    /// The pool now (a handle: one reference count).
+    pub fn pool(&self) -> PgPool {
+        self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Replaces the pool with one of the same settings on `options`. The old one
+    /// is closed: work holding it finishes or fails there, and its connections
+    /// close as they come back. Call it inside the core's runtime.
+    pub fn move_to(&self, options: PgConnectOptions) {
+        let old = {
+            let mut pool = self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let new = pool.options().clone().connect_lazy_with(options);
+            std::mem::replace(&mut *pool, new)
+        };
+        tokio::spawn(async move { old.close().await });
+    }
 }
 
 /// Applies every pending migration.

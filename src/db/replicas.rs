@@ -31,8 +31,8 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
 
-use super::DbError;
 use super::target::{HOST_CONNECT_TIMEOUT, describe};
+use super::{DbError, Primary};
 use crate::metrics::{ReadSource, ReplicaMetrics};
 
 /// Shortest and longest time between two lag measurements of a replica.
@@ -219,7 +219,7 @@ impl Replicas {
 
     /// Measures every replica's lag against `primary` now and then, until
     /// `shutdown`.
-    pub async fn watch(&self, primary: PgPool, mut shutdown: watch::Receiver<bool>) {
+    pub async fn watch(&self, primary: Primary, mut shutdown: watch::Receiver<bool>) {
         if self.list.is_empty() {
             return;
         }
@@ -233,9 +233,10 @@ impl Replicas {
                 _ = shutdown.changed() => break,
                 _ = interval.tick() => {}
             }
+            let pool = primary.pool();
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = self.measure(&primary, &mut positions, keep) => {}
+                _ = self.measure(&pool, &mut positions, keep) => {}
             }
         }
         for replica in &self.list {

@@ -12,10 +12,6 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
-
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, PgExecutor};
 
@@ -245,34 +241,6 @@ pub async fn fits<'c>(attrs: SessionAttrs, conn: impl PgExecutor<'c>) -> Result<
     }
 }
 
-/// When a core last moved its pool to another host. A connection opened before
-/// that is given up when the pool next hands it out: after a failover in which
-/// the old primary lives on (read-only), its connections would still answer,
-/// and refuse every write.
-#[derive(Debug, Clone)]
-pub struct Moves(Arc<(Instant, AtomicU64)>);
-
-impl Default for Moves {
-    fn default() -> Self {
-        Moves(Arc::new((Instant::now(), AtomicU64::new(0))))
-    }
-}
-
-impl Moves {
-    /// The pool moved now.
-    pub fn mark(&self) {
-        let (base, last) = &*self.0;
-        last.store(base.elapsed().as_nanos().max(1) as u64, Ordering::Relaxed);
-    }
-
-    /// Whether a connection `age` old was opened since the last move.
-    pub fn opened_since(&self, age: Duration) -> bool {
-        let (base, last) = &*self.0;
-        let last = last.load(Ordering::Relaxed);
-        last == 0 || base.elapsed().saturating_sub(age).as_nanos() as u64 >= last
-    }
-}
-
 /// A server as logs name it: `host:port`, or the socket directory.
 pub fn describe(options: &PgConnectOptions) -> String {
     match options.get_socket() {
@@ -341,16 +309,5 @@ mod tests {
             Target::parse("postgres://a@h1:notaport,h2/db?target_session_attrs=primary"),
             Err(ParseError::Host { .. })
         ));
-    }
-
-    #[test]
-    fn only_connections_opened_since_the_last_move_are_kept() {
-        let moves = Moves::default();
-        assert!(moves.opened_since(Duration::from_secs(3600)), "before any move, every connection is kept");
-        std::thread::sleep(Duration::from_millis(20));
-        moves.mark();
-        assert!(!moves.opened_since(Duration::from_millis(10)), "opened before the move");
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(moves.opened_since(Duration::from_millis(10)), "opened after it");
     }
 }

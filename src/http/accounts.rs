@@ -91,7 +91,7 @@ async fn create_account(State(core): State<Arc<Core>>, Json(body): Json<Register
     let new = NewAccount::parse(&body.email, &body.password, &body.role).map_err(Error::Validation)?;
     let password = new.password.clone();
     let hash = off_core(&core, move || auth::hash_password(&password)).await?;
-    let account = db::accounts::insert(&core.pool, &new.email, &hash, new.role).await.map_err(|e| match e {
+    let account = db::accounts::insert(&core.pool(), &new.email, &hash, new.role).await.map_err(|e| match e {
         CreateError::EmailTaken => Error::EmailTaken,
         CreateError::Db(db) => db.into(),
     })?;
@@ -139,7 +139,7 @@ async fn create_session(
     Json(body): Json<LogIn>,
 ) -> Result<Response> {
     // Read first, so that a database outage charges nobody a failure.
-    let found = db::accounts::credentials(&core.pool, &body.email).await?;
+    let found = db::accounts::credentials(&core.pool(), &body.email).await?;
     let stored = found.as_ref().map(|c| c.password_hash.clone());
     let password = body.password;
     let (attempt, verified) =
@@ -199,7 +199,7 @@ fn session_ended() -> Response {
     )
 )]
 async fn end_session(State(core): State<Arc<Core>>, Caller(caller): Caller) -> Result<Response> {
-    db::accounts::revoke_session(&core.pool, caller.account_id, &caller.session).await?;
+    db::accounts::revoke_session(&core.pool(), caller.account_id, &caller.session).await?;
     end_here(
         &core,
         SessionEnd::One { session_id: caller.session.id, expires_us: caller.session.expires as i64 * 1_000_000 },
@@ -241,7 +241,7 @@ async fn change_password(
     if let Some(invalid) = check_password("new_password", &body.new_password) {
         return Err(Error::Validation(vec![invalid]));
     }
-    let account = db::accounts::credentials_of(&core.pool, caller.account_id)
+    let account = db::accounts::credentials_of(&core.pool(), caller.account_id)
         .await?
         .ok_or(Error::Unauthorized("the token's account does not exist"))?;
     let (old, stored) = (body.old_password, account.password_hash);
@@ -252,7 +252,7 @@ async fn change_password(
     .await?;
     let new_hash = new_hash.ok_or(Error::Forbidden("the old password is wrong"))?;
     attempt.succeeded();
-    let epoch = db::accounts::change_password(&core.pool, account.id, &new_hash)
+    let epoch = db::accounts::change_password(&core.pool(), account.id, &new_hash)
         .await?
         .ok_or(Error::Unauthorized("the token's account does not exist"))?;
     end_here(&core, SessionEnd::AllBefore { account_id: account.id, epoch, ended_us: Utc::now().timestamp_micros() });

@@ -187,6 +187,6 @@ async fn my_bids(
     Params(q): Params<NewestFirst>,
 ) -> Result<Response> {
     let limit = page_limit(q.limit)?;
-    let bids = db::bids::of_bidder(&core.pool, caller.account_id, q.after, limit).await?;
+    let bids = db::bids::of_bidder(&core.pool(), caller.account_id, q.after, limit).await?;
     Ok(respond::json(StatusCode::OK, &Page::newest_first(bids, limit, |b| b.id)))
 }

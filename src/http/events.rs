@@ -158,7 +158,7 @@ async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream
             }
         }
         if !missed.is_empty() {
-            read.extend(db::auctions::get_many(&core.pool, &missed).await?);
+            read.extend(db::auctions::get_many(&core.pool(), &missed).await?);
         }
         wanted = core.events.install(read);
     }

@@ -54,7 +54,8 @@ async fn get_ready(State(core): State<Arc<Core>>) -> Result<Response> {
     if !core.health.all_serving() {
         return Err(Error::NotReady("not every core serves yet"));
     }
-    let ping = sqlx::query_scalar!("select 1 as one").fetch_one(&core.pool);
+    let pool = core.pool();
+    let ping = sqlx::query_scalar!("select 1 as one").fetch_one(&pool);
     match tokio::time::timeout(DB_CHECK_TIMEOUT, ping).await {
         Ok(Ok(_)) => Ok(respond::json(StatusCode::OK, &Status { status: "ready" })),
         _ => Err(Error::NotReady("the database does not answer")),

@@ -128,7 +128,7 @@ async fn put_image(
     if length.is_some_and(|l| l > max) {
         return Err(too_large());
     }
-    refuse(db::images::access(&core.pool, path.id, seller.account_id, &path.name).await?)?;
+    refuse(db::images::access(&core.pool(), path.id, seller.account_id, &path.name).await?)?;
 
     let _turn = core.images.uploads.acquire().await.map_err(|_| Error::Overloaded)?;
     let key = object_store::path::Path::from_iter([
@@ -170,7 +170,7 @@ async fn settle(
 ) -> Result<StatusCode> {
     upload.finish().await?;
     let store = &core.images.store;
-    match db::images::put(&core.pool, auction, seller, name, image).await {
+    match db::images::put(&core.pool(), auction, seller, name, image).await {
         Ok(Put::Stored { replaced: None }) => Ok(StatusCode::CREATED),
         Ok(Put::Stored { replaced: Some(old) }) => {
             store.discard(&object_store::path::Path::from(old)).await;
@@ -255,7 +255,7 @@ async fn get_image(State(core): State<Arc<Core>>, path: ImagePath, IfNoneMatch(t
     if !path.valid() {
         return Err(NO_IMAGE);
     }
-    let image = db::images::get(&core.pool, path.id, &path.name).await?.ok_or(NO_IMAGE)?;
+    let image = db::images::get(&core.pool(), path.id, &path.name).await?.ok_or(NO_IMAGE)?;
     let key = object_store::path::Path::from(image.object_key.as_str());
     // Each upload has a key of its own, ending in its id.
     let etag = HeaderValue::try_from(format!("\"{}\"", key.filename().unwrap_or_default()))
@@ -299,7 +299,7 @@ async fn delete_image(State(core): State<Arc<Core>>, Seller(seller): Seller, pat
     if !path.valid() {
         return Err(Error::NotFound("no image of this name"));
     }
-    match db::images::delete(&core.pool, path.id, seller.account_id, &path.name).await? {
+    match db::images::delete(&core.pool(), path.id, seller.account_id, &path.name).await? {
         Deleted::Gone(key) => {
             core.images.store.discard(&object_store::path::Path::from(key)).await;
             Ok(StatusCode::NO_CONTENT.into_response())

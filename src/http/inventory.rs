@@ -99,7 +99,7 @@ async fn put_item(
     Json(body): Json<PutItem>,
 ) -> Result<Response> {
     let restock = Restock::parse(&sku, &body.title, body.available).map_err(Error::Validation)?;
-    let (status, item) = match db::inventory::restock(&core.pool, seller.account_id, &restock).await? {
+    let (status, item) = match db::inventory::restock(&core.pool(), seller.account_id, &restock).await? {
         Restocked::Created(item) => (StatusCode::CREATED, item),
         Restocked::Updated(item) => (StatusCode::OK, item),
         Restocked::NotOwner => return Err(Error::Forbidden("this sku belongs to another seller")),
@@ -152,7 +152,7 @@ async fn get_item(
     if !valid_sku(&sku) {
         return Err(Error::NotFound("no such sku"));
     }
-    let item = db::inventory::get(&core.pool, &sku).await?.ok_or(Error::NotFound("no such sku"))?;
+    let item = db::inventory::get(&core.pool(), &sku).await?.ok_or(Error::NotFound("no such sku"))?;
     let view = item_view(&item, now);
     core.caches.apply_item(item);
     Ok(respond::cached(view, tags.as_ref()))
@@ -187,7 +187,7 @@ async fn list_inventory(State(core): State<Arc<Core>>, Params(q): Params<ListQue
     }
     let (seller, after) = (q.seller, after.as_str());
     let read = |db: PgPool| async move { db::inventory::list(&db, seller, after, limit).await };
-    let (items, _) = core.replicas.read(&core.pool, read, |_| true).await?;
+    let (items, _) = core.replicas.read(&core.pool(), read, |_| true).await?;
     let next_after = (items.len() as i64 == limit).then(|| items.last().map(|i| i.sku.clone())).flatten();
     let items: Vec<ItemView<'_>> = items.iter().map(ItemView::from).collect();
     Ok(respond::json(StatusCode::OK, &Page { items, next_after }))

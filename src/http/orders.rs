@@ -133,16 +133,16 @@ async fn create_order(
     )
 )]
 async fn get_order(State(core): State<Arc<Core>>, Caller(caller): Caller, Id(id): Id) -> Result<Response> {
-    match db::orders::get(&core.pool, id).await? {
+    match db::orders::get(&core.pool(), id).await? {
         Some((buyer, body)) if buyer == caller.account_id => Ok(respond::raw_json(StatusCode::OK, body)),
         _ => Err(Error::NotFound("no such order")),
     }
 }
 
 async fn finish(core: &Core, id: i64, actor: i64, action: Action) -> Result<Response> {
-    match db::orders::finish(&core.pool, id, actor, action).await? {
+    match db::orders::finish(&core.pool(), id, actor, action).await? {
         Finished::Done => {
-            let (_, body) = db::orders::get(&core.pool, id).await?.ok_or(Error::NotFound("no such order"))?;
+            let (_, body) = db::orders::get(&core.pool(), id).await?.ok_or(Error::NotFound("no such order"))?;
             Ok(respond::raw_json(StatusCode::OK, body))
         }
         Finished::NotFound => Err(Error::NotFound("no such order")),

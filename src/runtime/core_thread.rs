@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -17,11 +16,12 @@ use crate::cache::{self, CacheLimits, Caches};
 use crate::config::Serve;
 use crate::core::{Core, Health, Images, Limits, Web};
 use crate::db;
+use crate::db::Primary;
 use crate::db::batch::{BatchLimits, BatchStart, Batcher, Lanes};
 use crate::db::bids::{Announcer, Bids};
 use crate::db::orders::Orders;
 use crate::db::replicas::{ReplicaLimits, Replicas};
-use crate::db::target::{Moves, Target};
+use crate::db::target::Target;
 use crate::events::{Hub, StreamLimits};
 use crate::http;
 use crate::http::activity::Activity;
@@ -115,8 +115,7 @@ async fn core_main(start: Start) {
     };
     // The pool is created here, inside this core's runtime: its connections belong
     // to the runtime that opened them.
-    let moves = Moves::default();
-    let pool = db::core_pool(&database, host, &moves, index, config.db_conns_per_core, config.db_acquire_timeout);
+    let pool = db::core_pool(&database, host, index, config.db_conns_per_core, config.db_acquire_timeout);
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, pool.acquire()).await;
     if let Err(e) = connected.map_err(|_| "timed out".to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
         let _ = started.send(Err(format!("core {index}: cannot reach the database: {e}")));
@@ -142,9 +141,11 @@ async fn core_main(start: Start) {
         closed_grace: config.cache_closed_grace,
         session_ttl: config.session_ttl,
     }));
+    // Everything on the primary takes the pool from here, as a failover replaces it.
+    let primary = Primary::new(pool);
     let bids = Batcher::spawn(
-        pool.clone(),
-        Bids::new(Announcer::spawn(pool.clone())),
+        primary.clone(),
+        Bids::new(Announcer::spawn(primary.clone())),
         BatchLimits {
             queue_depth: config.bid_queue_depth,
             max_batch: config.max_bid_batch,
@@ -153,13 +154,15 @@ async fn core_main(start: Start) {
             overlap_at: config.bid_overlap_at,
             overlap_after: config.bid_overlap_after,
             lanes: bid_lanes,
+            // Twice the requests' own bound: by then they have been answered.
+            write_timeout: config.request_timeout * 2,
         },
         Box::new(|b: BatchStart| metrics::bid_batch(b.size, b.in_flight)),
     );
     // One order batch at a time: an order locks several stock rows, and orders are
     // not where gavel's volume is.
     let orders = Batcher::spawn(
-        pool.clone(),
+        primary.clone(),
         Orders,
         BatchLimits::one_at_a_time(config.order_queue_depth, config.max_order_batch),
         Box::new(|b: BatchStart| metrics::order_batch(b.size)),
@@ -186,7 +189,7 @@ async fn core_main(start: Start) {
     ));
     let core = Arc::new(Core {
         id: index,
-        pool: pool.clone(),
+        primary: primary.clone(),
         replicas: replicas.clone(),
         caches: caches.clone(),
         events: events.clone(),
@@ -208,11 +211,11 @@ async fn core_main(start: Start) {
         hashing: tokio::sync::Semaphore::new(crate::core::HASHES_PER_CORE),
     });
     let gauges = Arc::new(CoreGauges::new(index));
-    let lifecycle_task =
-        (index == 0).then(|| tokio::spawn(lifecycle(pool.clone(), throttles, config.lifecycle_tick, shutdown.clone())));
+    let lifecycle_task = (index == 0)
+        .then(|| tokio::spawn(lifecycle(primary.clone(), throttles, config.lifecycle_tick, shutdown.clone())));
     let replicas_task = tokio::spawn({
         let shutdown = shutdown.clone();
-        let primary = pool.clone();
+        let primary = primary.clone();
         async move { replicas.watch(primary, shutdown).await }
     });
     let sweep_task = tokio::spawn(cache::sweep(caches.clone(), gauges.clone(), shutdown.clone()));
@@ -222,8 +225,7 @@ async fn core_main(start: Start) {
         events.clone(),
         database,
         host,
-        moves,
-        pool.clone(),
+        primary.clone(),
         gauges.clone(),
         shutdown.clone(),
     ));
@@ -231,7 +233,7 @@ async fn core_main(start: Start) {
     // connections waits for them).
     let events_task = tokio::spawn(events.clone().run(shutdown.clone()));
     let delivery_task = tokio::spawn(events.clone().deliver_changes(core.bids.outstanding(), shutdown.clone()));
-    let pool_task = tokio::spawn(sample_pool(pool.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
+    let pool_task = tokio::spawn(sample_pool(primary.clone(), config.db_conns_per_core, gauges, shutdown.clone()));
 
     tracing::info!(core = index, cpu = pin.map(|p| p.id), "core serving");
     health.core_serving();
@@ -247,7 +249,7 @@ async fn core_main(start: Start) {
     if let Some(task) = lifecycle_task {
         let _ = task.await;
     }
-    pool.close().await;
+    primary.pool().close().await;
     tracing::debug!(core = index, "core stopped");
 }
 
@@ -429,13 +431,14 @@ async fn accept_failed(e: std::io::Error) {
 const POOL_SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// Publishes the core's pool usage, off the hot path.
-async fn sample_pool(pool: PgPool, max: u32, gauges: Arc<CoreGauges>, mut shutdown: watch::Receiver<bool>) {
+async fn sample_pool(primary: Primary, max: u32, gauges: Arc<CoreGauges>, mut shutdown: watch::Receiver<bool>) {
     gauges.pool_max.set(f64::from(max));
     let mut interval = tokio::time::interval(POOL_SAMPLE_EVERY);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = interval.tick() => {
+                let pool = primary.pool();
                 let (size, idle) = (pool.size(), pool.num_idle() as u32);
                 gauges.pool_idle.set(f64::from(idle));
                 gauges.pool_in_use.set(f64::from(size.saturating_sub(idle)));
@@ -468,7 +471,7 @@ pub const LIFECYCLE_APPLICATION: &str = "gavel-lifecycle";
 ///
 /// It connects where core 0's pool does, so it follows that core to a new
 /// primary after a failover.
-async fn lifecycle(pool: PgPool, throttles: Arc<Throttles>, tick: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn lifecycle(primary: Primary, throttles: Arc<Throttles>, tick: Duration, mut shutdown: watch::Receiver<bool>) {
     use sqlx::Connection;
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -483,7 +486,8 @@ async fn lifecycle(pool: PgPool, throttles: Arc<Throttles>, tick: Duration, mut 
             _ = shutdown.changed() => break,
             _ = interval.tick() => {
                 if held.is_none() {
-                    let options = pool.connect_options().as_ref().clone().application_name(LIFECYCLE_APPLICATION);
+                    let options =
+                        primary.pool().connect_options().as_ref().clone().application_name(LIFECYCLE_APPLICATION);
                     match tokio::time::timeout(LIFECYCLE_WAIT, sqlx::PgConnection::connect_with(&options)).await {
                         Ok(Ok(conn)) => held = Some((conn, false)),
                         Ok(Err(e)) => tracing::debug!(error = %e, "the lifecycle cannot connect; retrying next tick"),

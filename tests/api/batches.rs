@@ -214,6 +214,7 @@ async fn several_batches_on_one_auction(cores: usize, lanes: Option<Lanes>) {
                 overlap_at: 1,
                 overlap_after: Duration::ZERO,
                 lanes: lanes.clone(),
+                write_timeout: gavel::db::batch::WRITE_TIMEOUT,
             },
             Box::new(move |b: BatchStart| {
                 seen.fetch_max(b.in_flight, Ordering::Relaxed);

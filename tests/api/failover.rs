@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::helpers::{
-    Standby, app_on, eventually, free_port, fresh_connection_client, prepare_database, start_cluster_on, start_server,
+    Standby, TestApp, app_on, eventually, free_port, fresh_connection_client, prepare_database, start_cluster_on,
+    start_server,
 };
 
 /// A primary and a streaming standby of it, each listening on TCP too.
@@ -41,6 +42,37 @@ impl Pair {
         let (first, second) = (primary.port().unwrap(), standby.cluster.port().unwrap());
         Pair { primary, options, standby, first, second }
     }
+}
+
+/// The bid of `accepted` on auction `id` is on the promoted `standby`, and so
+/// are eight more, each on a fresh connection (so on either core): no core
+/// writes to the old primary.
+async fn bids_land_on(app: &TestApp, standby: &Standby, id: i64, accepted: i64) {
+    let recorded: i64 = sqlx::query_scalar("select count(*) from bids where auction_id = $1 and amount = $2")
+        .bind(id)
+        .bind(accepted)
+        .fetch_one(&standby.db)
+        .await
+        .unwrap();
+    assert_eq!(recorded, 1, "the bid went to the promoted server");
+    let client = fresh_connection_client();
+    for step in 1..=8 {
+        let bid = client
+            .post(app.url("/api/bids"))
+            .bearer_auth(app.bidder(4))
+            .json(&json!({"auction_id": id, "amount": accepted + step * 10}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bid.status(), StatusCode::CREATED, "bid {step}");
+    }
+    let on_promoted: i64 = sqlx::query_scalar("select count(*) from bids where auction_id = $1 and amount > $2")
+        .bind(id)
+        .bind(accepted)
+        .fetch_one(&standby.db)
+        .await
+        .unwrap();
+    assert_eq!(on_promoted, 8, "every later bid is on the promoted server");
 }
 
 /// An acknowledged bid: its id, auction and amount, and when its 201 came.
@@ -244,23 +276,94 @@ async fn a_primary_that_turns_read_only_without_a_restart_is_left_for_the_writab
         async move { (app.place_bid(&app.bidder(3), id, bid).await.status() == StatusCode::CREATED).then_some(bid) }
     })
     .await;
-    let recorded: i64 = sqlx::query_scalar("select count(*) from bids where auction_id = $1 and amount = $2")
-        .bind(id)
-        .bind(accepted)
-        .fetch_one(&standby.db)
-        .await
-        .unwrap();
-    assert_eq!(recorded, 1, "the bid went to the promoted server");
-    // A few more, on fresh connections, all land: no core writes to the old one.
-    let client = fresh_connection_client();
-    for step in 1..=8 {
-        let bid = client
-            .post(app.url("/api/bids"))
-            .bearer_auth(app.bidder(4))
-            .json(&json!({"auction_id": id, "amount": accepted + step * 10}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(bid.status(), StatusCode::CREATED, "bid {step}");
+    bids_land_on(&app, &standby, id, accepted).await;
+}
+
+/// Stops every process of a cluster until dropped: its postmaster and the
+/// postmaster's children (each backend leads a process group of its own, so
+/// the postmaster's group alone would not do).
+struct Frozen(Vec<Pid>);
+
+impl Frozen {
+    fn cluster(postmaster: u32) -> Frozen {
+        let children = std::fs::read_dir("/proc").unwrap().flatten().filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // pid (comm) state ppid …: the fields after the last ')'.
+            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == postmaster).then_some(Pid::from_raw(pid))
+        });
+        let all: Vec<Pid> = std::iter::once(Pid::from_raw(postmaster as i32)).chain(children).collect();
+        for &pid in &all {
+            kill(pid, Signal::SIGSTOP).unwrap();
+        }
+        Frozen(all)
     }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = kill(pid, Signal::SIGCONT);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bids_resume_on_the_promoted_standby_when_the_primary_stops_answering() {
+    let Pair { primary, options, standby, first, second } = Pair::start().await;
+    let url = format!("postgres://gavel@127.0.0.1:{first},127.0.0.1:{second}/gavel?target_session_attrs=read-write");
+    // A short request timeout, and so a short bound on a batch's write (twice it).
+    let server = start_server(Target::parse(&url).unwrap(), &["--request-timeout", "1s"]);
+    let app = app_on(primary, options, server).await;
+    let id = app.open_auction(100, 10, 300.0, 0).await["id"].as_i64().unwrap();
+    assert_eq!(app.place_bid(&app.bidder(2), id, 110).await.status(), StatusCode::CREATED);
+    standby.caught_up(&app.db).await;
+
+    // The primary stops answering without closing a connection (a lost machine,
+    // as far as its clients can tell), with bids in flight; its standby is
+    // promoted.
+    let mut amount = 110;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let in_flight: Vec<_> = (0..8)
+        .map(|i| {
+            amount += 10;
+            let bid = client
+                .post(app.url("/api/bids"))
+                .bearer_auth(app.bidder(3 + i))
+                .json(&json!({"auction_id": id, "amount": amount}));
+            tokio::spawn(async move { bid.send().await.map(|r| r.status()) })
+        })
+        .collect();
+    let frozen = Frozen::cluster(app.cluster_pid().expect("the primary runs"));
+    let stopped = Instant::now();
+    let promoted: bool = sqlx::query_scalar("select pg_promote()").fetch_one(&standby.db).await.unwrap();
+    assert!(promoted);
+
+    // Each core notices within seconds (its LISTEN check), moves to a new pool on
+    // the promoted server, and the batches stuck on the old one give their lane
+    // up: bids are accepted again.
+    let accepted = eventually(Duration::from_secs(30), "bids are accepted on the promoted standby", || {
+        amount += 10;
+        let bid = amount;
+        let (app, client) = (&app, &client);
+        async move {
+            let sent = client
+                .post(app.url("/api/bids"))
+                .bearer_auth(app.bidder(20))
+                .json(&json!({"auction_id": id, "amount": bid}));
+            (sent.send().await.ok()?.status() == StatusCode::CREATED).then_some(bid)
+        }
+    })
+    .await;
+    let resumed = stopped.elapsed();
+    eprintln!("failover from a primary that stopped answering: bids accepted again {resumed:?} after it stopped");
+    for bid in in_flight {
+        // Answered, one way or the other (409: a higher one of them came first).
+        let status = bid.await.unwrap().expect("an answer, not a dropped connection");
+        assert!([201, 409, 503].contains(&status.as_u16()), "{status}");
+    }
+    bids_land_on(&app, &standby, id, accepted).await;
+    assert_eq!(app.per_core("gavel_db_primary_moves_total", &[]).await, [1.0; 2]);
+    drop(frozen);
 }

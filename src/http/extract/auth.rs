@@ -44,7 +44,7 @@ impl FromRequestParts<Arc<Core>> for Caller {
         let ended = match core.caches.session_ended(principal.account_id, &principal.session) {
             Some(ended) => ended,
             // The core's cache is recovering: only the database knows.
-            None => db::accounts::session_ended(&core.pool, principal.account_id, &principal.session).await?,
+            None => db::accounts::session_ended(&core.pool(), principal.account_id, &principal.session).await?,
         };
         if ended {
             return Err(Error::Unauthorized("the session has ended: log in again"));
