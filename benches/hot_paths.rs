@@ -314,16 +314,17 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
         let caches = Arc::new(Caches::default());
         assert_eq!(apply(&caches, &auction_payload(1, 2, Some(1000), ENDS_AT_US)), Applied::Newer);
         caches.set_live(true);
+        let primary = gavel::db::Primary::new(pool);
         Arc::new(Core {
             id: 0,
             bids: Batcher::spawn(
-                pool.clone(),
-                Bids::new(Announcer::spawn(pool.clone())),
+                primary.clone(),
+                Bids::new(Announcer::spawn(primary.clone())),
                 limits.clone(),
                 Box::new(|_| {}),
             ),
-            orders: Batcher::spawn(pool.clone(), Orders, limits, Box::new(|_| {})),
-            primary: pool.into(),
+            orders: Batcher::spawn(primary.clone(), Orders, limits, Box::new(|_| {})),
+            primary,
             replicas: Arc::new(gavel::db::replicas::Replicas::none()),
             caches,
             events: Arc::new(gavel::events::Hub::new(

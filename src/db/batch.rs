@@ -210,9 +210,9 @@ impl BatchLimits {
 
 impl<W: BatchWrite> Batcher<W> {
     /// Starts the batcher task on the current runtime (the core's own).
-    pub fn spawn(primary: impl Into<Primary>, writer: W, limits: BatchLimits, observe: BatchObserver) -> Self {
+    pub fn spawn(primary: Primary, writer: W, limits: BatchLimits, observe: BatchObserver) -> Self {
         let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
-        tokio::spawn(run::<W>(primary.into(), Arc::new(writer), rx, limits, observe));
+        tokio::spawn(run::<W>(primary, Arc::new(writer), rx, limits, observe));
         Batcher { tx, outstanding: Arc::default() }
     }
 
@@ -307,7 +307,8 @@ async fn run<W: BatchWrite>(
         let lane = match &limits.lanes {
             None => Lane::default(),
             Some(Lanes(lanes)) => {
-                let mut opening: Opening<W::Opened> = Box::pin(writer.open(&primary.pool()));
+                let opening_pool = primary.pool();
+                let mut opening: Opening<W::Opened> = Box::pin(writer.open(&opening_pool));
                 let mut opened = None;
                 let turn = loop {
                     let room = max_batch - batch.len();
@@ -323,6 +324,10 @@ async fn run<W: BatchWrite>(
                 };
                 // Still opening: the batch's own task waits for the rest.
                 let opened: Opening<W::Opened> = match opened {
+                    // The pool was replaced meanwhile (a failover: it may be stuck
+                    // on a server that stopped answering, and the lane with it):
+                    // open again on the new one.
+                    _ if opening_pool.is_closed() => Box::pin(writer.open(&primary.pool())),
                     Some(result) => Box::pin(std::future::ready(result)),
                     None => opening,
                 };
@@ -502,7 +507,7 @@ mod tests {
         let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
         let seen = Seen::default();
         let log = seen.clone();
-        (Batcher::spawn(pool, writer, limits, Box::new(move |b| log.lock().unwrap().push(b))), seen)
+        (Batcher::spawn(Primary::new(pool), writer, limits, Box::new(move |b| log.lock().unwrap().push(b))), seen)
     }
 
     fn submit(batcher: &Batcher<Slow>, n: u32) -> tokio::task::JoinHandle<Result<u32, SubmitError>> {

@@ -185,9 +185,9 @@ pub struct Announcer {
 
 impl Announcer {
     /// Starts the core's announcer task on the current runtime.
-    pub fn spawn(primary: impl Into<Primary>) -> Self {
+    pub fn spawn(primary: Primary) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(announce_loop(primary.into(), rx));
+        tokio::spawn(announce_loop(primary, rx));
         Announcer { tx }
     }
 

@@ -135,12 +135,6 @@ pub fn core_pool(target: &Target, host: usize, core: usize, size: u32, acquire_t
 #[derive(Debug, Clone)]
 pub struct Primary(Arc<RwLock<PgPool>>);
 
-impl From<PgPool> for Primary {
-    fn from(pool: PgPool) -> Self {
-        Primary::new(pool)
-    }
-}
-
 impl Primary {
     pub fn new(pool: PgPool) -> Self {
         Primary(Arc::new(RwLock::new(pool)))
@@ -152,7 +146,8 @@ impl Primary {
     }
 
     /// Replaces the pool with one of the same settings on `options`. The old one
-    /// is closed: work holding it finishes or fails there, and its connections
+    /// is closed at once (`is_closed`, which a bid batch waiting for its lane
+    /// checks): work holding it finishes or fails there, and its connections
     /// close as they come back. Call it inside the core's runtime.
     pub fn move_to(&self, options: PgConnectOptions) {
         let old = {
@@ -160,6 +155,9 @@ impl Primary {
             let new = pool.options().clone().connect_lazy_with(options);
             std::mem::replace(&mut *pool, new)
         };
+        // `close` marks the pool closed when called; its future only waits for
+        // the connections to come back, which a stuck one never does.
+        drop(old.close());
         tokio::spawn(async move { old.close().await });
     }
 }

@@ -55,6 +55,12 @@ pub(super) struct Start {
     pub started: SyncSender<Result<usize, String>>,
 }
 
+/// How long a batch's write may take: twice the requests' own bound, so that
+/// by then every request of the batch has had its answer.
+fn write_timeout(config: &Serve) -> Duration {
+    config.request_timeout * 2
+}
+
 /// The body of thread `gavel-core-N`.
 pub(super) fn run(start: Start) {
     if let Some(id) = start.pin {
@@ -154,8 +160,7 @@ async fn core_main(start: Start) {
             overlap_at: config.bid_overlap_at,
             overlap_after: config.bid_overlap_after,
             lanes: bid_lanes,
-            // Twice the requests' own bound: by then they have been answered.
-            write_timeout: config.request_timeout * 2,
+            write_timeout: write_timeout(&config),
         },
         Box::new(|b: BatchStart| metrics::bid_batch(b.size, b.in_flight)),
     );
@@ -164,7 +169,10 @@ async fn core_main(start: Start) {
     let orders = Batcher::spawn(
         primary.clone(),
         Orders,
-        BatchLimits::one_at_a_time(config.order_queue_depth, config.max_order_batch),
+        BatchLimits {
+            write_timeout: write_timeout(&config),
+            ..BatchLimits::one_at_a_time(config.order_queue_depth, config.max_order_batch)
+        },
         Box::new(|b: BatchStart| metrics::order_batch(b.size)),
     );
     let events = Arc::new(Hub::new(

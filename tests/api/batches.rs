@@ -204,9 +204,10 @@ async fn several_batches_on_one_auction(cores: usize, lanes: Option<Lanes>) {
     for _ in 0..cores {
         let pool = PgPoolOptions::new().max_connections(4).connect_with(app.options.clone()).await.unwrap();
         let seen = most_in_flight.clone();
+        let primary = gavel::db::Primary::new(pool);
         batchers.push(Batcher::spawn(
-            pool.clone(),
-            Bids::new(Announcer::spawn(pool)),
+            primary.clone(),
+            Bids::new(Announcer::spawn(primary)),
             BatchLimits {
                 queue_depth: 1024,
                 max_batch: 8,
@@ -276,7 +277,7 @@ async fn a_batch_announces_the_last_state_of_each_auction_once() {
         &[request(a, 2, 100, None), request(b, 3, 100, None), request(a, 4, 200, None), request(a, 5, 150, None)],
     )
     .await;
-    let bids = Bids::new(Announcer::spawn(app.db.clone()));
+    let bids = Bids::new(Announcer::spawn(gavel::db::Primary::new(app.db.clone())));
     bids.committed(&outcomes);
     let rejected = place(&app, &[request(a, 2, 100, None)]).await;
     bids.committed(&rejected);
