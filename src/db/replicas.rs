@@ -190,7 +190,7 @@ impl Replicas {
     /// keeps the handler's future `Send` where a borrowing closure would not be.
     pub async fn read<T, F>(
         &self,
-        primary: &PgPool,
+        primary: &Primary,
         read: impl Fn(PgPool) -> F,
         settled: impl Fn(&T) -> bool,
     ) -> Result<(T, ReadSource), DbError>
@@ -214,7 +214,7 @@ impl Replicas {
         if !self.list.is_empty() {
             self.routed[ReadSource::Primary as usize].increment(1);
         }
-        read(primary.clone()).await.map(|answer| (answer, ReadSource::Primary))
+        read(primary.pool()).await.map(|answer| (answer, ReadSource::Primary))
     }
 
     /// Measures every replica's lag against `primary` now and then, until

@@ -196,7 +196,7 @@ async fn get_auction(
         // Anything else, or nothing yet, is the primary's to answer.
         false => {
             let read = |db: PgPool| async move { db::auctions::get(&db, id).await };
-            core.replicas.read(&core.pool(), read, |found| found.as_ref().is_some_and(|a| a.closed)).await?
+            core.replicas.read(&core.primary, read, |found| found.as_ref().is_some_and(|a| a.closed)).await?
         }
     };
     let auction = found.ok_or(Error::NotFound("no such auction"))?;
@@ -234,7 +234,7 @@ async fn list_auctions(State(core): State<Arc<Core>>, Params(q): Params<ListQuer
     let after = q.after.unwrap_or(0);
     let status = q.status;
     let read = |db: PgPool| async move { db::auctions::list(&db, status, after, limit).await };
-    let (auctions, _) = core.replicas.read(&core.pool(), read, |_| true).await?;
+    let (auctions, _) = core.replicas.read(&core.primary, read, |_| true).await?;
     let now = Utc::now();
     let next_after = (auctions.len() as i64 == limit).then(|| auctions.last().map(|a| a.id)).flatten();
     let items: Vec<AuctionView<'_>> = auctions.iter().map(|a| AuctionView::of(a, now)).collect();
@@ -260,7 +260,7 @@ async fn list_bids(State(core): State<Arc<Core>>, Id(id): Id, Params(q): Params<
     // An auction a replica does not know yet may be new: the primary decides.
     let after = q.after;
     let read = |db: PgPool| async move { db::bids::history(&db, id, after, limit).await };
-    let (bids, _) = core.replicas.read(&core.pool(), read, Option::is_some).await?;
+    let (bids, _) = core.replicas.read(&core.primary, read, Option::is_some).await?;
     let bids = bids.ok_or(Error::NotFound("no such auction"))?;
     Ok(respond::json(StatusCode::OK, &Page::newest_first(bids, limit, |b| b.id)))
 }

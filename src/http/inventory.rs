@@ -187,7 +187,7 @@ async fn list_inventory(State(core): State<Arc<Core>>, Params(q): Params<ListQue
     }
     let (seller, after) = (q.seller, after.as_str());
     let read = |db: PgPool| async move { db::inventory::list(&db, seller, after, limit).await };
-    let (items, _) = core.replicas.read(&core.pool(), read, |_| true).await?;
+    let (items, _) = core.replicas.read(&core.primary, read, |_| true).await?;
     let next_after = (items.len() as i64 == limit).then(|| items.last().map(|i| i.sku.clone())).flatten();
     let items: Vec<ItemView<'_>> = items.iter().map(ItemView::from).collect();
     Ok(respond::json(StatusCode::OK, &Page { items, next_after }))
