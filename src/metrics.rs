@@ -11,7 +11,7 @@
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -22,6 +22,7 @@ pub const HTTP_REQUESTS_IN_FLIGHT: &str = "http_requests_in_flight";
 pub const BIDS_TOTAL: &str = "gavel_bids_total";
 pub const BID_BATCH_SIZE: &str = "gavel_bid_batch_size";
 pub const BID_BATCHES_IN_FLIGHT: &str = "gavel_bid_batches_in_flight";
+pub const BID_BATCH_WAIT_SECONDS: &str = "gavel_bid_batch_wait_seconds";
 pub const ORDERS_TOTAL: &str = "gavel_orders_total";
 pub const ORDER_BATCH_SIZE: &str = "gavel_order_batch_size";
 pub const DB_QUERY_DURATION_SECONDS: &str = "gavel_db_query_duration_seconds";
@@ -166,6 +167,7 @@ impl RateLimit {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Query {
     PlaceBids,
+    CommitBids,
     AnnounceBids,
     PlaceOrders,
     FinishOrder,
@@ -183,8 +185,9 @@ pub enum Query {
 }
 
 impl Query {
-    const ALL: [Query; 15] = [
+    const ALL: [Query; 16] = [
         Query::PlaceBids,
+        Query::CommitBids,
         Query::AnnounceBids,
         Query::PlaceOrders,
         Query::FinishOrder,
@@ -204,6 +207,7 @@ impl Query {
     fn label(self) -> &'static str {
         match self {
             Query::PlaceBids => "place_bids",
+            Query::CommitBids => "commit_bids",
             Query::AnnounceBids => "announce_bids",
             Query::PlaceOrders => "place_orders",
             Query::FinishOrder => "finish_order",
@@ -264,6 +268,11 @@ fn describe() {
     describe_histogram!(
         BID_BATCHES_IN_FLIGHT,
         "The core's bid batches in the database when a batch is sent, that batch included"
+    );
+    describe_histogram!(
+        BID_BATCH_WAIT_SECONDS,
+        Unit::Seconds,
+        "How long a bid batch's oldest bid waited before the batch was sent, by stage (queue: behind the core's batches in the database, or for more bids; lane: for a bid lane)"
     );
     describe_counter!(ORDERS_TOTAL, "Orders by outcome");
     describe_histogram!(ORDER_BATCH_SIZE, "Orders sent to the database in one statement");
@@ -361,6 +370,8 @@ struct CoreMetrics {
     queries: Vec<Histogram>,
     bid_batch: Histogram,
     bid_in_flight: Histogram,
+    /// By stage: queue, lane.
+    bid_waits: [Histogram; 2],
     order_batch: Histogram,
 }
 
@@ -384,6 +395,8 @@ pub fn init_core(core: usize) {
             .collect(),
         bid_batch: metrics::histogram!(BID_BATCH_SIZE, "core" => label.clone()),
         bid_in_flight: metrics::histogram!(BID_BATCHES_IN_FLIGHT, "core" => label.clone()),
+        bid_waits: ["queue", "lane"]
+            .map(|stage| metrics::histogram!(BID_BATCH_WAIT_SECONDS, "core" => label.clone(), "stage" => stage)),
         order_batch: metrics::histogram!(ORDER_BATCH_SIZE, "core" => label.clone()),
         core: label,
     };
@@ -517,10 +530,14 @@ pub fn order(outcome: OrderOutcome) {
 
 /// A bid batch was sent: its size, and the core's bid batches in the database
 /// with it (itself included).
-pub fn bid_batch(size: usize, in_flight: usize) {
+/// A bid batch as it was sent: its size, the core's batches in the database with
+/// it, and where its oldest bid waited (in the queue, then for a lane).
+pub fn bid_batch(size: usize, in_flight: usize, queue: Duration, lane: Duration) {
     with_core(|c| {
         c.bid_batch.record(size as f64);
         c.bid_in_flight.record(in_flight as f64);
+        c.bid_waits[0].record(queue.as_secs_f64());
+        c.bid_waits[1].record(lane.as_secs_f64());
     });
 }
 

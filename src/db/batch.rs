@@ -84,6 +84,8 @@ pub enum SubmitError {
 }
 
 struct Pending<W: BatchWrite> {
+    /// When it was submitted.
+    queued: Instant,
     request: W::Request,
     reply: oneshot::Sender<Result<W::Outcome, Arc<DbError>>>,
 }
@@ -159,6 +161,24 @@ pub struct BatchStart {
     pub size: usize,
     /// The core's batches of this kind in the database, this one included.
     pub in_flight: usize,
+    /// How long its oldest write waited before the batch was sent: for the
+    /// core's batches in the database and for more writes ([`queue`]), then for
+    /// a lane ([`lane`]).
+    ///
+    /// [`queue`]: BatchWaits::queue
+    /// [`lane`]: BatchWaits::lane
+    pub waits: BatchWaits,
+}
+
+/// Where a batch's oldest write waited before the batch was sent; the two add up
+/// to that write's whole wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchWaits {
+    /// From its submission until the batch took a slot: while the core's earlier
+    /// batches were in the database, or the batch waited to be worth sending.
+    pub queue: Duration,
+    /// From then until the batch had a lane (zero for a kind without lanes).
+    pub lane: Duration,
 }
 
 /// What a batcher reports as each batch is sent.
@@ -228,7 +248,7 @@ impl<W: BatchWrite> Batcher<W> {
     pub async fn submit(&self, request: W::Request) -> Result<W::Outcome, SubmitError> {
         let (reply, rx) = oneshot::channel();
         let _counted = Outstanding::count(&self.outstanding);
-        self.tx.try_send(Pending { request, reply }).map_err(|e| match e {
+        self.tx.try_send(Pending { queued: Instant::now(), request, reply }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
         })?;
@@ -302,6 +322,7 @@ async fn run<W: BatchWrite>(
             continue;
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let formed = Instant::now();
         // Wait for a lane, if the kind has them, while what the batch writes on is
         // opened; the batch grows meanwhile.
         let lane = match &limits.lanes {
@@ -335,7 +356,10 @@ async fn run<W: BatchWrite>(
             }
         };
         last_sent = Instant::now();
-        observe(BatchStart { size: batch.len(), in_flight: busy + 1 });
+        // The batch holds its writes in arrival order: the first waited longest.
+        let oldest = batch.first().map_or(formed, |p| p.queued);
+        let waits = BatchWaits { queue: formed.saturating_duration_since(oldest), lane: last_sent - formed };
+        observe(BatchStart { size: batch.len(), in_flight: busy + 1, waits });
         // The batch goes to its own task; the next one grows as writes arrive.
         let batch = std::mem::take(&mut batch);
         let (pool, writer, outage, finished) = (primary.pool(), writer.clone(), outage.clone(), finished.clone());
@@ -522,8 +546,14 @@ mod tests {
         }
     }
 
-    fn started(size: usize, in_flight: usize) -> BatchStart {
-        BatchStart { size, in_flight }
+    /// A batch as the tests below expect it: its size and the batches in flight.
+    fn started(size: usize, in_flight: usize) -> (usize, usize) {
+        (size, in_flight)
+    }
+
+    /// The batches seen so far, as [`started`] describes them.
+    fn shapes(seen: &Seen) -> Vec<(usize, usize)> {
+        seen.lock().unwrap().iter().map(|b| (b.size, b.in_flight)).collect()
     }
 
     /// While a batch is in the database, a few waiting writes wait for it, and
@@ -544,10 +574,10 @@ mod tests {
         settle().await;
         writes.extend((2..5).map(|n| submit(&batcher, n)));
         settle().await;
-        assert_eq!(*seen.lock().unwrap(), [started(1, 1)], "three waiting writes do not overlap");
+        assert_eq!(shapes(&seen), [started(1, 1)], "three waiting writes do not overlap");
         writes.push(submit(&batcher, 5));
         settle().await;
-        assert_eq!(*seen.lock().unwrap(), [started(1, 1), started(4, 2)], "the fourth makes a batch worth it");
+        assert_eq!(shapes(&seen), [started(1, 1), started(4, 2)], "the fourth makes a batch worth it");
         for (write, n) in writes.into_iter().zip(1..) {
             assert_eq!(write.await.unwrap().unwrap(), n, "each write gets its own outcome");
         }
@@ -571,10 +601,10 @@ mod tests {
         settle().await;
         let second = submit(&batcher, 2);
         settle().await;
-        assert_eq!(*seen.lock().unwrap(), [started(1, 1)]);
+        assert_eq!(shapes(&seen), [started(1, 1)]);
         tokio::time::sleep(Duration::from_millis(6)).await;
         settle().await;
-        assert_eq!(*seen.lock().unwrap(), [started(1, 1), started(1, 2)]);
+        assert_eq!(shapes(&seen), [started(1, 1), started(1, 2)]);
         assert_eq!((first.await.unwrap().unwrap(), second.await.unwrap().unwrap()), (1, 2));
     }
 
@@ -654,11 +684,7 @@ mod tests {
             let r = write.await.unwrap();
             assert!(matches!(r, Err(SubmitError::Db(ref e)) if matches!(**e, DbError::Unavailable(_))), "{r:?}");
         }
-        assert_eq!(
-            *seen.lock().unwrap(),
-            [started(1, 1), started(1, 1)],
-            "one at a time, the second after the first gave up"
-        );
+        assert_eq!(shapes(&seen), [started(1, 1), started(1, 1)], "one at a time, the second after the first gave up");
         assert_eq!(started_at.elapsed(), Duration::from_secs(20), "each gave up after 10 s");
     }
 
@@ -712,9 +738,41 @@ mod tests {
         assert_eq!(counts.opened.load(Ordering::Relaxed), 1, "what it writes on opened while it waited");
         drop(held);
         settle().await;
-        assert_eq!(*seen.lock().unwrap(), [started(5, 1)]);
+        assert_eq!(shapes(&seen), [started(5, 1)]);
         for (write, n) in writes.into_iter().zip(1..) {
             assert_eq!(write.await.unwrap().unwrap(), n);
         }
+    }
+
+    /// Each batch reports where its oldest write waited: behind the core's batch
+    /// in the database, then for the lane.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_reports_where_its_oldest_write_waited() {
+        let (batcher, seen) = start(BatchLimits::one_at_a_time(64, 64), Slow::taking(Duration::from_millis(10)));
+        let first = submit(&batcher, 1);
+        settle().await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let second = submit(&batcher, 2);
+        assert_eq!((first.await.unwrap().unwrap(), second.await.unwrap().unwrap()), (1, 2));
+        let waits: Vec<BatchWaits> = seen.lock().unwrap().iter().map(|b| b.waits).collect();
+        assert_eq!(
+            waits,
+            [BatchWaits::default(), BatchWaits { queue: Duration::from_millis(8), lane: Duration::ZERO }],
+            "the second write waited the 8 ms left of the first batch"
+        );
+
+        let lanes = Lanes::new(1);
+        let held = lanes.0.clone().acquire_owned().await.unwrap();
+        let (batcher, seen) = start(with_lanes(&lanes), Slow::taking(Duration::from_millis(1)));
+        let write = submit(&batcher, 3);
+        settle().await;
+        tokio::time::sleep(Duration::from_millis(7)).await;
+        drop(held);
+        assert_eq!(write.await.unwrap().unwrap(), 3);
+        assert_eq!(
+            seen.lock().unwrap()[0].waits,
+            BatchWaits { queue: Duration::ZERO, lane: Duration::from_millis(7) },
+            "the batch waited 7 ms for another core's lane"
+        );
     }
 }

@@ -129,7 +129,10 @@ impl BatchWrite for Bids {
         let placed = place(&mut *tx, requests).await;
         lane.release();
         let placed = placed?;
-        tx.commit().await?;
+        {
+            let _timer = metrics::time_query(Query::CommitBids);
+            tx.commit().await?;
+        }
         Ok(placed)
     }
 

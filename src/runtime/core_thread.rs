@@ -162,7 +162,7 @@ async fn core_main(start: Start) {
             lanes: bid_lanes,
             write_timeout: write_timeout(&config),
         },
-        Box::new(|b: BatchStart| metrics::bid_batch(b.size, b.in_flight)),
+        Box::new(|b: BatchStart| metrics::bid_batch(b.size, b.in_flight, b.waits.queue, b.waits.lane)),
     );
     // One order batch at a time: an order locks several stock rows, and orders are
     // not where gavel's volume is.

@@ -255,6 +255,7 @@ fn the_dashboard_covers_traffic_latency_bidding_pool_balance_and_memory() {
         &["latency", "p99"],
         &["bids", "outcome"],
         &["bid batch size"],
+        &["bid wait", "stage"],
         &["order batch size"],
         &["pool"],
         &["per-core", "balance"],

@@ -118,6 +118,7 @@ async fn the_metric_families_have_the_right_types_and_labels() {
         ("gavel_bids_total", "counter", &["core", "outcome"]),
         ("gavel_bid_batch_size", "histogram", &["core"]),
         ("gavel_bid_batches_in_flight", "histogram", &["core"]),
+        ("gavel_bid_batch_wait_seconds", "histogram", &["core", "stage"]),
         ("gavel_orders_total", "counter", &["core", "outcome"]),
         ("gavel_order_batch_size", "histogram", &["core"]),
         ("gavel_db_query_duration_seconds", "histogram", &["core", "query"]),
@@ -173,6 +174,14 @@ async fn the_metric_families_have_the_right_types_and_labels() {
         value("gavel_bid_batch_size_count{", ("core", "0")) + value("gavel_bid_batch_size_count{", ("core", "1"))
             >= 1.0
     );
+    // Where a batch's time went: its oldest bid's wait by stage, and its commit
+    // beside its statement.
+    for stage in ["queue", "lane"] {
+        assert!(value("gavel_bid_batch_wait_seconds_count{", ("stage", stage)) >= 1.0, "bid batch wait, stage {stage}");
+    }
+    for query in ["place_bids", "commit_bids"] {
+        assert!(value("gavel_db_query_duration_seconds_count{", ("query", query)) >= 1.0, "query {query} timed");
+    }
 }
 
 /// `promtool check metrics` accepts the exposition (names, units, types, help).
