@@ -226,6 +226,33 @@ impl Query {
     }
 }
 
+/// Where a bid batch's oldest bid waits before the batch's statement goes to the
+/// database (`gavel_bid_batch_wait_seconds{stage}`); then come the `place_bids`
+/// and `commit_bids` round trips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BidWait {
+    /// From the bid's arrival until its batch took a slot: behind the core's
+    /// batches in the database, or for more bids to make a batch worth sending.
+    Queue,
+    /// For a bid lane.
+    Lane,
+    /// For the batch's transaction to be begun, once it had its lane (it is
+    /// begun while the batch waits for the lane: usually nothing is left).
+    Begin,
+}
+
+impl BidWait {
+    const ALL: [BidWait; 3] = [BidWait::Queue, BidWait::Lane, BidWait::Begin];
+
+    fn label(self) -> &'static str {
+        match self {
+            BidWait::Queue => "queue",
+            BidWait::Lane => "lane",
+            BidWait::Begin => "begin",
+        }
+    }
+}
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide Prometheus recorder (once; later calls return the
@@ -272,7 +299,7 @@ fn describe() {
     describe_histogram!(
         BID_BATCH_WAIT_SECONDS,
         Unit::Seconds,
-        "How long a bid batch's oldest bid waited before the batch was sent, by stage (queue: behind the core's batches in the database, or for more bids; lane: for a bid lane)"
+        "How long a bid batch's oldest bid waited before the batch's statement went to the database, by stage (queue: behind the core's batches in the database, or for more bids; lane: for a bid lane; begin: for its transaction's BEGIN, once it had the lane)"
     );
     describe_counter!(ORDERS_TOTAL, "Orders by outcome");
     describe_histogram!(ORDER_BATCH_SIZE, "Orders sent to the database in one statement");
@@ -370,8 +397,8 @@ struct CoreMetrics {
     queries: Vec<Histogram>,
     bid_batch: Histogram,
     bid_in_flight: Histogram,
-    /// By stage: queue, lane.
-    bid_waits: [Histogram; 2],
+    /// By [`BidWait`].
+    bid_waits: Vec<Histogram>,
     order_batch: Histogram,
 }
 
@@ -395,8 +422,10 @@ pub fn init_core(core: usize) {
             .collect(),
         bid_batch: metrics::histogram!(BID_BATCH_SIZE, "core" => label.clone()),
         bid_in_flight: metrics::histogram!(BID_BATCHES_IN_FLIGHT, "core" => label.clone()),
-        bid_waits: ["queue", "lane"]
-            .map(|stage| metrics::histogram!(BID_BATCH_WAIT_SECONDS, "core" => label.clone(), "stage" => stage)),
+        bid_waits: BidWait::ALL
+            .iter()
+            .map(|w| metrics::histogram!(BID_BATCH_WAIT_SECONDS, "core" => label.clone(), "stage" => w.label()))
+            .collect(),
         order_batch: metrics::histogram!(ORDER_BATCH_SIZE, "core" => label.clone()),
         core: label,
     };
@@ -528,17 +557,20 @@ pub fn order(outcome: OrderOutcome) {
     with_core(|c| c.orders[outcome as usize].increment(1));
 }
 
-/// A bid batch was sent: its size, and the core's bid batches in the database
-/// with it (itself included).
 /// A bid batch as it was sent: its size, the core's batches in the database with
 /// it, and where its oldest bid waited (in the queue, then for a lane).
 pub fn bid_batch(size: usize, in_flight: usize, queue: Duration, lane: Duration) {
     with_core(|c| {
         c.bid_batch.record(size as f64);
         c.bid_in_flight.record(in_flight as f64);
-        c.bid_waits[0].record(queue.as_secs_f64());
-        c.bid_waits[1].record(lane.as_secs_f64());
+        c.bid_waits[BidWait::Queue as usize].record(queue.as_secs_f64());
+        c.bid_waits[BidWait::Lane as usize].record(lane.as_secs_f64());
     });
+}
+
+/// A bid batch waited `wait` at `stage` before its statement went.
+pub fn bid_wait(stage: BidWait, wait: Duration) {
+    with_core(|c| c.bid_waits[stage as usize].record(wait.as_secs_f64()));
 }
 
 pub fn order_batch(size: usize) {

@@ -171,7 +171,8 @@ pub struct BatchStart {
 }
 
 /// Where a batch's oldest write waited before the batch was sent; the two add up
-/// to that write's whole wait.
+/// to that write's wait until then. What the write itself waits for once it has
+/// its lane (bids: the rest of their BEGIN) is the kind's to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BatchWaits {
     /// From its submission until the batch took a slot: while the core's earlier
@@ -358,7 +359,7 @@ async fn run<W: BatchWrite>(
         last_sent = Instant::now();
         // The batch holds its writes in arrival order: the first waited longest.
         let oldest = batch.first().map_or(formed, |p| p.queued);
-        let waits = BatchWaits { queue: formed.saturating_duration_since(oldest), lane: last_sent - formed };
+        let waits = BatchWaits { queue: formed.duration_since(oldest), lane: last_sent.duration_since(formed) };
         observe(BatchStart { size: batch.len(), in_flight: busy + 1, waits });
         // The batch goes to its own task; the next one grows as writes arrive.
         let batch = std::mem::take(&mut batch);
@@ -745,7 +746,7 @@ mod tests {
     }
 
     /// Each batch reports where its oldest write waited: behind the core's batch
-    /// in the database, then for the lane.
+    /// in the database, then for the lane; a later write of the batch waited less.
     #[tokio::test(start_paused = true)]
     async fn a_batch_reports_where_its_oldest_write_waited() {
         let (batcher, seen) = start(BatchLimits::one_at_a_time(64, 64), Slow::taking(Duration::from_millis(10)));
@@ -753,26 +754,33 @@ mod tests {
         settle().await;
         tokio::time::sleep(Duration::from_millis(2)).await;
         let second = submit(&batcher, 2);
-        assert_eq!((first.await.unwrap().unwrap(), second.await.unwrap().unwrap()), (1, 2));
-        let waits: Vec<BatchWaits> = seen.lock().unwrap().iter().map(|b| b.waits).collect();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let third = submit(&batcher, 3);
+        for (write, n) in [first, second, third].into_iter().zip(1..) {
+            assert_eq!(write.await.unwrap().unwrap(), n);
+        }
+        let batches: Vec<(usize, BatchWaits)> = seen.lock().unwrap().iter().map(|b| (b.size, b.waits)).collect();
         assert_eq!(
-            waits,
-            [BatchWaits::default(), BatchWaits { queue: Duration::from_millis(8), lane: Duration::ZERO }],
-            "the second write waited the 8 ms left of the first batch"
+            batches,
+            [(1, BatchWaits::default()), (2, BatchWaits { queue: Duration::from_millis(8), lane: Duration::ZERO })],
+            "the second batch's oldest write waited the 8 ms left of the first batch, its newest 5"
         );
 
         let lanes = Lanes::new(1);
         let held = lanes.0.clone().acquire_owned().await.unwrap();
         let (batcher, seen) = start(with_lanes(&lanes), Slow::taking(Duration::from_millis(1)));
-        let write = submit(&batcher, 3);
+        let oldest = submit(&batcher, 4);
         settle().await;
-        tokio::time::sleep(Duration::from_millis(7)).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let newest = submit(&batcher, 5);
+        tokio::time::sleep(Duration::from_millis(4)).await;
         drop(held);
-        assert_eq!(write.await.unwrap().unwrap(), 3);
+        assert_eq!((oldest.await.unwrap().unwrap(), newest.await.unwrap().unwrap()), (4, 5));
+        let batches: Vec<(usize, BatchWaits)> = seen.lock().unwrap().iter().map(|b| (b.size, b.waits)).collect();
         assert_eq!(
-            seen.lock().unwrap()[0].waits,
-            BatchWaits { queue: Duration::ZERO, lane: Duration::from_millis(7) },
-            "the batch waited 7 ms for another core's lane"
+            batches,
+            [(2, BatchWaits { queue: Duration::ZERO, lane: Duration::from_millis(7) })],
+            "one batch, grown while it waited 7 ms for another core's lane"
         );
     }
 }

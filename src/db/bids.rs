@@ -30,7 +30,7 @@ use super::batch::{BatchWrite, Lane};
 use super::{CACHE_CHANNEL, DbError, Primary, notice, protocol};
 use crate::domain::auction::{BidState, Outbid};
 use crate::domain::bid::NewBid;
-use crate::metrics::{self, Query};
+use crate::metrics::{self, BidWait, Query};
 
 /// One bid waiting for the database.
 #[derive(Debug, Clone)]
@@ -122,9 +122,11 @@ impl BatchWrite for Bids {
         requests: &[&BidRequest],
         mut lane: Lane<Self::Opened>,
     ) -> Result<Vec<Placed>, DbError> {
+        let turn = std::time::Instant::now();
         let Some(opened) = lane.opened().await else {
             return place(pool, requests).await;
         };
+        metrics::bid_wait(BidWait::Begin, turn.elapsed());
         let mut tx = opened?;
         let placed = place(&mut *tx, requests).await;
         lane.release();

@@ -176,7 +176,7 @@ async fn the_metric_families_have_the_right_types_and_labels() {
     );
     // Where a batch's time went: its oldest bid's wait by stage, and its commit
     // beside its statement.
-    for stage in ["queue", "lane"] {
+    for stage in ["queue", "lane", "begin"] {
         assert!(value("gavel_bid_batch_wait_seconds_count{", ("stage", stage)) >= 1.0, "bid batch wait, stage {stage}");
     }
     for query in ["place_bids", "commit_bids"] {
