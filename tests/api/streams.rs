@@ -100,7 +100,7 @@ async fn a_closing_auction_sends_its_final_state_and_winner_then_ends_the_stream
     assert_eq!(app.place_bid(&app.bidder(4), id, 150).await.status(), StatusCode::CREATED);
     assert_eq!(data(&next(&mut events, SOON).await)["high_bid"], 150);
     let closed = next(&mut events, SOON).await;
-    assert_eq!(closed.event, "closed");
+    assert_eq!(closed.event, "closed", "{closed:?}");
     let state = data(&closed);
     assert_eq!(state["status"], "closed");
     assert_eq!(state["winner_id"], 4);
