@@ -557,14 +557,12 @@ pub fn order(outcome: OrderOutcome) {
     with_core(|c| c.orders[outcome as usize].increment(1));
 }
 
-/// A bid batch as it was sent: its size, the core's batches in the database with
-/// it, and where its oldest bid waited (in the queue, then for a lane).
-pub fn bid_batch(size: usize, in_flight: usize, queue: Duration, lane: Duration) {
+/// A bid batch was sent: its size, and the core's bid batches in the database
+/// with it (itself included).
+pub fn bid_batch(size: usize, in_flight: usize) {
     with_core(|c| {
         c.bid_batch.record(size as f64);
         c.bid_in_flight.record(in_flight as f64);
-        c.bid_waits[BidWait::Queue as usize].record(queue.as_secs_f64());
-        c.bid_waits[BidWait::Lane as usize].record(lane.as_secs_f64());
     });
 }
 

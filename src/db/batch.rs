@@ -557,6 +557,11 @@ mod tests {
         seen.lock().unwrap().iter().map(|b| (b.size, b.in_flight)).collect()
     }
 
+    /// The batches seen so far: each one's size and where its oldest write waited.
+    fn waits(seen: &Seen) -> Vec<(usize, BatchWaits)> {
+        seen.lock().unwrap().iter().map(|b| (b.size, b.waits)).collect()
+    }
+
     /// While a batch is in the database, a few waiting writes wait for it, and
     /// `overlap_at` of them go beside it at once.
     #[tokio::test(start_paused = true)]
@@ -759,9 +764,8 @@ mod tests {
         for (write, n) in [first, second, third].into_iter().zip(1..) {
             assert_eq!(write.await.unwrap().unwrap(), n);
         }
-        let batches: Vec<(usize, BatchWaits)> = seen.lock().unwrap().iter().map(|b| (b.size, b.waits)).collect();
         assert_eq!(
-            batches,
+            waits(&seen),
             [(1, BatchWaits::default()), (2, BatchWaits { queue: Duration::from_millis(8), lane: Duration::ZERO })],
             "the second batch's oldest write waited the 8 ms left of the first batch, its newest 5"
         );
@@ -776,9 +780,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(4)).await;
         drop(held);
         assert_eq!((oldest.await.unwrap().unwrap(), newest.await.unwrap().unwrap()), (4, 5));
-        let batches: Vec<(usize, BatchWaits)> = seen.lock().unwrap().iter().map(|b| (b.size, b.waits)).collect();
         assert_eq!(
-            batches,
+            waits(&seen),
             [(2, BatchWaits { queue: Duration::ZERO, lane: Duration::from_millis(7) })],
             "one batch, grown while it waited 7 ms for another core's lane"
         );

@@ -25,7 +25,7 @@ use crate::db::target::Target;
 use crate::events::{Hub, StreamLimits};
 use crate::http;
 use crate::http::activity::Activity;
-use crate::metrics::{self, CoreGauges, StreamMetrics};
+use crate::metrics::{self, BidWait, CoreGauges, StreamMetrics};
 use crate::storage;
 use crate::throttle::Throttles;
 
@@ -162,7 +162,11 @@ async fn core_main(start: Start) {
             lanes: bid_lanes,
             write_timeout: write_timeout(&config),
         },
-        Box::new(|b: BatchStart| metrics::bid_batch(b.size, b.in_flight, b.waits.queue, b.waits.lane)),
+        Box::new(|b: BatchStart| {
+            metrics::bid_batch(b.size, b.in_flight);
+            metrics::bid_wait(BidWait::Queue, b.waits.queue);
+            metrics::bid_wait(BidWait::Lane, b.waits.lane);
+        }),
     );
     // One order batch at a time: an order locks several stock rows, and orders are
     // not where gavel's volume is.
