@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
+use chrono::Utc;
 use serde::Deserialize;
 use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
@@ -151,10 +152,16 @@ async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream
         }
         let mut read = Vec::with_capacity(wanted.len());
         let mut missed = Vec::new();
+        let now = Utc::now();
         for id in wanted {
             match core.caches.auction(id) {
-                Some(cached) => read.push(cached),
-                None => missed.push(id),
+                // Past its end but not recorded closed: this core's listener may
+                // not have heard the close yet (another core's watchers may have
+                // had it already), so the database says which it is. The first
+                // event of a watcher who comes after the end is then the close,
+                // on whichever core it lands.
+                Some(cached) if cached.closed || cached.ends_at > now => read.push(cached),
+                _ => missed.push(id),
             }
         }
         if !missed.is_empty() {
