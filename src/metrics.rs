@@ -316,7 +316,10 @@ fn describe() {
     );
     describe_counter!(CACHE_LISTENER_RECONNECTS_TOTAL, "Times a core's LISTEN connection came (back) up");
     describe_gauge!(CACHE_LIVE, "1 while the core serves reads from its cache, 0 while it recovers");
-    describe_gauge!(CACHE_ENTRIES, "Entries of a core's cache, by cache (auctions, inventory)");
+    describe_gauge!(
+        CACHE_ENTRIES,
+        "Entries of a core's cache, by cache (auctions, inventory; sessions: the ended sessions it remembers until their tokens expire)"
+    );
     describe_counter!(
         CACHE_EVICTIONS_TOTAL,
         "Entries that left a core's cache, by cache and reason (closed: a closed auction's grace ran out; capacity: the cache was full)"
@@ -330,7 +333,7 @@ fn describe() {
     describe_histogram!(
         EVENT_DELIVERY_SECONDS,
         Unit::Seconds,
-        "From a change's announcement (after its commit) to its event being handed to the connection"
+        "From a change's commit (a bid batch's: when gavel had its commit confirmed; any other change's: its row trigger, just before the commit) to its event being handed to the connection, which writes it to the socket next"
     );
     describe_gauge!(
         EVENT_BUDGET_SHARE,
@@ -675,6 +678,8 @@ pub struct CoreGauges {
     pub notifications: [[Counter; 2]; 3],
     /// By `cache::Which`.
     cache_entries: [Gauge; 2],
+    /// The ended sessions the core remembers (`cache="sessions"`).
+    session_entries: Gauge,
     /// By `cache::Which`, then `cache::Evicted`.
     cache_evictions: [[Counter; 2]; 2],
 }
@@ -698,6 +703,7 @@ impl CoreGauges {
                 [notice("bid", "stale"), notice("bid", "applied")],
             ],
             cache_entries: Which::ALL.map(|w| metrics::gauge!(CACHE_ENTRIES, "core" => core.clone(), "cache" => w.label())),
+            session_entries: metrics::gauge!(CACHE_ENTRIES, "core" => core.clone(), "cache" => "sessions"),
             cache_evictions: Which::ALL.map(|w| {
                 Evicted::ALL.map(|r| {
                     metrics::counter!(CACHE_EVICTIONS_TOTAL, "core" => core.clone(), "cache" => w.label(), "reason" => r.label())
@@ -707,14 +713,15 @@ impl CoreGauges {
     }
 
     /// Publishes what a cache sweep counted: entries by [`Which`], evictions by
-    /// [`Which`] then [`Evicted`].
-    pub fn census(&self, entries: [usize; 2], evicted: [[u64; 2]; 2]) {
+    /// [`Which`] then [`Evicted`], and the ended sessions remembered.
+    pub fn census(&self, entries: [usize; 2], evicted: [[u64; 2]; 2], sessions: usize) {
         for w in Which::ALL {
             self.cache_entries[w as usize].set(entries[w as usize] as f64);
             for r in Evicted::ALL {
                 self.cache_evictions[w as usize][r as usize].absolute(evicted[w as usize][r as usize]);
             }
         }
+        self.session_entries.set(sessions as f64);
     }
 }
 

@@ -184,6 +184,10 @@ struct Inner {
 pub struct Census {
     /// Entries now, in [`Which`] order.
     pub entries: [usize; 2],
+    /// Ended sessions remembered now (revoked ones and accounts' raised epochs):
+    /// bounded by time, not capacity — each is forgotten once no token it ends
+    /// can still be accepted, and evicting one sooner would let its token in.
+    pub sessions: usize,
     /// Evictions since the cache was made, by [`Which`] then [`Evicted`].
     pub evicted: [[u64; 2]; 2],
 }
@@ -373,6 +377,7 @@ impl Caches {
         inner.auctions.evicted[Evicted::Closed as usize] += gone.len() as u64;
         Census {
             entries: [inner.auctions.entries.len(), inner.inventory.entries.len()],
+            sessions: inner.sessions.len(),
             evicted: [inner.auctions.evicted, inner.inventory.evicted],
         }
     }
@@ -418,7 +423,7 @@ pub async fn sweep(
             _ = shutdown.changed() => return,
             _ = interval.tick() => {
                 let census = caches.sweep(Utc::now());
-                gauges.census(census.entries, census.evicted);
+                gauges.census(census.entries, census.evicted, census.sessions);
             }
         }
     }

@@ -528,16 +528,19 @@ mod tests {
 
     type Seen = Arc<Mutex<Vec<BatchStart>>>;
 
-    fn start(limits: BatchLimits, writer: Slow) -> (Batcher<Slow>, Seen) {
+    fn start<W: BatchWrite>(limits: BatchLimits, writer: W) -> (Batcher<W>, Seen) {
         let pool = PgPoolOptions::new().connect_lazy_with(PgConnectOptions::new());
         let seen = Seen::default();
         let log = seen.clone();
         (Batcher::spawn(Primary::new(pool), writer, limits, Box::new(move |b| log.lock().unwrap().push(b))), seen)
     }
 
-    fn submit(batcher: &Batcher<Slow>, n: u32) -> tokio::task::JoinHandle<Result<u32, SubmitError>> {
+    fn submit<W: BatchWrite>(
+        batcher: &Batcher<W>,
+        request: W::Request,
+    ) -> tokio::task::JoinHandle<Result<W::Outcome, SubmitError>> {
         let batcher = batcher.clone();
-        tokio::spawn(async move { batcher.submit(n).await })
+        tokio::spawn(async move { batcher.submit(request).await })
     }
 
     /// Lets every task run until it waits (time stands still meanwhile).
@@ -785,5 +788,209 @@ mod tests {
             [(2, BatchWaits { queue: Duration::ZERO, lane: Duration::from_millis(7) })],
             "one batch, grown while it waited 7 ms for another core's lane"
         );
+    }
+
+    /// Fails each write with `error()` while `failing` counts down above zero, then
+    /// answers each write with itself; each write takes 1 ms, and every batch it
+    /// was asked to write is kept in `tried`.
+    struct Flaky {
+        error: Box<dyn Fn() -> DbError + Send + Sync>,
+        failing: Arc<AtomicUsize>,
+        tried: Arc<Mutex<Vec<Vec<u32>>>>,
+    }
+
+    impl Flaky {
+        fn failing(times: usize, error: impl Fn() -> DbError + Send + Sync + 'static) -> Self {
+            Flaky { error: Box::new(error), failing: Arc::new(AtomicUsize::new(times)), tried: Arc::default() }
+        }
+    }
+
+    impl BatchWrite for Flaky {
+        type Request = u32;
+        type Outcome = u32;
+        type Opened = ();
+
+        fn open(&self, _: &PgPool) -> impl Future<Output = Result<(), DbError>> + Send + 'static {
+            std::future::ready(Ok(()))
+        }
+
+        async fn write(&self, _: &PgPool, requests: &[&u32], _: Lane<()>) -> Result<Vec<u32>, DbError> {
+            self.tried.lock().unwrap().push(requests.iter().map(|r| **r).collect());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            match self.failing.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)) {
+                Ok(_) => Err((self.error)()),
+                Err(_) => Ok(requests.iter().map(|r| **r).collect()),
+            }
+        }
+    }
+
+    /// A database error with SQLSTATE `.0`, as a server would send it.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            self.0
+        }
+
+        fn code(&self) -> Option<std::borrow::Cow<'_, str>> {
+            Some(self.0.into())
+        }
+
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    /// What a write failing with SQLSTATE `code` returns.
+    fn sqlstate(code: &'static str) -> DbError {
+        DbError::from(sqlx::Error::Database(Box::new(Sqlstate(code))))
+    }
+
+    /// The SQLSTATE a write's answer failed with, if any.
+    fn failed_with(answer: Result<u32, SubmitError>) -> Option<String> {
+        match answer {
+            Err(SubmitError::Db(e)) => match &*e {
+                DbError::Other(sqlx::Error::Database(db)) => db.code().map(String::from),
+                _ => panic!("expected a database error, got {e:?}"),
+            },
+            other => panic!("expected the batch's error, got {other:?}"),
+        }
+    }
+
+    /// A batch the database aborted as a whole (a deadlock, a serialisation
+    /// failure) is written again, and its writes get the try that committed.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_aborted_by_a_deadlock_or_serialisation_failure_is_retried() {
+        for code in ["40P01", "40001"] {
+            let writer = Flaky::failing(2, move || sqlstate(code));
+            let tried = writer.tried.clone();
+            let (batcher, seen) = start(BatchLimits::one_at_a_time(64, 64), writer);
+            let writes: Vec<_> = (1..=3).map(|n| submit(&batcher, n)).collect();
+            for (write, n) in writes.into_iter().zip(1..) {
+                assert_eq!(write.await.unwrap().unwrap(), n, "{code}");
+            }
+            assert_eq!(shapes(&seen), [started(3, 1)], "{code}: one batch");
+            assert_eq!(*tried.lock().unwrap(), [[1, 2, 3]; 3], "{code}: twice aborted, then committed");
+        }
+    }
+
+    /// A batch that fails any other way is not written again: its writes get the
+    /// failure, though a second try would have succeeded.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_fails_otherwise_is_not_retried() {
+        let writer = Flaky::failing(1, || sqlstate("23505"));
+        let tried = writer.tried.clone();
+        let (batcher, _) = start(BatchLimits::one_at_a_time(64, 64), writer);
+        let writes: Vec<_> = (1..=2).map(|n| submit(&batcher, n)).collect();
+        for write in writes {
+            assert_eq!(failed_with(write.await.unwrap()).as_deref(), Some("23505"));
+        }
+        assert_eq!(*tried.lock().unwrap(), [[1, 2]], "one try");
+    }
+
+    /// A batch that deadlocks every time is retried three times, then its writes
+    /// get the deadlock.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_that_keeps_deadlocking_fails_with_the_deadlock_after_three_retries() {
+        let writer = Flaky::failing(usize::MAX, || sqlstate("40P01"));
+        let tried = writer.tried.clone();
+        let (batcher, _) = start(BatchLimits::one_at_a_time(64, 64), writer);
+        assert_eq!(failed_with(submit(&batcher, 1).await.unwrap()).as_deref(), Some("40P01"));
+        assert_eq!(*tried.lock().unwrap(), [[1]; 4], "the first try and three retries");
+    }
+
+    /// The log lines of the crate's code on this thread, each its level and message.
+    #[derive(Clone, Default)]
+    struct Logged(Arc<Mutex<Vec<(tracing::Level, String)>>>);
+
+    impl Logged {
+        /// The lines logged since the last call.
+        fn take(&self) -> Vec<(tracing::Level, String)> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Logged {
+        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            if event.metadata().target().starts_with("gavel::") {
+                let mut message = Message(String::new());
+                event.record(&mut message);
+                self.0.lock().unwrap().push((*event.metadata().level(), message.0));
+            }
+        }
+    }
+
+    /// While the database is unavailable every batch fails, and each of its writes
+    /// gets the real cause; the outage is one warning, the later batches of it
+    /// debug lines. The first batch that succeeds again says so, once, and the next
+    /// outage warns again.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_logged_once_and_each_write_keeps_the_real_cause() {
+        use tracing::Level;
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let logged = Logged::default();
+        let _logging = tracing::subscriber::set_default(tracing_subscriber::registry().with(logged.clone()));
+        let refused = || {
+            let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+            DbError::from(sqlx::Error::Io(refused))
+        };
+        let writer = Flaky::failing(usize::MAX, refused);
+        let (failing, tried) = (writer.failing.clone(), writer.tried.clone());
+        let (batcher, _) = start(BatchLimits::one_at_a_time(64, 1), writer);
+
+        let writes: Vec<_> = (1..=5).map(|n| submit(&batcher, n)).collect();
+        for write in writes {
+            let r = write.await.unwrap();
+            let Err(SubmitError::Db(e)) = &r else { panic!("expected the batch's error, got {r:?}") };
+            let DbError::Unavailable(sqlx::Error::Io(cause)) = &**e else {
+                panic!("expected the real cause, got {e:?}")
+            };
+            assert_eq!(cause.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+        }
+        assert_eq!(tried.lock().unwrap().len(), 5, "five batches of one, none retried");
+        let unavailable = (Level::WARN, "batched writes fail: the database is unavailable".to_owned());
+        let still = (Level::DEBUG, "batched write failed: the database is still unavailable".to_owned());
+        let back = (Level::INFO, "batched writes succeed again: the database is back".to_owned());
+        assert_eq!(logged.take(), [unavailable.clone(), still.clone(), still.clone(), still.clone(), still]);
+
+        failing.store(0, Ordering::Relaxed);
+        for n in 6..=7 {
+            assert_eq!(batcher.submit(n).await.unwrap(), n);
+        }
+        assert_eq!(logged.take(), [back], "once, not once per batch");
+
+        failing.store(1, Ordering::Relaxed);
+        assert!(batcher.submit(8).await.is_err());
+        assert_eq!(logged.take(), [unavailable], "a new outage warns again");
     }
 }

@@ -154,7 +154,7 @@ impl BatchWrite for Bids {
                 _ => {}
             }
         }
-        self.announcer.announce(states, outbid);
+        self.announcer.announce(states, outbid, Utc::now().timestamp_micros());
     }
 }
 
@@ -185,7 +185,7 @@ impl BatchWrite for Bids {
 #[derive(Debug, Clone)]
 pub struct Announcer {
     /// One message per committed batch that changed something.
-    tx: mpsc::UnboundedSender<(Vec<BidState>, Vec<Outbid>)>,
+    tx: mpsc::UnboundedSender<Committed>,
 }
 
 impl Announcer {
@@ -196,14 +196,22 @@ impl Announcer {
         Announcer { tx }
     }
 
-    /// Queues a batch's states, and whom it outbid, for the next announcement.
-    /// Never waits.
-    pub fn announce(&self, states: Vec<BidState>, outbid: Vec<Outbid>) {
+    /// Queues a batch's states, and whom it outbid, for the next announcement;
+    /// `committed_us` is when its commit was confirmed. Never waits.
+    pub fn announce(&self, states: Vec<BidState>, outbid: Vec<Outbid>, committed_us: i64) {
         if !states.is_empty() {
             // Closed only when the core stops, and then nobody is left to tell.
-            let _ = self.tx.send((states, outbid));
+            let _ = self.tx.send(Committed { states, outbid, committed_us });
         }
     }
+}
+
+/// A committed batch's changes, waiting for their announcement.
+#[derive(Debug)]
+struct Committed {
+    states: Vec<BidState>,
+    outbid: Vec<Outbid>,
+    committed_us: i64,
 }
 
 /// Most batches drained into one announcement.
@@ -212,16 +220,21 @@ const ANNOUNCE_ROUND: usize = 256;
 /// answering is given up, so those behind it go to the next primary.
 const ANNOUNCE_WAIT: Duration = Duration::from_secs(5);
 
-async fn announce_loop(primary: Primary, mut rx: mpsc::UnboundedReceiver<(Vec<BidState>, Vec<Outbid>)>) {
+async fn announce_loop(primary: Primary, mut rx: mpsc::UnboundedReceiver<Committed>) {
     let mut batches = Vec::with_capacity(16);
     let mut states = Vec::new();
     let mut outbid = Vec::new();
     while rx.recv_many(&mut batches, ANNOUNCE_ROUND).await > 0 {
-        for (s, o) in batches.drain(..) {
-            states.extend(s);
-            outbid.extend(o);
+        // Stamped with the oldest commit it carries, so that the listeners' lag
+        // and the streams' delivery time are counted from the commit, waits for
+        // the announcement included.
+        let mut at_us = i64::MAX;
+        for batch in batches.drain(..) {
+            states.extend(batch.states);
+            outbid.extend(batch.outbid);
+            at_us = at_us.min(batch.committed_us);
         }
-        let payloads = notice::encode_bids(&states, &outbid, Utc::now().timestamp_micros());
+        let payloads = notice::encode_bids(&states, &outbid, at_us);
         states.clear();
         outbid.clear();
         let sent = tokio::time::timeout(ANNOUNCE_WAIT, send_notifications(&primary.pool(), &payloads)).await;

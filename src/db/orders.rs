@@ -122,7 +122,7 @@ async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>,
                 },
                 "insufficient_stock" => Placed::InsufficientStock {
                     sku: row.failed_sku.clone().ok_or_else(missing)?,
-                    available: row.available.unwrap_or_default(),
+                    available: row.available.ok_or_else(missing)?,
                 },
                 "unknown_sku" => Placed::UnknownSku(row.failed_sku.clone().ok_or_else(missing)?),
                 "unknown_account" => Placed::UnknownAccount,

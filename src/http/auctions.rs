@@ -168,11 +168,11 @@ pub(crate) fn cached_read(core: &Core, id: i64, now: DateTime<Utc>, tags: Option
     responses(
         (status = 200, description = "The auction", body = AuctionView, headers(
             ("ETag" = String, description = "The auction's version"),
-            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use"),
+            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use, because a price can change any millisecond; revalidating costs a 304 with no body"),
         )),
         (status = 304, description = "The auction is still the version `If-None-Match` names", headers(
             ("ETag" = String, description = "The auction's version"),
-            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use"),
+            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use, because a price can change any millisecond; revalidating costs a 304 with no body"),
         )),
         QueryProblems, ServerProblems,
         (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),

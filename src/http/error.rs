@@ -103,6 +103,12 @@ pub enum Error {
     /// 503 with Retry-After: the core's queue is full or no connection was free.
     #[error("the server is overloaded; retry shortly")]
     Overloaded,
+    /// 503 `/problems/database-unavailable` with Retry-After: the database did not
+    /// answer (no connection could be had, or it broke). Told apart from
+    /// [`Error::Overloaded`] so that a client or an operator sees an outage for
+    /// what it is; the cause stays in gavel's logs and metrics.
+    #[error("the database is unavailable; retry shortly")]
+    DatabaseUnavailable,
     /// 503 with Retry-After: the request took longer than the request timeout.
     #[error("the request took too long")]
     Timeout,
@@ -160,7 +166,8 @@ pub(crate) fn problem_responses(list: &[(StatusCode, &str)]) -> BTreeMap<String,
 }
 
 /// What any route that reaches the database, a queue or the request timeout may
-/// answer: 500 ([`Error::Internal`]) and 503 ([`Error::Overloaded`], [`Error::Timeout`]).
+/// answer: 500 ([`Error::Internal`]) and 503 ([`Error::Overloaded`],
+/// [`Error::DatabaseUnavailable`], [`Error::Timeout`]).
 pub(crate) struct ServerProblems;
 
 impl IntoResponses for ServerProblems {
@@ -212,6 +219,9 @@ impl Error {
             Error::TooManyImages => (S::CONFLICT, "/problems/too-many-images", "Too many images"),
             Error::Storage(_) => (S::SERVICE_UNAVAILABLE, "/problems/storage-unavailable", "Image store unavailable"),
             Error::Overloaded => (S::SERVICE_UNAVAILABLE, "/problems/overloaded", "Overloaded"),
+            Error::DatabaseUnavailable => {
+                (S::SERVICE_UNAVAILABLE, "/problems/database-unavailable", "Database unavailable")
+            }
             Error::Timeout => (S::SERVICE_UNAVAILABLE, "/problems/timeout", "Request timed out"),
             Error::NotReady(_) => (S::SERVICE_UNAVAILABLE, "/problems/not-ready", "Not ready"),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "/problems/internal", "Internal error"),
@@ -261,7 +271,11 @@ impl IntoResponse for Error {
         let mut response = respond::json_with(status, &problem, PROBLEM_JSON);
         let headers = response.headers_mut();
         match self {
-            Error::Overloaded | Error::Timeout | Error::NotReady(_) | Error::Storage(_) => {
+            Error::Overloaded
+            | Error::DatabaseUnavailable
+            | Error::Timeout
+            | Error::NotReady(_)
+            | Error::Storage(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Error::RateLimited(refused) => {
@@ -292,7 +306,7 @@ impl From<&DbError> for Error {
                 // logs. Sheds show in http_requests_total{status="503"}, and the
                 // listener and /ready report the outage itself.
                 tracing::debug!(error = %cause, "shedding a request: database unavailable");
-                Error::Overloaded
+                Error::DatabaseUnavailable
             }
             DbError::UnknownAccount => Error::Unauthorized("the token's account does not exist"),
             DbError::Other(cause) => Error::Internal(cause.to_string()),

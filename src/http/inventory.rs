@@ -125,11 +125,11 @@ pub(crate) fn cached_read(core: &Core, sku: &str, now: DateTime<Utc>, tags: Opti
     responses(
         (status = 200, description = "The item", body = ItemView, headers(
             ("ETag" = String, description = "The item's version"),
-            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use"),
+            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use, because a price can change any millisecond; revalidating costs a 304 with no body"),
         )),
         (status = 304, description = "The item is still the version `If-None-Match` names", headers(
             ("ETag" = String, description = "The item's version"),
-            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use"),
+            ("Cache-Control" = String, description = "no-cache: keep the body if you like, but revalidate it with If-None-Match before each use, because a price can change any millisecond; revalidating costs a 304 with no body"),
         )),
         QueryProblems, ServerProblems,
         (status = 404, description = "No such sku", body = Problem, content_type = PROBLEM_JSON),

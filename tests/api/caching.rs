@@ -112,22 +112,46 @@ async fn each_cache_holds_at_most_its_capacity() {
     for _ in 0..4 {
         ids.push(app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap());
     }
+    let skus = ["cap-1", "cap-2", "cap-3", "cap-4"];
+    for sku in skus {
+        let put = app
+            .client
+            .put(app.url(&format!("/api/inventory/{sku}")))
+            .bearer_auth(app.seller())
+            .json(&json!({"title": "plums", "available": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), StatusCode::CREATED);
+    }
     for id in &ids {
         app.auction(*id, false).await;
     }
+    for sku in skus {
+        assert_eq!(app.get(&format!("/api/inventory/{sku}")).await.status(), StatusCode::OK);
+    }
+    // Each core hears of all four of each, so each evicts at least two of each.
     let text = eventually(Duration::from_secs(20), "the sweep published the counts", || async {
         let text = app.scrape().await;
-        (sum(&text, "gavel_cache_evictions_total", &["cache=\"auctions\"", "reason=\"capacity\""]) >= 2.0)
-            .then_some(text)
+        let evicted = |cache: &str| {
+            sum(&text, "gavel_cache_evictions_total", &[&format!("cache=\"{cache}\""), "reason=\"capacity\""])
+        };
+        (evicted("auctions") >= 4.0 && evicted("inventory") >= 4.0).then_some(text)
     })
     .await;
-    for core in ["0", "1"] {
-        let entries = sum(&text, "gavel_cache_entries", &["cache=\"auctions\"", &format!("core=\"{core}\"")]);
-        assert!(entries <= 2.0, "core {core} holds {entries} auctions");
+    for cache in ["auctions", "inventory"] {
+        for core in ["0", "1"] {
+            let entries =
+                sum(&text, "gavel_cache_entries", &[&format!("cache=\"{cache}\""), &format!("core=\"{core}\"")]);
+            assert!(entries <= 2.0, "core {core} holds {entries} entries in {cache}");
+        }
     }
-    // Every auction still reads, cached or not.
+    // Every auction and sku still reads, cached or not.
     for id in &ids {
         assert_eq!(app.auction(*id, false).await["id"], *id);
+    }
+    for sku in skus {
+        assert_eq!(app.get(&format!("/api/inventory/{sku}")).await.status(), StatusCode::OK);
     }
 }
 

@@ -99,6 +99,54 @@ pub fn start_server(database: impl Into<Target>, flags: &[&str]) -> Server {
     Server::start(&config, database, Arc::new(Keys::new(SECRET.as_bytes()).unwrap())).expect("server starts")
 }
 
+/// The real binary, serving on its embedded PostgreSQL with `extra` flags: the
+/// process, its address and its data directory. Its standard error is read
+/// (and thrown away) to the end.
+pub async fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2"];
+    args.extend_from_slice(&["--log-format", "json"]);
+    args.extend_from_slice(extra);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gavel"))
+        .args(&args)
+        .env("GAVEL_JWT_SECRET", SECRET)
+        .env_remove("DATABASE_URL")
+        .env_remove("GAVEL_DATA_DIR")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn gavel");
+    let stderr = child.stderr.take().unwrap();
+    let (addr, data_dir, lines) = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let (mut addr, mut data_dir) = (None, None);
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if let Some(d) = v["fields"]["data_dir"].as_str() {
+                data_dir = Some(d.to_owned());
+            }
+            if let Some(a) = v["fields"]["addr"].as_str() {
+                addr = Some(a.to_owned());
+                break;
+            }
+        }
+        (addr.expect("gavel logged its address"), data_dir.expect("gavel logged its data dir"), lines)
+    })
+    .await
+    .unwrap();
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr, data_dir)
+}
+
+pub fn sigterm(child: &std::process::Child) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
 /// How many accounts every test database starts with (ids 1..=ACCOUNTS), so tokens
 /// minted for those ids name real accounts. The role in a token is what counts.
 pub const ACCOUNTS: i64 = 300;

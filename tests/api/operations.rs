@@ -2,13 +2,13 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::{assert_problem, spawn_app, spawn_app_with};
+use crate::helpers::{assert_problem, sigterm, spawn_app, spawn_app_with, spawn_binary};
 
 #[tokio::test]
 async fn health_and_ready_answer_200_when_serving() {
@@ -48,7 +48,8 @@ async fn ready_is_503_while_the_database_is_unreachable() {
     assert!(saw_503, "ready never reported the database as gone");
     // Reads that need the database are shed with 503, not hung and not 500.
     let read = client.get(app.url("/api/auctions/1?consistent=true")).send().await.unwrap();
-    assert_eq!(read.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(read.headers().contains_key("retry-after"));
+    assert_problem(read, StatusCode::SERVICE_UNAVAILABLE, "/problems/database-unavailable").await;
     sqlx::query("alter database gavel allow_connections true").execute(&mut admin).await.unwrap();
     crate::helpers::eventually(Duration::from_secs(5), "ready again", || async {
         (client.get(app.url("/ready")).send().await.unwrap().status() == StatusCode::OK).then_some(())
@@ -148,54 +149,6 @@ async fn ready_is_503_while_draining() {
     assert!(ready.contains("/problems/not-ready"), "{ready}");
     let health = finish(&mut health);
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-}
-
-/// The real binary, serving on its embedded PostgreSQL with `extra` flags: the
-/// process, its address and its data directory. Its standard error is read
-/// (and thrown away) to the end.
-async fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
-    let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2"];
-    args.extend_from_slice(&["--log-format", "json"]);
-    args.extend_from_slice(extra);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gavel"))
-        .args(&args)
-        .env("GAVEL_JWT_SECRET", crate::helpers::SECRET)
-        .env_remove("DATABASE_URL")
-        .env_remove("GAVEL_DATA_DIR")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn gavel");
-    let stderr = child.stderr.take().unwrap();
-    let (addr, data_dir, lines) = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(stderr).lines();
-        let (mut addr, mut data_dir) = (None, None);
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if let Some(d) = v["fields"]["data_dir"].as_str() {
-                data_dir = Some(d.to_owned());
-            }
-            if let Some(a) = v["fields"]["addr"].as_str() {
-                addr = Some(a.to_owned());
-                break;
-            }
-        }
-        (addr.expect("gavel logged its address"), data_dir.expect("gavel logged its data dir"), lines)
-    })
-    .await
-    .unwrap();
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr, data_dir)
-}
-
-fn sigterm(child: &std::process::Child) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
 }
 
 /// On SIGTERM, for --drain-delay, gavel answers /ready with 503 and keeps

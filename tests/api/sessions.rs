@@ -99,6 +99,28 @@ async fn logging_out_ends_that_session_alone_on_every_core() {
     assert!(problem["detail"].as_str().unwrap().contains("ended"), "{problem}");
 }
 
+/// Every core counts the ended sessions it remembers: a log-out is one, an
+/// account's password change another.
+#[tokio::test]
+async fn every_core_counts_the_ended_sessions_it_remembers() {
+    // A short grace makes the sweep, which publishes the counts, run often.
+    let app = spawn_app_with(&["--cache-closed-grace", "1s"]).await;
+    let entries = || app.per_core("gavel_cache_entries", &["cache=\"sessions\""]);
+    assert_eq!(entries().await, [0.0, 0.0]);
+    let (_, token) = app.signed_up("counted@example.org", PASSWORD, "bidder").await;
+    assert_eq!(app.log_out(&token).await.status(), StatusCode::NO_CONTENT);
+    crate::helpers::eventually(Duration::from_secs(5), "both cores count the log-out", || async {
+        (entries().await == [1.0, 1.0]).then_some(())
+    })
+    .await;
+    let other = app.session("counted@example.org", PASSWORD).await;
+    assert_eq!(app.change_password(&other, PASSWORD, NEW_PASSWORD).await.status(), StatusCode::NO_CONTENT);
+    crate::helpers::eventually(Duration::from_secs(5), "both cores count the password change", || async {
+        (entries().await == [2.0, 2.0]).then_some(())
+    })
+    .await;
+}
+
 /// The session cookie logs out like the header, and stops working.
 #[tokio::test]
 async fn logging_out_by_cookie_ends_the_cookie() {

@@ -235,6 +235,174 @@ async fn shutdown_ends_open_streams_with_a_retry_hint() {
     assert!(rest.ends_with("retry: 1000\n\n"), "ends with a retry hint: {rest:?}");
 }
 
+/// An event stream's raw text, read block by block (a block ends with a blank
+/// line), comments and `retry:` fields included, which an SSE parser keeps to
+/// itself.
+struct RawStream {
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    text: String,
+}
+
+/// What a [`RawStream`] read next.
+#[derive(Debug, PartialEq)]
+enum Read {
+    /// A block, its blank line included.
+    Block(String),
+    /// A clean end of the stream, after a whole block.
+    End,
+    /// No whole block within the time given.
+    Nothing,
+}
+
+impl RawStream {
+    /// Opens `url` on a new HTTP/1.1 connection, asserting it is an event stream.
+    async fn open(url: &str) -> RawStream {
+        let client = reqwest::Client::builder().http1_only().pool_max_idle_per_host(0).build().unwrap();
+        let response = client.get(url).send().await.expect("stream request");
+        assert_eq!((response.version(), response.status()), (reqwest::Version::HTTP_11, StatusCode::OK));
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        RawStream { body: Box::pin(response.bytes_stream()), text: String::new() }
+    }
+
+    /// The next block, waiting `within` at most; panics if the connection breaks
+    /// or the stream ends mid-block.
+    async fn read(&mut self, within: Duration) -> Read {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.text.find("\n\n") {
+                return Read::Block(self.text.drain(..end + 2).collect());
+            }
+            match tokio::time::timeout_at(deadline, self.body.next()).await {
+                Ok(Some(chunk)) => self.text.push_str(std::str::from_utf8(&chunk.expect("a clean stream")).unwrap()),
+                Ok(None) => {
+                    assert!(self.text.is_empty(), "the stream ended mid-block: {:?}", self.text);
+                    return Read::End;
+                }
+                Err(_) => return Read::Nothing,
+            }
+        }
+    }
+
+    /// The next block, which must come within `within`.
+    async fn block(&mut self, within: Duration) -> String {
+        match self.read(within).await {
+            Read::Block(block) => block,
+            other => panic!("no block within {within:?}: {other:?}"),
+        }
+    }
+}
+
+const HEARTBEAT: &str = ": heartbeat\n\n";
+
+/// The HTTP/1.1 counterpart of the HTTP/2 test in `http2.rs`: an idle
+/// keep-alive connection is closed after the header-read timeout, but one
+/// carrying an event stream is not; the stream gets its heartbeats meanwhile
+/// and still carries events.
+#[tokio::test]
+async fn an_http1_stream_outlives_the_header_read_timeout_with_heartbeats() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = spawn_app_with(&["--header-read-timeout", "300ms", "--stream-heartbeat", "200ms"]).await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+
+    // The timer is live: a keep-alive connection idle after a request is closed.
+    let mut idle = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    idle.write_all(format!("GET /api/auctions/{id} HTTP/1.1\r\nhost: gavel\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let closed = tokio::time::timeout(SOON, idle.read_to_end(&mut response)).await;
+    assert!(matches!(closed, Ok(Ok(_))), "an idle connection is closed: {closed:?}");
+    assert!(response.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&response));
+
+    let mut stream = RawStream::open(&app.url(&format!("/api/auctions/{id}/events"))).await;
+    let first = stream.block(SOON).await;
+    assert!(first.starts_with("event: auction\n"), "{first:?}");
+
+    // Five times the header-read timeout, with no request on the connection.
+    let wait = Duration::from_millis(1500);
+    let started = tokio::time::Instant::now();
+    let mut heartbeats = 0;
+    while let Some(left) = wait.checked_sub(started.elapsed()) {
+        match stream.read(left).await {
+            Read::Block(block) => {
+                assert_eq!(block, HEARTBEAT, "only heartbeats while nothing happens");
+                heartbeats += 1;
+            }
+            Read::Nothing => break,
+            Read::End => panic!("the stream ended after {:?} of the wait", started.elapsed()),
+        }
+    }
+    // One every 200 ms would be 7; a loaded machine may delay a few.
+    assert!(heartbeats >= 4, "{heartbeats} heartbeats in {wait:?}");
+
+    assert_eq!(app.place_bid(&app.bidder(2), id, 150).await.status(), StatusCode::CREATED);
+    let event = loop {
+        match stream.block(SOON).await {
+            heartbeat if heartbeat == HEARTBEAT => continue,
+            block => break block,
+        }
+    };
+    assert!(event.starts_with("event: auction\n") && event.contains("\"high_bid\":150"), "{event:?}");
+}
+
+/// SIGTERM to the real binary: a watcher's stream stays open for --drain-delay
+/// (as the server keeps serving), then ends cleanly with the configured
+/// `retry:` hint, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_open_streams_with_a_retry_hint_after_the_drain_delay() {
+    let drain_delay = Duration::from_millis(300);
+    let (mut child, addr, _) =
+        spawn_binary(&["--drain-delay", "300ms", "--stream-retry", "2500ms", "--stream-heartbeat", "1h"]).await;
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    // The binary's own database starts empty: the seller registers (id 1).
+    let seller = client
+        .post(format!("{base}/api/accounts"))
+        .json(&serde_json::json!({"email": "seller@example.com", "password": "long enough", "role": "seller"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seller.status(), StatusCode::CREATED);
+    let seller_id = seller.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let keys = gavel::auth::Keys::new(SECRET.as_bytes()).unwrap();
+    let token = keys.mint(seller_id, gavel::auth::Role::Seller, Duration::from_secs(60)).0;
+    let body = serde_json::json!({"title": "lot", "reserve": 100, "min_increment": 10,
+        "starts_at": at(-1.0), "ends_at": at(60.0)});
+    let created = client.post(format!("{base}/api/auctions")).bearer_auth(&token).json(&body).send().await.unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let id = created.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+
+    let mut stream = RawStream::open(&format!("{base}/api/auctions/{id}/events")).await;
+    let first = stream.block(SOON).await;
+    assert!(first.starts_with("event: auction\n"), "{first:?}");
+
+    let signalled = tokio::time::Instant::now();
+    sigterm(&child);
+    let hint = stream.block(SOON).await;
+    let hinted = signalled.elapsed();
+    assert_eq!(hint, "retry: 2500\n\n", "the configured --stream-retry, as the last block");
+    assert!(hinted >= drain_delay, "kept open for the drain delay: the hint came after {hinted:?}");
+    assert_eq!(stream.read(SOON).await, Read::End, "then the stream ends cleanly");
+    let ended = signalled.elapsed();
+    assert!(ended < drain_delay + Duration::from_secs(2), "ended {ended:?} after the signal");
+
+    let exit = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gavel did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
+}
+
 #[tokio::test]
 async fn streams_are_counted_per_core() {
     let app = spawn_app().await;
