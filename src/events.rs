@@ -265,11 +265,16 @@ impl Hub {
         Ok(Slot { hub: Some(self.clone()) })
     }
 
-    /// Of `ids`, those whose state this hub does not hold yet. Each gets a topic
-    /// from now on, so a change announced while the caller reads it is noticed.
-    pub fn unknown(&self, ids: &[i64]) -> Vec<i64> {
+    /// Of `ids`, those whose state this hub does not hold yet, or holds open past
+    /// its end at `now` (its close may not have been heard here yet): the caller
+    /// reads them. Each gets a topic from now on, so a change announced while the
+    /// caller reads it is noticed.
+    pub fn unknown(&self, ids: &[i64], now: DateTime<Utc>) -> Vec<i64> {
         let mut inner = self.lock();
-        ids.iter().copied().filter(|id| inner.topics.entry(*id).or_default().state.is_none()).collect()
+        ids.iter()
+            .copied()
+            .filter(|id| inner.topics.entry(*id).or_default().state.as_ref().is_none_or(|s| s.close_unheard(now)))
+            .collect()
     }
 
     /// Installs states read by the caller of [`Hub::unknown`]. Returns the ids
@@ -978,7 +983,7 @@ mod tests {
     }
 
     fn open(hub: &Arc<Hub>, ids: &[i64], last: Option<i64>) -> EventStream {
-        let unknown = hub.unknown(ids);
+        let unknown = hub.unknown(ids, Utc::now());
         assert!(hub.install(unknown.iter().map(|id| auction(*id, 1)).collect()).is_empty());
         hub.subscribe(hub.reserve().unwrap(), ids, last).unwrap_or_else(|m| panic!("unknown {m:?}"))
     }
@@ -1057,16 +1062,32 @@ mod tests {
     #[test]
     fn a_change_announced_during_the_first_read_makes_it_read_again() {
         let hub = hub(10);
-        assert_eq!(hub.unknown(&[7]), [7]);
+        assert_eq!(hub.unknown(&[7], Utc::now()), [7]);
         change(&hub, &bid(7, 3, 150));
         assert_eq!(hub.install(vec![auction(7, 2)]), [7], "the read missed version 3");
         assert!(hub.install(vec![auction(7, 3)]).is_empty());
     }
 
     #[test]
+    fn a_held_state_open_past_its_end_is_read_again_and_a_closed_one_is_not() {
+        let hub = hub(10);
+        assert_eq!(hub.unknown(&[7, 8], Utc::now()), [7, 8]);
+        let mut closed = auction(8, 2);
+        closed.closed = true;
+        assert!(hub.install(vec![auction(7, 1), closed]).is_empty());
+        assert!(hub.unknown(&[7, 8], Utc::now()).is_empty(), "both held, before their end");
+        let after_the_end = auction(7, 1).ends_at;
+        assert_eq!(hub.unknown(&[7, 8], after_the_end), [7], "its close may not have been heard yet");
+        let mut heard = auction(7, 2);
+        heard.closed = true;
+        assert!(hub.install(vec![heard]).is_empty());
+        assert!(hub.unknown(&[7, 8], after_the_end).is_empty());
+    }
+
+    #[test]
     fn unknown_auctions_are_refused_and_forgotten() {
         let hub = hub(10);
-        assert_eq!(hub.unknown(&[7, 8]), [7, 8]);
+        assert_eq!(hub.unknown(&[7, 8], Utc::now()), [7, 8]);
         hub.install(vec![auction(7, 1)]);
         let refused = hub.subscribe(hub.reserve().unwrap(), &[7, 8], None);
         assert_eq!(refused.err(), Some(vec![8]));

@@ -312,7 +312,7 @@ fn describe() {
     describe_histogram!(
         CACHE_NOTIFY_LAG_SECONDS,
         Unit::Seconds,
-        "From the database writing a change to a core applying it"
+        "From a change's commit (a notification's at_us, see db::notice) to a core applying it"
     );
     describe_counter!(CACHE_LISTENER_RECONNECTS_TOTAL, "Times a core's LISTEN connection came (back) up");
     describe_gauge!(CACHE_LIVE, "1 while the core serves reads from its cache, 0 while it recovers");
@@ -333,7 +333,7 @@ fn describe() {
     describe_histogram!(
         EVENT_DELIVERY_SECONDS,
         Unit::Seconds,
-        "From a change's commit (a bid batch's: when gavel had its commit confirmed; any other change's: its row trigger, just before the commit) to its event being handed to the connection, which writes it to the socket next"
+        "From a change's commit (a notification's at_us, see db::notice) to its event being handed to the connection, which writes it to the socket next"
     );
     describe_gauge!(
         EVENT_BUDGET_SHARE,

@@ -807,19 +807,24 @@ mod tests {
 
     impl BatchWrite for Flaky {
         type Request = u32;
-        type Outcome = u32;
+        /// The request, and which try (from 1) wrote it.
+        type Outcome = (u32, usize);
         type Opened = ();
 
         fn open(&self, _: &PgPool) -> impl Future<Output = Result<(), DbError>> + Send + 'static {
             std::future::ready(Ok(()))
         }
 
-        async fn write(&self, _: &PgPool, requests: &[&u32], _: Lane<()>) -> Result<Vec<u32>, DbError> {
-            self.tried.lock().unwrap().push(requests.iter().map(|r| **r).collect());
+        async fn write(&self, _: &PgPool, requests: &[&u32], _: Lane<()>) -> Result<Vec<(u32, usize)>, DbError> {
+            let try_number = {
+                let mut tried = self.tried.lock().unwrap();
+                tried.push(requests.iter().map(|r| **r).collect());
+                tried.len()
+            };
             tokio::time::sleep(Duration::from_millis(1)).await;
             match self.failing.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)) {
                 Ok(_) => Err((self.error)()),
-                Err(_) => Ok(requests.iter().map(|r| **r).collect()),
+                Err(_) => Ok(requests.iter().map(|r| (**r, try_number)).collect()),
             }
         }
     }
@@ -868,7 +873,7 @@ mod tests {
     }
 
     /// The SQLSTATE a write's answer failed with, if any.
-    fn failed_with(answer: Result<u32, SubmitError>) -> Option<String> {
+    fn failed_with<T: std::fmt::Debug>(answer: Result<T, SubmitError>) -> Option<String> {
         match answer {
             Err(SubmitError::Db(e)) => match &*e {
                 DbError::Other(sqlx::Error::Database(db)) => db.code().map(String::from),
@@ -888,7 +893,7 @@ mod tests {
             let (batcher, seen) = start(BatchLimits::one_at_a_time(64, 64), writer);
             let writes: Vec<_> = (1..=3).map(|n| submit(&batcher, n)).collect();
             for (write, n) in writes.into_iter().zip(1..) {
-                assert_eq!(write.await.unwrap().unwrap(), n, "{code}");
+                assert_eq!(write.await.unwrap().unwrap(), (n, 3), "{code}: written by the third try");
             }
             assert_eq!(shapes(&seen), [started(3, 1)], "{code}: one batch");
             assert_eq!(*tried.lock().unwrap(), [[1, 2, 3]; 3], "{code}: twice aborted, then committed");
@@ -985,7 +990,7 @@ mod tests {
 
         failing.store(0, Ordering::Relaxed);
         for n in 6..=7 {
-            assert_eq!(batcher.submit(n).await.unwrap(), n);
+            assert_eq!(batcher.submit(n).await.unwrap().0, n);
         }
         assert_eq!(logged.take(), [back], "once, not once per batch");
 

@@ -90,6 +90,21 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// Of the errors [`is_unavailable`] counts, those that mean the database is busy
+/// rather than down: every connection of the pool taken past the acquire
+/// timeout, insufficient resources (53: too many connections, out of memory or
+/// disk), a statement cancelled at its timeout (57014), or a batch past its
+/// time bound. A client is told the server is overloaded; for the others, that
+/// the database is unavailable.
+pub fn is_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("53") || code == "57014"),
+        _ => false,
+    }
+}
+
 /// The application name of core `core`'s pool connections.
 pub fn core_application_name(core: usize) -> String {
     format!("gavel-core-{core}")

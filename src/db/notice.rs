@@ -1,8 +1,12 @@
 //! What the database announces on [`CACHE_CHANNEL`](super::CACHE_CHANNEL): the one
 //! decoder of its payloads, yielding domain types.
 //!
-//! Every payload is a JSON object with a `kind` and `at_us`, the time (epoch
-//! microseconds) the payload was built, for the lag metric:
+//! Every payload is a JSON object with a `kind` and `at_us` (epoch
+//! microseconds): when the change it carries was made — the database's clock as
+//! the trigger or function builds the payload, just before the commit; for
+//! `bids`, gavel's clock when the oldest batch it carries had its commit
+//! confirmed. The listeners' lag and the event streams' delivery time count from
+//! it. Nothing orders or decides by it (versions do that):
 //!
 //! - `auction`: a whole auction (`auction_json`), sent by the row trigger when an
 //!   auction is created and on every change that is not a bid (opening, closing).
@@ -16,7 +20,7 @@
 //!   only what a bid changes, since the rest of an auction never changes once it
 //!   is open, and only the last state, since a cache keeps only the newest version
 //!   anyway. About 60 bytes an auction instead of about 330 for a whole one per
-//!   bid; `at_us` is the sender's clock here.
+//!   bid.
 //! - `inventory`: a whole stock row (`inventory_json`).
 //! - `ended`: an auction `advance_auctions` closed (or a buy-now, `place_bids`),
 //!   with its winner and the bidders who bid on it (up to 500 a notification),

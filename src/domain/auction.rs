@@ -72,6 +72,13 @@ impl Auction {
         }
     }
 
+    /// Whether this state is past its end but not recorded closed: the close may
+    /// be committed already and only not heard yet, so a copy held in memory is
+    /// no final state to start a watcher from.
+    pub fn close_unheard(&self, now: DateTime<Utc>) -> bool {
+        !self.closed && now >= self.ends_at
+    }
+
     /// When [`Auction::status_at`] will next differ from what it is at `now`
     /// without the auction changing; `DateTime::MAX_UTC` once closed.
     pub fn status_turns_at(&self, now: DateTime<Utc>) -> DateTime<Utc> {

@@ -14,8 +14,8 @@ use utoipa::{IntoResponses, ToSchema};
 
 use super::request_id;
 use super::respond;
-use crate::db::DbError;
 use crate::db::batch::SubmitError;
+use crate::db::{self, DbError};
 use crate::domain::FieldError;
 use crate::domain::image::MAX_IMAGES_PER_AUCTION;
 use crate::metrics::RateLimit;
@@ -100,11 +100,14 @@ pub enum Error {
     /// 429 `/problems/rate-limited` with Retry-After: a rate limit was hit.
     #[error("too many {}; retry after {} s", what_was_limited(.0.limit), retry_after_secs(.0.retry_after))]
     RateLimited(Refused),
-    /// 503 with Retry-After: the core's queue is full or no connection was free.
+    /// 503 `/problems/overloaded` with Retry-After: a queue is full, the stream cap
+    /// is reached, or the database is busy (no connection was free in time, or a
+    /// statement or batch ran past its bound: `db::is_busy`).
     #[error("the server is overloaded; retry shortly")]
     Overloaded,
-    /// 503 `/problems/database-unavailable` with Retry-After: the database did not
-    /// answer (no connection could be had, or it broke). Told apart from
+    /// 503 `/problems/database-unavailable` with Retry-After: the database is down
+    /// or unreachable (a connection could not be made, or broke; see
+    /// `db::is_busy` for what counts as busy instead). Told apart from
     /// [`Error::Overloaded`] so that a client or an operator sees an outage for
     /// what it is; the cause stays in gavel's logs and metrics.
     #[error("the database is unavailable; retry shortly")]
@@ -305,8 +308,11 @@ impl From<&DbError> for Error {
                 // Per request, so debug: during an outage a WARN each would flood the
                 // logs. Sheds show in http_requests_total{status="503"}, and the
                 // listener and /ready report the outage itself.
-                tracing::debug!(error = %cause, "shedding a request: database unavailable");
-                Error::DatabaseUnavailable
+                tracing::debug!(error = %cause, "shedding a request: database unavailable or busy");
+                match db::is_busy(cause) {
+                    true => Error::Overloaded,
+                    false => Error::DatabaseUnavailable,
+                }
             }
             DbError::UnknownAccount => Error::Unauthorized("the token's account does not exist"),
             DbError::Other(cause) => Error::Internal(cause.to_string()),
@@ -369,5 +375,16 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
         assert_eq!(retry_after_secs(Duration::from_secs(300)), 300);
+    }
+
+    #[test]
+    fn a_busy_database_sheds_as_overloaded_and_a_down_one_as_unavailable() {
+        let kind = |cause: sqlx::Error| Error::from(&DbError::Unavailable(cause)).parts().1;
+        let io = |kind: std::io::ErrorKind| sqlx::Error::Io(std::io::Error::new(kind, "test"));
+        assert_eq!(kind(sqlx::Error::PoolTimedOut), "/problems/overloaded", "no connection free in time");
+        assert_eq!(kind(io(std::io::ErrorKind::TimedOut)), "/problems/overloaded", "a batch past its bound");
+        assert_eq!(kind(io(std::io::ErrorKind::ConnectionRefused)), "/problems/database-unavailable");
+        assert_eq!(kind(io(std::io::ErrorKind::UnexpectedEof)), "/problems/database-unavailable");
+        assert_eq!(kind(sqlx::Error::PoolClosed), "/problems/database-unavailable");
     }
 }

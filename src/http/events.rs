@@ -145,22 +145,20 @@ fn parse_ids(list: &str) -> Result<Vec<i64>> {
 /// cache, or else from the database.
 async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream> {
     let slot = reserve(core)?;
-    let mut wanted = core.events.unknown(ids);
+    let now = Utc::now();
+    let mut wanted = core.events.unknown(ids, now);
     for _ in 0..MAX_FIRST_READS {
         if wanted.is_empty() {
             break;
         }
         let mut read = Vec::with_capacity(wanted.len());
         let mut missed = Vec::new();
-        let now = Utc::now();
         for id in wanted {
             match core.caches.auction(id) {
-                // Past its end but not recorded closed: this core's listener may
-                // not have heard the close yet (another core's watchers may have
-                // had it already), so the database says which it is. The first
-                // event of a watcher who comes after the end is then the close,
-                // on whichever core it lands.
-                Some(cached) if cached.closed || cached.ends_at > now => read.push(cached),
+                // This core's listener may not have heard a close that another
+                // core's watchers have had already: the database says. A watcher
+                // who comes after the close then starts from it, on any core.
+                Some(cached) if !cached.close_unheard(now) => read.push(cached),
                 _ => missed.push(id),
             }
         }

@@ -85,6 +85,9 @@ async fn a_closed_auction_leaves_the_caches_after_its_grace_and_is_read_from_the
     let app = spawn_app_with(&["--cache-closed-grace", "1s"]).await;
     app.wait_for_listeners().await;
     let id = app.open_auction(100, 10, 1.0, 0).await["id"].as_i64().unwrap();
+    // Cached on both cores: a core whose listener has not heard of the new
+    // auction yet would read it from the database.
+    app.read_on_every_core(&format!("/api/auctions/{id}"), "/api/auctions/{id}").await;
     let original = title(&app, id).await;
     // A change no notification announces: while the auction is cached, reads do
     // not see it.

@@ -102,7 +102,7 @@ pub fn start_server(database: impl Into<Target>, flags: &[&str]) -> Server {
 /// The real binary, serving on its embedded PostgreSQL with `extra` flags: the
 /// process, its address and its data directory. Its standard error is read
 /// (and thrown away) to the end.
-pub async fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, String) {
+pub async fn spawn_binary(extra: &[&str]) -> (Spawned, String, String) {
     let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--cores", "2"];
     args.extend_from_slice(&["--log-format", "json"]);
     args.extend_from_slice(extra);
@@ -140,11 +140,45 @@ pub async fn spawn_binary(extra: &[&str]) -> (std::process::Child, String, Strin
     .unwrap();
     // Keep draining stderr so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    (child, addr, data_dir)
+    (Spawned(child), addr, data_dir)
 }
 
 pub fn sigterm(child: &std::process::Child) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
+/// A spawned gavel that is stopped when dropped, so that a failing test leaves no
+/// server behind: SIGTERM first, which also stops its embedded PostgreSQL (its
+/// own process group, which a SIGKILL to gavel would leave running), then SIGKILL
+/// after 20 s.
+pub struct Spawned(pub std::process::Child);
+
+impl Spawned {
+    /// Waits up to `limit` for the process to exit; its status, if it did.
+    pub fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            sigterm(&self.0);
+            if self.exited_within(Duration::from_secs(20)).is_none() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
 }
 
 /// How many accounts every test database starts with (ids 1..=ACCOUNTS), so tokens

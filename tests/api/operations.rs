@@ -159,7 +159,7 @@ async fn sigterm_turns_ready_off_and_keeps_serving_for_the_drain_delay() {
     let base = format!("http://{addr}");
     let fresh = crate::helpers::fresh_connection_client();
     assert_eq!(fresh.get(format!("{base}/ready")).send().await.unwrap().status(), StatusCode::OK);
-    sigterm(&child);
+    sigterm(&child.0);
     let signalled = Instant::now();
     crate::helpers::eventually(Duration::from_secs(1), "/ready turns 503", || async {
         let ready = fresh.get(format!("{base}/ready")).send().await.ok()?;
@@ -172,7 +172,7 @@ async fn sigterm_turns_ready_off_and_keeps_serving_for_the_drain_delay() {
         assert_eq!(health.status(), StatusCode::OK);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.0.wait().unwrap()).await.unwrap();
     assert!(signalled.elapsed() >= Duration::from_secs(2), "exited before the delay: {:?}", signalled.elapsed());
     assert_eq!(exit.code(), Some(0));
     assert!(fresh.get(format!("{base}/health")).send().await.is_err(), "no longer accepting");
@@ -256,19 +256,9 @@ async fn sigterm_under_load_drains_and_exits_cleanly() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    sigterm(&child);
-    let exit = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "gavel did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
+    sigterm(&child.0);
+    let exit = tokio::task::spawn_blocking(move || child.exited_within(Duration::from_secs(20))).await.unwrap();
+    let exit = exit.expect("gavel exits after SIGTERM");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;
     for task in load {

@@ -331,8 +331,8 @@ async fn an_http1_stream_outlives_the_header_read_timeout_with_heartbeats() {
             Read::End => panic!("the stream ended after {:?} of the wait", started.elapsed()),
         }
     }
-    // One every 200 ms would be 7; a loaded machine may delay a few.
-    assert!(heartbeats >= 4, "{heartbeats} heartbeats in {wait:?}");
+    // One every 200 ms would be 7; a loaded machine may delay and merge some.
+    assert!(heartbeats >= 2, "{heartbeats} heartbeats in {wait:?}");
 
     assert_eq!(app.place_bid(&app.bidder(2), id, 150).await.status(), StatusCode::CREATED);
     let event = loop {
@@ -376,7 +376,7 @@ async fn sigterm_ends_open_streams_with_a_retry_hint_after_the_drain_delay() {
     assert!(first.starts_with("event: auction\n"), "{first:?}");
 
     let signalled = tokio::time::Instant::now();
-    sigterm(&child);
+    sigterm(&child.0);
     let hint = stream.block(SOON).await;
     let hinted = signalled.elapsed();
     assert_eq!(hint, "retry: 2500\n\n", "the configured --stream-retry, as the last block");
@@ -385,21 +385,8 @@ async fn sigterm_ends_open_streams_with_a_retry_hint_after_the_drain_delay() {
     let ended = signalled.elapsed();
     assert!(ended < drain_delay + Duration::from_secs(2), "ended {ended:?} after the signal");
 
-    let exit = tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("gavel did not exit after SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.exited_within(Duration::from_secs(20))).await.unwrap();
+    let exit = exit.expect("gavel exits after SIGTERM");
     assert_eq!(exit.code(), Some(0), "exit status {exit:?}");
 }
 
