@@ -401,7 +401,7 @@ struct CoreMetrics {
     bid_batch: Histogram,
     bid_in_flight: Histogram,
     /// By [`BidWait`].
-    bid_waits: Vec<Histogram>,
+    bid_waits: [Histogram; 3],
     order_batch: Histogram,
 }
 
@@ -426,9 +426,7 @@ pub fn init_core(core: usize) {
         bid_batch: metrics::histogram!(BID_BATCH_SIZE, "core" => label.clone()),
         bid_in_flight: metrics::histogram!(BID_BATCHES_IN_FLIGHT, "core" => label.clone()),
         bid_waits: BidWait::ALL
-            .iter()
-            .map(|w| metrics::histogram!(BID_BATCH_WAIT_SECONDS, "core" => label.clone(), "stage" => w.label()))
-            .collect(),
+            .map(|w| metrics::histogram!(BID_BATCH_WAIT_SECONDS, "core" => label.clone(), "stage" => w.label())),
         order_batch: metrics::histogram!(ORDER_BATCH_SIZE, "core" => label.clone()),
         core: label,
     };

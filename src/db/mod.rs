@@ -70,37 +70,38 @@ fn names_missing_account(e: &sqlx::Error) -> bool {
 }
 
 /// Whether an error means the database cannot serve now (retry later), rather
-/// than that the request itself failed. A pool reports a failed connect as the
-/// connect's own error, so server-side refusals count here too.
+/// than that the request itself failed: it is busy ([`is_busy`]) or down. A pool
+/// reports a failed connect as the connect's own error, so server-side refusals
+/// count here too.
 fn is_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 53: insufficient resources (too many
-            // connections); 57: operator intervention (shutdown, cancel); 55000: the
-            // database is not accepting connections; 25006: a write on a server
-            // that has become read-only (a failover is under way).
-            code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57")
-                || code == "55000"
-                || code == "25006"
-        }),
-        _ => false,
-    }
+    is_busy(e) || is_down(e)
 }
 
-/// Of the errors [`is_unavailable`] counts, those that mean the database is busy
-/// rather than down: every connection of the pool taken past the acquire
+/// The database is busy: every connection of the pool taken past the acquire
 /// timeout, insufficient resources (53: too many connections, out of memory or
 /// disk), a statement cancelled at its timeout (57014), or a batch past its
-/// time bound. A client is told the server is overloaded; for the others, that
-/// the database is unavailable.
+/// time bound. A client is told the server is overloaded.
 pub fn is_busy(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("53") || code == "57014"),
+        _ => false,
+    }
+}
+
+/// The database is down or unreachable (what [`is_busy`] does not claim first):
+/// a client is told it is unavailable.
+fn is_down(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 57: operator intervention (shutdown;
+            // 57014, a cancelled statement, is busy); 55000: the database is not
+            // accepting connections; 25006: a write on a server that has become
+            // read-only (a failover is under way).
+            code.starts_with("08") || code.starts_with("57") || code == "55000" || code == "25006"
+        }),
         _ => false,
     }
 }

@@ -59,14 +59,7 @@ async fn a_current_etag_gets_304_and_a_changed_auction_200() {
 #[tokio::test]
 async fn stock_reads_are_conditional_too() {
     let app = spawn_app().await;
-    let put = app
-        .client
-        .put(app.url("/api/inventory/cond-1"))
-        .bearer_auth(app.seller())
-        .json(&json!({"title": "pears", "available": 4}))
-        .send()
-        .await
-        .unwrap();
+    let put = app.put_inventory(&app.seller(), "cond-1", "pears", 4).await;
     assert_eq!(put.status(), StatusCode::CREATED);
     let etag = put.headers()[ETAG].to_str().unwrap().to_owned();
     let read = get_with(&app, "/api/inventory/cond-1", &etag).await;
@@ -117,15 +110,7 @@ async fn each_cache_holds_at_most_its_capacity() {
     }
     let skus = ["cap-1", "cap-2", "cap-3", "cap-4"];
     for sku in skus {
-        let put = app
-            .client
-            .put(app.url(&format!("/api/inventory/{sku}")))
-            .bearer_auth(app.seller())
-            .json(&json!({"title": "plums", "available": 3}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(put.status(), StatusCode::CREATED);
+        assert_eq!(app.put_inventory(&app.seller(), sku, "plums", 3).await.status(), StatusCode::CREATED);
     }
     for id in &ids {
         app.auction(*id, false).await;

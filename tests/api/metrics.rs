@@ -73,14 +73,7 @@ async fn drive_traffic(app: &TestApp) {
     let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
     assert_eq!(app.place_bid(&app.bidder(2), id, 100).await.status(), StatusCode::CREATED);
     assert_eq!(app.place_bid(&app.bidder(3), id, 50).await.status(), StatusCode::CONFLICT);
-    let stock = app
-        .client
-        .put(app.url("/api/inventory/metric-sku"))
-        .bearer_auth(app.seller())
-        .json(&json!({"title": "t", "available": 5}))
-        .send()
-        .await
-        .unwrap();
+    let stock = app.put_inventory(&app.seller(), "metric-sku", "t", 5).await;
     assert_eq!(stock.status(), StatusCode::CREATED);
     let order =
         app.post_json("/api/orders", &app.bidder(4), &json!({"lines": [{"sku": "metric-sku", "quantity": 1}]})).await;
