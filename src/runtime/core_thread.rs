@@ -362,7 +362,8 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
             match speaks_http2(&stream, within).await {
                 Some(true) => {
                     let activity = Arc::new(Activity::default());
-                    let connection = http2.serve_connection(TokioIo::new(stream), app.counting(activity.clone()));
+                    let io = TokioIo::new(super::socket::Unvectored(stream));
+                    let connection = http2.serve_connection(io, app.counting(activity.clone()));
                     spawn_connection(serve_http2(connection, activity, within, closing), permit)
                 }
                 Some(false) => {
@@ -416,7 +417,7 @@ async fn serve_http2(
 
 /// An HTTP/2 connection as a core serves it.
 type Http2Connection =
-    hyper::server::conn::http2::Connection<TokioIo<tokio::net::TcpStream>, http::hot::App, TokioExecutor>;
+    hyper::server::conn::http2::Connection<TokioIo<super::socket::Unvectored>, http::hot::App, TokioExecutor>;
 
 /// Runs a connection to its end on a task of its own; its slot frees then.
 fn spawn_connection<E: std::fmt::Display>(

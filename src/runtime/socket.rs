@@ -57,6 +57,59 @@ pub fn bind_all(addr: SocketAddr, cores: usize) -> io::Result<Vec<std::net::TcpL
     Ok(all)
 }
 
+/// An accepted connection that HTTP/2 writes to as if it had no vectored writes.
+///
+/// h2 copies a DATA frame into its 16 KiB write buffer only below a threshold:
+/// 256 bytes on a socket with vectored writes, 1 KiB without. A larger frame is
+/// chained after the buffer and must be written out before the next frame can
+/// be buffered, so every event of an SSE stream (an auction's state is ~350
+/// bytes) cost one `writev` of its own. Without vectored writes the events of all
+/// the connection's streams that are ready go out in one write: 10,000 streams
+/// on 100 connections, `gavel-loadtest watch --http2-streams 100`, 2026-11-30,
+/// 182K writes in 3 s against 365K (with delivery passes of one change each; see
+/// `events::DELIVERY_PACE` for what pacing the passes added). Frames of 1 KiB or
+/// more (image bytes) take two writes instead of one `writev`.
+#[derive(Debug)]
+pub struct Unvectored(pub tokio::net::TcpStream);
+
+impl tokio::io::AsyncRead for Unvectored {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Unvectored {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +128,25 @@ mod tests {
         let all = bind_all("127.0.0.1:0".parse().unwrap(), 2).unwrap();
         steer_to_cpu(&all[1], 0).unwrap();
         assert_eq!(socket2::SockRef::from(&all[1]).cpu_affinity().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn unvectored_passes_bytes_both_ways_and_says_it_has_no_vectored_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let mut served = Unvectored(listener.accept().await.unwrap().0);
+        assert!(client.is_write_vectored(), "a plain socket would have h2 chain its frames");
+        assert!(!served.is_write_vectored());
+        served.write_all(b"event").await.unwrap();
+        let mut got = [0u8; 5];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"event");
+        client.write_all(b"ack").await.unwrap();
+        let mut back = [0u8; 3];
+        served.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ack");
+        served.shutdown().await.unwrap();
+        assert_eq!(client.read(&mut got).await.unwrap(), 0, "shut down for writing");
     }
 }
