@@ -210,6 +210,9 @@ struct Inner {
     queue: VecDeque<i64>,
     /// Every open stream, for heartbeats and the drain.
     streams: HashMap<u64, Arc<Mailbox>>,
+    /// The auctions a stream being opened is reading from the database, each with
+    /// what the other streams opening on it wait for.
+    reading: HashMap<i64, Arc<tokio::sync::Notify>>,
     /// Slots taken by streams being opened or open.
     reserved: usize,
     next: u64,
@@ -252,6 +255,7 @@ impl Hub {
                 accounts: HashMap::new(),
                 queue: VecDeque::new(),
                 streams: HashMap::new(),
+                reading: HashMap::new(),
                 reserved: 0,
                 next: 0,
                 draining: false,
@@ -288,6 +292,30 @@ impl Hub {
             .copied()
             .filter(|id| inner.topics.entry(*id).or_default().state.as_ref().is_none_or(|s| s.close_unheard(now)))
             .collect()
+    }
+
+    /// Of the `ids` a stream being opened has to read ([`Hub::unknown`], then a
+    /// cache miss): those it reads itself, claimed until the [`Reading`] drops,
+    /// and, for those another stream of this core is reading already, that read's
+    /// end to wait for instead. A crowd of watchers opening on one auction whose
+    /// state this core does not hold (after a restart, every auction) costs one
+    /// read: before, each read it, and 10,000 HTTP/1.1 streams opening 512 at a
+    /// time on 100 cold auctions were shed as overloaded once the core's pool was
+    /// busy past `--db-acquire-timeout` (`gavel-loadtest watch --streams 10000`,
+    /// 2026-11-30: 82 and 163 of them in two runs; none since).
+    pub fn claim(self: &Arc<Self>, ids: Vec<i64>) -> (Reading, Vec<(i64, tokio::sync::futures::OwnedNotified)>) {
+        let mut inner = self.lock();
+        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        for id in ids {
+            match inner.reading.get(&id) {
+                Some(done) => theirs.push((id, done.clone().notified_owned())),
+                None => {
+                    inner.reading.insert(id, Arc::new(tokio::sync::Notify::new()));
+                    mine.push(id);
+                }
+            }
+        }
+        (Reading { hub: self.clone(), ids: mine }, theirs)
     }
 
     /// Installs states read by the caller of [`Hub::unknown`]. Returns the ids
@@ -766,6 +794,31 @@ impl Share {
     }
 }
 
+/// The reads of auctions' first states a stream being opened has claimed
+/// ([`Hub::claim`]); the streams waiting for them are told when it drops, read or
+/// not (they then read what is still missing themselves).
+pub struct Reading {
+    hub: Arc<Hub>,
+    ids: Vec<i64>,
+}
+
+impl Reading {
+    pub fn ids(&self) -> &[i64] {
+        &self.ids
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        let mut inner = self.hub.lock();
+        for id in &self.ids {
+            if let Some(done) = inner.reading.remove(id) {
+                done.notify_waiters();
+            }
+        }
+    }
+}
+
 /// A personal stream: the events of one account, for one of its sessions.
 struct Personal {
     id: u64,
@@ -1159,6 +1212,32 @@ mod tests {
         assert_eq!(frames.len(), 1, "only the newest state: {frames:?}");
         assert!(frames[0].contains("id: 3"));
         assert_eq!(ready(&mut streams[2]).len(), 1);
+    }
+
+    /// The first stream to open on an auction the core does not hold reads it;
+    /// the others opening on it meanwhile wait for that read, and are told when it
+    /// ends, whether it read anything or not.
+    #[tokio::test]
+    async fn a_crowd_opening_on_one_cold_auction_costs_one_read() {
+        let hub = hub(10);
+        let (first, none) = hub.claim(vec![7, 8]);
+        assert_eq!(first.ids(), [7, 8]);
+        assert!(none.is_empty());
+        let (second, theirs) = hub.claim(vec![7, 9]);
+        assert_eq!(second.ids(), [9], "7 is being read already");
+        let (waited, done): (Vec<i64>, Vec<_>) = theirs.into_iter().unzip();
+        assert_eq!(waited, [7]);
+        let waiting = tokio::spawn(futures::future::join_all(done));
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "waits while the first read is in flight");
+        drop(second);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "another read's end is not this one's");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("told when the read ends").unwrap();
+        let (again, none) = hub.claim(vec![7]);
+        assert_eq!(again.ids(), [7], "a read that ended is no longer claimed");
+        assert!(none.is_empty());
     }
 
     /// A large pass makes the next one wait for the pace, so that a connection's

@@ -558,7 +558,12 @@ async fn open_stream(target: &Target, auction: i64) -> anyhow::Result<(Source, V
         anyhow::ensure!(n > 0, "the server closed a stream before answering");
         buf.extend_from_slice(&chunk[..n]);
         if let Some(head) = parse_fields(&buf)? {
-            anyhow::ensure!(head.status == 200, "a stream was refused with {}", head.status);
+            anyhow::ensure!(
+                head.status == 200,
+                "a stream was refused with {}: {}",
+                head.status,
+                String::from_utf8_lossy(&buf[head.len..buf.len().min(head.len + 300)])
+            );
             anyhow::ensure!(head.chunked, "a stream not chunked");
             let (mut chunks, mut text) = (Dechunk::default(), Vec::with_capacity(1024));
             chunks.feed(&buf[head.len..], &mut text)?;

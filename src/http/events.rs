@@ -162,10 +162,20 @@ async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream
                 _ => missed.push(id),
             }
         }
-        if !missed.is_empty() {
-            read.extend(db::auctions::get_many(&core.pool(), &missed).await?);
+        // One read per auction and core: what another stream is reading, wait for.
+        let (reading, theirs) = core.events.claim(missed);
+        if !reading.ids().is_empty() {
+            read.extend(db::auctions::get_many(&core.pool(), reading.ids()).await?);
         }
         wanted = core.events.install(read);
+        drop(reading);
+        let mut waited = Vec::with_capacity(theirs.len());
+        for (id, done) in theirs {
+            done.await;
+            waited.push(id);
+        }
+        // Theirs are held now, unless their read failed or missed a change.
+        wanted.extend(core.events.unknown(&waited, now));
     }
     core.events.subscribe(slot, ids, last).map_err(|_| Error::NotFound("no such auction"))
 }
