@@ -189,10 +189,11 @@ pub struct Serve {
     /// bids need. An event costs a write to its HTTP/1.1 connection; on HTTP/2
     /// the events of a connection's streams share writes. 100,000 (it was
     /// 20,000 while every event was a write of its own): 10,000 streams, 2,000
-    /// bids/s, 2026-11-30, 126K events/s received with a delivery p99 of 81 ms
-    /// and the bid storm unchanged (1.03×) on HTTP/2; on HTTP/1.1, 2,000 streams
-    /// p99 16 ms (storm 0.98×) against 33–50 ms at 20,000, and 10,000 streams
-    /// p99 160 ms (storm 0.90×) against 229 ms.
+    /// bids/s, 2026-11-30, two runs each, 126–135K events/s received with a
+    /// delivery p99 of 81–84 ms and the bid storm at 0.97–1.03× of without
+    /// streams on HTTP/2 (at 20,000: 34K/s, p99 230 ms); on HTTP/1.1, 2,000
+    /// streams p99 14.5–16 ms (storm 0.87–0.98×) against 33–50 ms, and 10,000
+    /// streams p99 151–160 ms (storm 0.85–0.90×) against 229 ms.
     #[arg(long, env = "GAVEL_STREAM_EVENTS_PER_SEC", default_value_t = 100_000)]
     pub stream_events_per_sec: usize,
 

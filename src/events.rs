@@ -63,8 +63,8 @@ pub const DELIVERY_TICK: Duration = Duration::from_millis(10);
 const PACED_PASS: usize = 32;
 
 /// How often a core hands out events while its streams are many: each pass gives
-/// every watcher the newest state of each auction that changed since the last,
-/// and a connection's streams then share one write. With a pass per change (one
+/// every watcher the newest state of each auction that changed since the last
+/// (as far as the budget goes), and a connection's streams then share one write. With a pass per change (one
 /// topic's watchers at a time), an HTTP/2 connection carrying 100 streams of 100
 /// auctions wrote each event alone: 10,000 streams over 100 auctions, 2,000
 /// bids/s, `--stream-events-per-sec 0`, 2026-11-30 (`gavel-loadtest watch
@@ -212,7 +212,7 @@ struct Inner {
     streams: HashMap<u64, Arc<Mailbox>>,
     /// The auctions a stream being opened is reading from the database, each with
     /// what the other streams opening on it wait for.
-    reading: HashMap<i64, Arc<tokio::sync::Notify>>,
+    reading: HashMap<i64, Arc<FirstRead>>,
     /// Slots taken by streams being opened or open.
     reserved: usize,
     next: u64,
@@ -296,21 +296,23 @@ impl Hub {
 
     /// Of the `ids` a stream being opened has to read ([`Hub::unknown`], then a
     /// cache miss): those it reads itself, claimed until the [`Reading`] drops,
-    /// and, for those another stream of this core is reading already, that read's
-    /// end to wait for instead. A crowd of watchers opening on one auction whose
-    /// state this core does not hold (after a restart, every auction) costs one
-    /// read: before, each read it, and 10,000 HTTP/1.1 streams opening 512 at a
-    /// time on 100 cold auctions were shed as overloaded once the core's pool was
-    /// busy past `--db-acquire-timeout` (`gavel-loadtest watch --streams 10000`,
-    /// 2026-11-30: 82 and 163 of them in two runs; none since).
-    pub fn claim(self: &Arc<Self>, ids: Vec<i64>) -> (Reading, Vec<(i64, tokio::sync::futures::OwnedNotified)>) {
+    /// and, for those another stream of this core is reading already, that read
+    /// to wait for instead ([`Waiting`]). A crowd of watchers opening on one
+    /// auction whose state this core does not hold (after a restart, every
+    /// auction) costs one read: before, each read it, and 10,000 HTTP/1.1 streams
+    /// opening 512 at a time on 100 cold auctions were shed as overloaded once the
+    /// core's pool was busy past `--db-acquire-timeout` (`gavel-loadtest watch
+    /// --streams 10000`, 2026-11-30: 82 and 163 of them in two runs; none since).
+    pub fn claim(self: &Arc<Self>, ids: Vec<i64>) -> (Reading, Vec<Waiting>) {
         let mut inner = self.lock();
         let (mut mine, mut theirs) = (Vec::new(), Vec::new());
         for id in ids {
             match inner.reading.get(&id) {
-                Some(done) => theirs.push((id, done.clone().notified_owned())),
+                Some(first) => {
+                    theirs.push(Waiting { id, first: first.clone(), done: first.done.clone().notified_owned() })
+                }
                 None => {
-                    inner.reading.insert(id, Arc::new(tokio::sync::Notify::new()));
+                    inner.reading.insert(id, Arc::default());
                     mine.push(id);
                 }
             }
@@ -794,9 +796,17 @@ impl Share {
     }
 }
 
+/// One auction's first read for the streams opening on it, and how it ended.
+#[derive(Default)]
+struct FirstRead {
+    done: Arc<tokio::sync::Notify>,
+    /// Whether the database had the auction; unset if the read failed, was
+    /// dropped, or missed a change (its waiters then read it themselves).
+    found: std::sync::OnceLock<bool>,
+}
+
 /// The reads of auctions' first states a stream being opened has claimed
-/// ([`Hub::claim`]); the streams waiting for them are told when it drops, read or
-/// not (they then read what is still missing themselves).
+/// ([`Hub::claim`]); the streams waiting for them are told when it drops.
 pub struct Reading {
     hub: Arc<Hub>,
     ids: Vec<i64>,
@@ -806,16 +816,48 @@ impl Reading {
     pub fn ids(&self) -> &[i64] {
         &self.ids
     }
+
+    /// Installs what the stream read, the cache's states and the database's
+    /// for the claimed ids ([`Hub::install`]), and tells the waiting streams:
+    /// an id the database did not return has no auction. Returns the ids to
+    /// read again.
+    pub fn install(self, read: Vec<Auction>) -> Vec<i64> {
+        let returned: Vec<i64> = read.iter().map(|a| a.id).collect();
+        let again = self.hub.install(read);
+        let inner = self.hub.lock();
+        for id in self.ids.iter().filter(|id| !again.contains(id)) {
+            if let Some(first) = inner.reading.get(id) {
+                let _ = first.found.set(returned.contains(id));
+            }
+        }
+        again
+    }
 }
 
 impl Drop for Reading {
     fn drop(&mut self) {
         let mut inner = self.hub.lock();
         for id in &self.ids {
-            if let Some(done) = inner.reading.remove(id) {
-                done.notify_waiters();
+            if let Some(first) = inner.reading.remove(id) {
+                first.done.notify_waiters();
             }
         }
+    }
+}
+
+/// Another stream's read of an auction this stream waits for.
+pub struct Waiting {
+    pub id: i64,
+    first: Arc<FirstRead>,
+    done: tokio::sync::futures::OwnedNotified,
+}
+
+impl Waiting {
+    /// Waits for the read to end: whether it settled the auction (its state is
+    /// held now, or the database has no such auction); if not, read it.
+    pub async fn settled(self) -> bool {
+        self.done.await;
+        self.first.found.get().is_some()
     }
 }
 
@@ -1215,29 +1257,34 @@ mod tests {
     }
 
     /// The first stream to open on an auction the core does not hold reads it;
-    /// the others opening on it meanwhile wait for that read, and are told when it
-    /// ends, whether it read anything or not.
+    /// the others opening on it meanwhile wait for that read: settled if it read
+    /// the auction or found there is none, not if it ended without an answer.
     #[tokio::test]
     async fn a_crowd_opening_on_one_cold_auction_costs_one_read() {
         let hub = hub(10);
+        assert_eq!(hub.unknown(&[7, 8, 9], Utc::now()), [7, 8, 9]);
         let (first, none) = hub.claim(vec![7, 8]);
         assert_eq!(first.ids(), [7, 8]);
         assert!(none.is_empty());
-        let (second, theirs) = hub.claim(vec![7, 9]);
-        assert_eq!(second.ids(), [9], "7 is being read already");
-        let (waited, done): (Vec<i64>, Vec<_>) = theirs.into_iter().unzip();
-        assert_eq!(waited, [7]);
-        let waiting = tokio::spawn(futures::future::join_all(done));
+        let (second, theirs) = hub.claim(vec![7, 8, 9]);
+        assert_eq!(second.ids(), [9], "7 and 8 are being read already");
+        assert_eq!(theirs.iter().map(|w| w.id).collect::<Vec<_>>(), [7, 8]);
+        let waiting = tokio::spawn(futures::future::join_all(theirs.into_iter().map(Waiting::settled)));
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "waits while the first read is in flight");
         drop(second);
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "another read's end is not this one's");
-        drop(first);
-        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("told when the read ends").unwrap();
-        let (again, none) = hub.claim(vec![7]);
-        assert_eq!(again.ids(), [7], "a read that ended is no longer claimed");
-        assert!(none.is_empty());
+        assert!(first.install(vec![auction(7, 1)]).is_empty(), "the database had 7 and not 8");
+        let settled = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("told when the read ends");
+        assert_eq!(settled.unwrap(), [true, true], "7 is held, 8 does not exist: neither is read again");
+
+        let (failed, none) = hub.claim(vec![9]);
+        assert!(none.is_empty(), "a read that ended is no longer claimed");
+        let (_, theirs) = hub.claim(vec![9]);
+        let waiting = tokio::spawn(futures::future::join_all(theirs.into_iter().map(Waiting::settled)));
+        drop(failed);
+        assert_eq!(waiting.await.unwrap(), [false], "a read that failed leaves the waiter to read it");
     }
 
     /// A large pass makes the next one wait for the pace, so that a connection's

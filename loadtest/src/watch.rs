@@ -584,9 +584,8 @@ async fn read_events(
 ) -> anyhow::Result<u64> {
     let mut events = 0;
     let mut stop = control.stop.subscribe();
-    if *stop.borrow_and_update() {
-        return Ok(0);
-    }
+    // Told before it began: what came with the stream's head still counts.
+    let stopped_already = *stop.borrow_and_update();
     // One wait for the stop for the stream's whole life, not one per read.
     let stopped = stop.changed();
     tokio::pin!(stopped);
@@ -607,6 +606,9 @@ async fn read_events(
                 }
             }
             text.drain(..end + 2);
+        }
+        if stopped_already {
+            return Ok(events);
         }
         tokio::select! {
             biased;

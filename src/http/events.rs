@@ -167,15 +167,18 @@ async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream
         if !reading.ids().is_empty() {
             read.extend(db::auctions::get_many(&core.pool(), reading.ids()).await?);
         }
-        wanted = core.events.install(read);
-        drop(reading);
-        let mut waited = Vec::with_capacity(theirs.len());
-        for (id, done) in theirs {
-            done.await;
-            waited.push(id);
+        wanted = reading.install(read);
+        for waiting in theirs {
+            let id = waiting.id;
+            if !waiting.settled().await {
+                wanted.push(id);
+            }
         }
-        // Theirs are held now, unless their read failed or missed a change.
-        wanted.extend(core.events.unknown(&waited, now));
+    }
+    if !wanted.is_empty() {
+        // Changes kept overtaking the reads, or the reads kept failing: the
+        // auction may well exist, so not a 404.
+        return Err(Error::Overloaded);
     }
     core.events.subscribe(slot, ids, last).map_err(|_| Error::NotFound("no such auction"))
 }
