@@ -590,7 +590,17 @@ impl H2Connection {
         let request = hyper::Request::get(format!("http://{}/api/auctions/{auction}/events", target.authority))
             .body(http_body_util::Empty::new())?;
         let response = sender.clone().send_request(request).await.context("an HTTP/2 stream request")?;
-        anyhow::ensure!(response.status() == 200, "a stream was refused with {}", response.status());
+        if response.status() != 200 {
+            use http_body_util::BodyExt;
+            let status = response.status();
+            // A refusal is a short problem document; read it for the reason.
+            let body = tokio::time::timeout(Duration::from_secs(1), response.into_body().collect()).await;
+            let text = match body {
+                Ok(Ok(body)) => String::from_utf8_lossy(&body.to_bytes()[..]).chars().take(300).collect(),
+                _ => String::new(),
+            };
+            bail!("a stream was refused with {status}: {text}");
+        }
         Ok(response.into_body())
     }
 }
