@@ -187,22 +187,24 @@ pub struct Serve {
     /// Past it, an auction's changes wait for the next 10 ms tick and only the
     /// newest is sent, so the fan-out to many watchers cannot take the CPU that
     /// bids need. An event costs a write to its HTTP/1.1 connection; on HTTP/2
-    /// the events of a connection's streams share writes. 100,000 (it was
-    /// 20,000 while every event was a write of its own): 10,000 streams, 2,000
-    /// bids/s, 2026-11-30, two runs each, 126–135K events/s received with a
-    /// delivery p99 of 81–84 ms and the bid storm at 0.97–1.03× of without
-    /// streams on HTTP/2 (at 20,000: 34K/s, p99 230 ms); on HTTP/1.1, 2,000
-    /// streams p99 14.5–16 ms (storm 0.87–0.98×) against 33–50 ms, and 10,000
-    /// streams p99 151–160 ms (storm 0.85–0.90×) against 229 ms.
-    #[arg(long, env = "GAVEL_STREAM_EVENTS_PER_SEC", default_value_t = 100_000)]
+    /// the events of a connection's streams share writes. 250,000, more than a
+    /// core delivers (5–6 µs of its CPU an event on HTTP/2): what holds events
+    /// back for the bids is --stream-yield-to-load, down to 1/64 of this. With
+    /// it following the bids' backlog, 10,000 HTTP/2 streams at 2,000 bids/s
+    /// (2026-11-30, three alternating runs each) got delivery p99 45–54 ms at
+    /// 250,000 against 45–77 ms at 100,000, the bid storm 0.89–1.06× of without
+    /// streams at both. 100,000 before that, and 20,000 while every event was a
+    /// write of its own (p99 230 ms).
+    #[arg(long, env = "GAVEL_STREAM_EVENTS_PER_SEC", default_value_t = 250_000)]
     pub stream_events_per_sec: usize,
 
-    /// Hand out events with the time the core's CPU has spare only: while the CPU
-    /// is nearly never idle (bids, reads, PostgreSQL, anything on it), a core's
-    /// events budget halves every tenth of a second, down to 1/64 of
-    /// --stream-events-per-sec, and grows back as the CPU idles. Watchers then
-    /// coalesce instead of slowing the requests. Needs the core pinned (it reads
-    /// the pinned CPU's counters); off, the budget is fixed.
+    /// Give way to bids: while a core's bids back up (16 waiting on its batches on
+    /// average over a tenth of a second), its events budget is cut to a quarter,
+    /// down to 1/64 of --stream-events-per-sec, and it grows back by half every
+    /// tenth of a second in which fewer than 8 waited. Watchers then coalesce instead of
+    /// slowing the bids. Off, the budget is fixed. (It followed the CPU's idle
+    /// time before, which on a shared machine cut events no bid was waiting for;
+    /// the figures are beside `Share` in src/events.rs.)
     #[arg(long, env = "GAVEL_STREAM_YIELD_TO_LOAD", default_value_t = true, action = clap::ArgAction::Set)]
     pub stream_yield_to_load: bool,
 

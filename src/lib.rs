@@ -24,7 +24,7 @@
 //!   hosts (`db::target`) and the read replicas (`db::replicas`).
 //! - [`domain`]: pure rules — money, auction lifecycle, bid checks, accounts, stock.
 //! - [`config`]: the clap command line; [`auth`]: tokens, roles, password hashes;
-//!   [`metrics`]: metric names and per-core handles; [`cpu`]: how idle a CPU is;
+//!   [`metrics`]: metric names and per-core handles;
 //!   [`throttle`]: the rate limits, the one state the cores share on a request path;
 //!   [`storage`]: the object store that holds item images.
 
@@ -32,7 +32,6 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod core;
-pub mod cpu;
 pub mod db;
 pub mod domain;
 pub mod events;

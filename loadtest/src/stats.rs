@@ -134,7 +134,7 @@ fn add_status(statuses: &mut Vec<(u16, u64)>, status: u16, n: u64) {
 }
 
 /// Latency summary in microseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
 pub struct Latency {
     pub mean: f64,
     pub p50: f64,

@@ -42,7 +42,7 @@ use tokio::task::LocalSet;
 
 use crate::http::{Target, parse_fields, write_request};
 use crate::scenario::{Lot, Workload};
-use crate::stats::Report;
+use crate::stats::{Latency, Report};
 use crate::{Cli, Command, RunArgs, block_on_local, engine, setup};
 
 #[derive(Debug, Args)]
@@ -119,6 +119,8 @@ pub struct Storm {
     pub requests_per_sec: f64,
     pub accepted_per_sec: f64,
     pub statuses: BTreeMap<String, u64>,
+    /// From each bid's send (its due time, in the open-loop phase) to its answer.
+    pub latency_us: Latency,
 }
 
 impl Storm {
@@ -128,6 +130,7 @@ impl Storm {
             requests_per_sec: report.requests_per_sec,
             accepted_per_sec: accepted / report.duration_secs.max(1e-9),
             statuses: report.statuses.clone(),
+            latency_us: report.latency_us,
         }
     }
 }
@@ -268,7 +271,7 @@ impl WatchReport {
             "watch: {} streams on {} auctions (opened in {:.1} s)\n\
              server RSS: {} before, {} with the streams open, {} a stream\n\
              bid storm: {:.0} accepted/s without streams, {:.0} with ({:.2}x)\n\
-             bids while read: {:.0} requests/s, {:.0} accepted/s\n\
+             bids while read: {:.0} requests/s, {:.0} accepted/s, answered in p50 {:.0}, p99 {:.0} us\n\
              events: {:.0}/s received, {} coalesced by the server\n\
              delivery from the bid's send (us): p50 {:.0}, p99 {:.0}, p99.9 {:.0}, max {:.0} ({} events)\n\
              final state: {} of {} streams ({} lost)\n",
@@ -283,6 +286,8 @@ impl WatchReport {
             self.storm_ratio,
             self.bids.requests_per_sec,
             self.bids.accepted_per_sec,
+            self.bids.latency_us.p50,
+            self.bids.latency_us.p99,
             self.events_per_sec,
             self.coalesced.map_or("-".to_owned(), |c| format!("{c:.0}")),
             self.delivery_us.p50,

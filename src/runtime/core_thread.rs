@@ -185,7 +185,7 @@ async fn core_main(start: Start) {
             heartbeat: config.stream_heartbeat,
             retry: config.stream_retry,
             events_per_sec: config.stream_events_per_sec,
-            yield_on_cpu: pin.filter(|_| config.stream_yield_to_load).map(|p| p.id),
+            yield_to_bids: config.stream_yield_to_load,
         },
         http::auction_json,
         StreamMetrics::new(index),
