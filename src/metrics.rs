@@ -337,7 +337,7 @@ fn describe() {
     );
     describe_gauge!(
         EVENT_BUDGET_SHARE,
-        "The part of --stream-events-per-sec a core may hand out now: below 1 while bids back up on it"
+        "The part of --stream-events-per-sec a core may hand out, as of its last delivery: below 1 while bids back up on it"
     );
     describe_counter!(RATE_LIMITED_TOTAL, "Requests refused with 429, by the limit they hit");
     describe_gauge!(
