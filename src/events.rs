@@ -64,10 +64,11 @@ const PACED_PASS: usize = 32;
 
 /// How often a core hands out events while its streams are many: each pass gives
 /// every watcher the newest state of each auction that changed since the last
-/// (as far as the budget goes), and a connection's streams then share one write. With a pass per change (one
-/// topic's watchers at a time), an HTTP/2 connection carrying 100 streams of 100
-/// auctions wrote each event alone: 10,000 streams over 100 auctions, 2,000
-/// bids/s, `--stream-events-per-sec 0`, 2026-11-30 (`gavel-loadtest watch
+/// (as far as the budget goes), and a connection's streams then share one
+/// write. With a pass per change (one topic's watchers at a time), an HTTP/2
+/// connection carrying 100 streams of 100 auctions wrote each event alone:
+/// 10,000 streams over 100 auctions, 2,000 bids/s, `--stream-events-per-sec 0`,
+/// 2026-11-30 (`gavel-loadtest watch
 /// --http2-streams 100`, the README's table): 121K events/s received, 60K
 /// writes/s; paced every 5 ms, 161–165K events/s, delivery p99 61–68 ms against
 /// 106 ms, gavel's CPU per event 5.3–6.3 µs against 8.0. Every 2 ms and every
@@ -211,8 +212,9 @@ struct Inner {
     /// Every open stream, for heartbeats and the drain.
     streams: HashMap<u64, Arc<Mailbox>>,
     /// The auctions a stream being opened is reading from the database, each with
-    /// what the other streams opening on it wait for.
-    reading: HashMap<i64, Arc<FirstRead>>,
+    /// what the other streams opening on it wait for: `true` once the read
+    /// settled the auction, closed if the read ended without doing so.
+    reading: HashMap<i64, tokio::sync::watch::Receiver<bool>>,
     /// Slots taken by streams being opened or open.
     reserved: usize,
     next: u64,
@@ -305,19 +307,19 @@ impl Hub {
     /// --streams 10000`, 2026-11-30: 82 and 163 of them in two runs; none since).
     pub fn claim(self: &Arc<Self>, ids: Vec<i64>) -> (Reading, Vec<Waiting>) {
         let mut inner = self.lock();
-        let (mut mine, mut theirs) = (Vec::new(), Vec::new());
+        let (mut mine, mut settle, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
         for id in ids {
             match inner.reading.get(&id) {
-                Some(first) => {
-                    theirs.push(Waiting { id, first: first.clone(), done: first.done.clone().notified_owned() })
-                }
+                Some(read) => theirs.push(Waiting { id, read: read.clone() }),
                 None => {
-                    inner.reading.insert(id, Arc::default());
+                    let (tx, rx) = tokio::sync::watch::channel(false);
+                    inner.reading.insert(id, rx);
                     mine.push(id);
+                    settle.push(tx);
                 }
             }
         }
-        (Reading { hub: self.clone(), ids: mine }, theirs)
+        (Reading { hub: self.clone(), ids: mine, settle }, theirs)
     }
 
     /// Installs states read by the caller of [`Hub::unknown`]. Returns the ids
@@ -816,20 +818,13 @@ impl Share {
     }
 }
 
-/// One auction's first read for the streams opening on it, and how it ended.
-#[derive(Default)]
-struct FirstRead {
-    done: Arc<tokio::sync::Notify>,
-    /// Whether the database had the auction; unset if the read failed, was
-    /// dropped, or missed a change (its waiters then read it themselves).
-    found: std::sync::OnceLock<bool>,
-}
-
 /// The reads of auctions' first states a stream being opened has claimed
 /// ([`Hub::claim`]); the streams waiting for them are told when it drops.
 pub struct Reading {
     hub: Arc<Hub>,
     ids: Vec<i64>,
+    /// Beside `ids`: each one's word to its waiters, closed when this drops.
+    settle: Vec<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Reading {
@@ -838,16 +833,14 @@ impl Reading {
     }
 
     /// Installs what the stream read, the cache's states and the database's
-    /// for the claimed ids ([`Hub::install`]), and tells the waiting streams:
-    /// an id the database did not return has no auction. Returns the ids to
-    /// read again.
+    /// for the claimed ids ([`Hub::install`]), and tells the waiting streams
+    /// which ids it settled: held now, or (not returned) not an auction. Returns
+    /// the ids to read again.
     pub fn install(self, read: Vec<Auction>) -> Vec<i64> {
-        let returned: Vec<i64> = read.iter().map(|a| a.id).collect();
         let again = self.hub.install(read);
-        let inner = self.hub.lock();
-        for id in self.ids.iter().filter(|id| !again.contains(id)) {
-            if let Some(first) = inner.reading.get(id) {
-                let _ = first.found.set(returned.contains(id));
+        for (id, settle) in self.ids.iter().zip(&self.settle) {
+            if !again.contains(id) {
+                settle.send_replace(true);
             }
         }
         again
@@ -856,11 +849,11 @@ impl Reading {
 
 impl Drop for Reading {
     fn drop(&mut self) {
+        // Out of the map before its senders close, so that no stream claims a read
+        // that has ended.
         let mut inner = self.hub.lock();
         for id in &self.ids {
-            if let Some(first) = inner.reading.remove(id) {
-                first.done.notify_waiters();
-            }
+            inner.reading.remove(id);
         }
     }
 }
@@ -868,16 +861,14 @@ impl Drop for Reading {
 /// Another stream's read of an auction this stream waits for.
 pub struct Waiting {
     pub id: i64,
-    first: Arc<FirstRead>,
-    done: tokio::sync::futures::OwnedNotified,
+    read: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Waiting {
     /// Waits for the read to end: whether it settled the auction (its state is
     /// held now, or the database has no such auction); if not, read it.
-    pub async fn settled(self) -> bool {
-        self.done.await;
-        self.first.found.get().is_some()
+    pub async fn settled(mut self) -> bool {
+        self.read.wait_for(|settled| *settled).await.is_ok()
     }
 }
 
