@@ -333,6 +333,7 @@ fn core(rt: &tokio::runtime::Runtime, keys: Arc<Keys>) -> Arc<Core> {
                 gavel::metrics::StreamMetrics::new(0),
             )),
             keys,
+            tokens: gavel::auth::VerifiedTokens::default(),
             limits: Limits {
                 body_limit: 64 * 1024,
                 request_timeout: Duration::from_secs(5),

@@ -237,6 +237,86 @@ impl Keys {
     }
 }
 
+/// Tokens one core has verified, with what they said: a bidder sends the same
+/// token with each of its bids, and checking its signature and decoding its
+/// claims every time was 7 % of gavel's CPU in a bid storm (perf, `gavel-loadtest
+/// run bid-storm`, 64 connections, 2026-12-01). A hit skips only that work: the
+/// expiry is checked on every use with the same leeway, and whether the session
+/// has ended is the caller's to check, as it is after [`Keys::verify`].
+///
+/// Found by a keyed hash of the whole token, then compared byte for byte in
+/// constant time, so that a lookup tells nothing about how much of a stored
+/// token a guess shares. Bounded: the least recently used goes first.
+pub struct VerifiedTokens {
+    inner: std::sync::Mutex<hashlink::LruCache<u64, Verified>>,
+    hasher: std::hash::RandomState,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for VerifiedTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedTokens").field("capacity", &self.capacity).finish_non_exhaustive()
+    }
+}
+
+impl Default for VerifiedTokens {
+    fn default() -> Self {
+        VerifiedTokens::new(VerifiedTokens::CAPACITY)
+    }
+}
+
+/// One verified token and its principal.
+struct Verified {
+    token: Box<[u8]>,
+    principal: Principal,
+}
+
+impl VerifiedTokens {
+    /// Tokens kept per core; each takes about its length plus 100 bytes.
+    pub const CAPACITY: usize = 1024;
+
+    pub fn new(capacity: usize) -> Self {
+        VerifiedTokens {
+            inner: std::sync::Mutex::new(hashlink::LruCache::new_unbounded()),
+            hasher: std::hash::RandomState::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// [`Keys::verify`], answered from this cache when `token` verified here
+    /// before and has not expired since.
+    pub fn verify(&self, keys: &Keys, token: &str) -> Result<Principal, TokenError> {
+        self.verify_at(keys, token, SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
+    }
+
+    /// [`verify`](Self::verify) at `now`, in seconds since the epoch (a hit's
+    /// expiry is checked against it).
+    fn verify_at(&self, keys: &Keys, token: &str, now: u64) -> Result<Principal, TokenError> {
+        use std::hash::BuildHasher;
+        use subtle::ConstantTimeEq;
+        let key = self.hasher.hash_one(token.as_bytes());
+        {
+            let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(hit) = inner.get(&key)
+                && bool::from(hit.token.ct_eq(token.as_bytes()))
+            {
+                // The rule `Keys::verify` applies: expired once `exp` plus the
+                // leeway has passed.
+                if now <= hit.principal.session.expires.saturating_add(LEEWAY_SECS) {
+                    return Ok(hit.principal);
+                }
+                inner.remove(&key);
+                return Err(TokenError::Expired);
+            }
+        }
+        let principal = keys.verify(token)?;
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while inner.len() >= self.capacity && inner.remove_lru().is_some() {}
+        inner.insert(key, Verified { token: token.as_bytes().into(), principal });
+        Ok(principal)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,5 +444,52 @@ mod tests {
         let claims = Claims { iss: "someone-else".into(), ..claims(now) };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
         assert_eq!(k.verify(&token), Err(TokenError::Invalid));
+    }
+    #[test]
+    fn a_verified_token_is_answered_from_the_cache_until_it_expires() {
+        let k = keys();
+        let cache = VerifiedTokens::new(8);
+        let minted = k.open(Grant { account_id: 7, role: Role::Bidder, epoch: 1 }, Duration::from_secs(60));
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let first = cache.verify_at(&k, &minted.token, now).unwrap();
+        assert_eq!(first, k.verify(&minted.token).unwrap());
+        // Another secret cannot verify it: only the cache can answer now.
+        let other = Keys::new(&[9u8; 32]).unwrap();
+        assert_eq!(cache.verify_at(&other, &minted.token, now + 1), Ok(first));
+        let last = minted.session.expires + LEEWAY_SECS;
+        assert_eq!(cache.verify_at(&other, &minted.token, last), Ok(first), "still within the leeway");
+        assert_eq!(cache.verify_at(&k, &minted.token, last + 1), Err(TokenError::Expired));
+        assert_eq!(cache.inner.lock().unwrap().len(), 0, "an expired token leaves the cache");
+    }
+
+    #[test]
+    fn a_token_that_differs_from_a_cached_one_is_verified_in_full() {
+        let k = keys();
+        let cache = VerifiedTokens::new(8);
+        let (token, _) = k.mint(1, Role::Bidder, Duration::from_secs(60));
+        assert!(cache.verify(&k, &token).is_ok());
+        // The signature's first character, which is all signal, no padding bits.
+        let mut forged = token.clone().into_bytes();
+        let at = token.rfind('.').unwrap() + 1;
+        forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(cache.verify(&k, &forged), Err(TokenError::Invalid));
+        assert_eq!(cache.verify(&k, &format!("{token}x")), Err(TokenError::Invalid));
+        assert_eq!(cache.verify(&k, "not a token"), Err(TokenError::Invalid));
+        assert_eq!(cache.inner.lock().unwrap().len(), 1, "only verified tokens are kept");
+    }
+
+    #[test]
+    fn the_token_cache_keeps_the_most_recently_used() {
+        let k = keys();
+        let cache = VerifiedTokens::new(2);
+        let tokens: Vec<String> = (1..=3).map(|id| k.mint(id, Role::Bidder, Duration::from_secs(60)).0).collect();
+        for token in &tokens {
+            assert!(cache.verify(&k, token).is_ok());
+        }
+        let other = Keys::new(&[9u8; 32]).unwrap();
+        assert_eq!(cache.inner.lock().unwrap().len(), 2);
+        assert!(cache.verify(&other, &tokens[2]).is_ok(), "the newest is kept");
+        assert_eq!(cache.verify(&other, &tokens[0]), Err(TokenError::Invalid), "the oldest went first");
     }
 }

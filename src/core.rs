@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::auth::Keys;
+use crate::auth::{Keys, VerifiedTokens};
 use crate::cache::Caches;
 use crate::db::Primary;
 use crate::db::batch::Batcher;
@@ -118,6 +118,8 @@ pub struct Core {
     pub bids: Batcher<Bids>,
     pub orders: Batcher<Orders>,
     pub keys: Arc<Keys>,
+    /// The tokens this core has verified (see [`VerifiedTokens`]).
+    pub tokens: VerifiedTokens,
     pub limits: Limits,
     pub web: Web,
     pub health: Arc<Health>,

@@ -11,7 +11,7 @@ use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::auth::Keys;
+use crate::auth::{Keys, VerifiedTokens};
 use crate::cache::{self, CacheLimits, Caches};
 use crate::config::Serve;
 use crate::core::{Core, Health, Images, Limits, Web};
@@ -208,6 +208,7 @@ async fn core_main(start: Start) {
         bids,
         orders,
         keys,
+        tokens: VerifiedTokens::default(),
         limits: Limits {
             body_limit: config.body_limit,
             request_timeout: config.request_timeout,

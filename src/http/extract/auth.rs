@@ -37,7 +37,7 @@ impl FromRequestParts<Arc<Core>> for Caller {
             None => session_cookie(&parts.headers)
                 .ok_or(Error::Unauthorized("this route needs a Bearer token or a session cookie"))?,
         };
-        let principal = core.keys.verify(token).map_err(|e| match e {
+        let principal = core.tokens.verify(&core.keys, token).map_err(|e| match e {
             TokenError::Expired => Error::Unauthorized("the token has expired"),
             TokenError::Invalid => Error::Unauthorized("the token is not valid"),
         })?;
