@@ -477,6 +477,12 @@ mod tests {
         assert_eq!(cache.verify(&k, &format!("{token}x")), Err(TokenError::Invalid));
         assert_eq!(cache.verify(&k, "not a token"), Err(TokenError::Invalid));
         assert_eq!(cache.inner.lock().unwrap().len(), 1, "only verified tokens are kept");
+        // A forged token whose hash matched a cached one's is still compared
+        // byte for byte: file the real token under the forgery's hash.
+        let principal = cache.verify(&k, &token).unwrap();
+        let key = std::hash::BuildHasher::hash_one(&cache.hasher, forged.as_bytes());
+        cache.inner.lock().unwrap().insert(key, Verified { token: token.as_bytes().into(), principal });
+        assert_eq!(cache.verify(&k, &forged), Err(TokenError::Invalid));
     }
 
     #[test]
@@ -484,12 +490,15 @@ mod tests {
         let k = keys();
         let cache = VerifiedTokens::new(2);
         let tokens: Vec<String> = (1..=3).map(|id| k.mint(id, Role::Bidder, Duration::from_secs(60)).0).collect();
-        for token in &tokens {
-            assert!(cache.verify(&k, token).is_ok());
-        }
+        assert!(cache.verify(&k, &tokens[0]).is_ok());
+        assert!(cache.verify(&k, &tokens[1]).is_ok());
+        // Used again, so the first is no longer the least recently used.
+        assert!(cache.verify(&k, &tokens[0]).is_ok());
+        assert!(cache.verify(&k, &tokens[2]).is_ok());
         let other = Keys::new(&[9u8; 32]).unwrap();
         assert_eq!(cache.inner.lock().unwrap().len(), 2);
         assert!(cache.verify(&other, &tokens[2]).is_ok(), "the newest is kept");
-        assert_eq!(cache.verify(&other, &tokens[0]), Err(TokenError::Invalid), "the oldest went first");
+        assert!(cache.verify(&other, &tokens[0]).is_ok(), "the one used since is kept");
+        assert_eq!(cache.verify(&other, &tokens[1]), Err(TokenError::Invalid), "the least recently used went");
     }
 }

@@ -336,6 +336,18 @@ mod tests {
         );
         assert_eq!(states[1].ends_at.timestamp_micros(), 1_796_050_269_737_370);
         assert!(!states[0].closed && !states[1].closed, "six fields: no buy-now");
+        // Written otherwise than `encode_bids` writes it, it goes the tagged
+        // enum's way, to the same notification.
+        let reordered = r#"{ "at_us": 9, "states": [[1001,2,200,3,1,1795963909737370],[1002,3,160,6,2,1796050269737370]], "kind": "bids" }"#;
+        assert!(!reordered.starts_with(BIDS_HEAD));
+        assert_eq!(parse(reordered).unwrap(), parse(payload).unwrap());
+    }
+
+    #[test]
+    fn encoded_bids_take_the_direct_way() {
+        for payload in encode_bids(&[state(5, 2), state(6, 3)], &[], 1) {
+            assert!(payload.starts_with(BIDS_HEAD), "{payload}");
+        }
     }
 
     #[test]
