@@ -161,6 +161,11 @@ pub fn verify_password(password: &str, stored: Option<&str>) -> bool {
     matches && stored.is_some()
 }
 
+/// Seconds since the epoch, as tokens count time.
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
 /// Signing and verification keys for one secret.
 pub struct Keys {
     encoding: EncodingKey,
@@ -206,7 +211,7 @@ impl Keys {
 
     /// Opens a new session: signs a token with a fresh session id, valid for `ttl`.
     pub fn open(&self, grant: Grant, ttl: Duration) -> Minted {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let now = unix_now();
         let session = Session { id: Uuid::new_v4(), epoch: grant.epoch, expires: now + ttl.as_secs().max(1) };
         let claims = Claims {
             sub: grant.account_id.to_string(),
@@ -250,12 +255,11 @@ impl Keys {
 pub struct VerifiedTokens {
     inner: std::sync::Mutex<hashlink::LruCache<u64, Verified>>,
     hasher: std::hash::RandomState,
-    capacity: usize,
 }
 
 impl std::fmt::Debug for VerifiedTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VerifiedTokens").field("capacity", &self.capacity).finish_non_exhaustive()
+        f.debug_struct("VerifiedTokens").finish_non_exhaustive()
     }
 }
 
@@ -277,16 +281,16 @@ impl VerifiedTokens {
 
     pub fn new(capacity: usize) -> Self {
         VerifiedTokens {
-            inner: std::sync::Mutex::new(hashlink::LruCache::new_unbounded()),
+            // Full, an insert drops the least recently used.
+            inner: std::sync::Mutex::new(hashlink::LruCache::new(capacity.max(1))),
             hasher: std::hash::RandomState::new(),
-            capacity: capacity.max(1),
         }
     }
 
     /// [`Keys::verify`], answered from this cache when `token` verified here
     /// before and has not expired since.
     pub fn verify(&self, keys: &Keys, token: &str) -> Result<Principal, TokenError> {
-        self.verify_at(keys, token, SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs())
+        self.verify_at(keys, token, unix_now())
     }
 
     /// [`verify`](Self::verify) at `now`, in seconds since the epoch (a hit's
@@ -311,7 +315,6 @@ impl VerifiedTokens {
         }
         let principal = keys.verify(token)?;
         let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        while inner.len() >= self.capacity && inner.remove_lru().is_some() {}
         inner.insert(key, Verified { token: token.as_bytes().into(), principal });
         Ok(principal)
     }
@@ -351,7 +354,7 @@ mod tests {
             iss: String,
         }
         let k = keys();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = unix_now();
         let old = Old { sub: "1".into(), role: Role::Bidder, iat: now, exp: now + 60, iss: ISSUER.into() };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &old, &k.encoding).unwrap();
         assert_eq!(k.verify(&token), Err(TokenError::Invalid));
@@ -383,7 +386,7 @@ mod tests {
     #[test]
     fn expired_token_is_refused() {
         let k = keys();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = unix_now();
         let claims = Claims { iat: now - 100, exp: now - 60, ..claims(now) };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
         assert_eq!(k.verify(&token), Err(TokenError::Expired));
@@ -440,7 +443,7 @@ mod tests {
     #[test]
     fn wrong_issuer_is_refused() {
         let k = keys();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = unix_now();
         let claims = Claims { iss: "someone-else".into(), ..claims(now) };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &k.encoding).unwrap();
         assert_eq!(k.verify(&token), Err(TokenError::Invalid));
@@ -450,7 +453,7 @@ mod tests {
         let k = keys();
         let cache = VerifiedTokens::new(8);
         let minted = k.open(Grant { account_id: 7, role: Role::Bidder, epoch: 1 }, Duration::from_secs(60));
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = unix_now();
         let first = cache.verify_at(&k, &minted.token, now).unwrap();
         assert_eq!(first, k.verify(&minted.token).unwrap());
         // Another secret cannot verify it: only the cache can answer now.

@@ -114,10 +114,7 @@ enum Raw {
         #[serde(flatten)]
         item: Item,
     },
-    Bids {
-        at_us: i64,
-        states: Vec<Vec<i64>>,
-    },
+    Bids(RawBids),
     Ended {
         at_us: i64,
         #[serde(flatten)]
@@ -145,8 +142,9 @@ enum Raw {
 /// How every `bids` payload starts, as [`encode_bids`] writes it.
 const BIDS_HEAD: &str = r#"{"kind":"bids","#;
 
-/// A `bids` payload, read without the tagged enum: serde reads an internally
-/// tagged enum through a buffer of every value in it. Bid announcements are most
+/// A `bids` payload. One that starts as [`encode_bids`] writes it is read
+/// without the tagged enum, which serde reads through a buffer of every value
+/// in it. Bid announcements are most
 /// of what the listeners decode in a bid storm (3 % of gavel's CPU, perf,
 /// `gavel-loadtest run bid-storm`, 2026-12-01); decoding and applying one of 32
 /// states took 12.5 µs through the enum and 5.6 µs this way (`cargo bench
@@ -160,7 +158,7 @@ struct RawBids {
 /// Decodes one payload.
 pub fn parse(payload: &str) -> Result<Notification, NoticeError> {
     let raw = match payload.starts_with(BIDS_HEAD) {
-        true => serde_json::from_str(payload).map(|b: RawBids| Raw::Bids { at_us: b.at_us, states: b.states }),
+        true => serde_json::from_str(payload).map(Raw::Bids),
         false => serde_json::from_str(payload),
     };
     Ok(match raw.map_err(|e| NoticeError(e.to_string()))? {
@@ -174,7 +172,7 @@ pub fn parse(payload: &str) -> Result<Notification, NoticeError> {
         Raw::SessionsEnded { at_us, account_id, epoch, ended_us } => {
             Notification { notice: Notice::SessionEnd(SessionEnd::AllBefore { account_id, epoch, ended_us }), at_us }
         }
-        Raw::Bids { at_us, states: raw } => {
+        Raw::Bids(RawBids { at_us, states: raw }) => {
             let mut states = Vec::with_capacity(raw.len());
             let mut outbid = Vec::new();
             for s in raw {
