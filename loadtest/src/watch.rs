@@ -23,7 +23,12 @@
 //! that multiplexes its clients' streams.
 //!
 //! With `--metrics-url` (gavel's admin `/metrics`) it also reports the server's
-//! RSS and events coalesced.
+//! RSS, events coalesced, and gavel's own part of each event's delivery while the
+//! bids ran: from the commit of its change to its frame's hand-off to the
+//! connection, which gavel times from the commit itself
+//! (`gavel_event_delivery_seconds`). Commit-to-arrival is that part plus the
+//! write and the generator's read; the delivery from the bid's send bounds it
+//! from above.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -80,7 +85,8 @@ pub struct WatchArgs {
     pub threads: Option<usize>,
     #[arg(long, env = "GAVEL_JWT_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
-    /// gavel's admin `/metrics`, for its RSS and coalesced events.
+    /// gavel's admin `/metrics`, for its RSS, coalesced events and its own part
+    /// of each event's delivery.
     #[arg(long)]
     pub metrics_url: Option<String>,
     #[arg(long)]
@@ -108,6 +114,8 @@ pub struct WatchReport {
     pub delivery_us: Delivery,
     /// Events the server replaced with newer ones for slow streams (`--metrics-url`).
     pub coalesced: Option<f64>,
+    /// gavel's own part of the delivery, from each change's commit (`--metrics-url`).
+    pub from_commit: Option<FromCommit>,
     /// Streams whose last event was their auction's final version.
     pub streams_with_final_state: usize,
     /// Streams that ended or failed before the run did.
@@ -142,6 +150,81 @@ pub struct Delivery {
     pub p99: f64,
     pub p999: f64,
     pub max: f64,
+}
+
+/// gavel's part of delivering events while the bids ran: from each change's
+/// commit to its frame's hand-off to the connection, as gavel's
+/// `gavel_event_delivery_seconds` histogram counted them (the difference of two
+/// scrapes), so to the resolution of its buckets.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FromCommit {
+    /// Events the histogram counted between the scrapes.
+    pub events: f64,
+    /// The share of them handed off within [`DELIVERY_TARGET_SECS`] of their commit.
+    pub within_target: f64,
+    /// The least bucket bound within which 99 % were handed off; `None` past the
+    /// last finite one.
+    pub p99_at_most_secs: Option<f64>,
+}
+
+impl FromCommit {
+    fn render(&self) -> String {
+        let p99 = self.p99_at_most_secs.map_or("past the last bucket".to_owned(), |s| format!("within {} ms", s * 1e3));
+        format!(
+            "{:.2} % within {} ms, p99 {p99} ({:.0} events)",
+            self.within_target * 100.0,
+            DELIVERY_TARGET_SECS * 1e3,
+            self.events
+        )
+    }
+}
+
+/// The delivery time the watch scenario is held to: 50 ms from the commit.
+pub const DELIVERY_TARGET_SECS: f64 = 0.05;
+
+/// gavel's histogram of delivery from the commit.
+const DELIVERY_FAMILY: &str = "gavel_event_delivery_seconds";
+
+impl FromCommit {
+    /// What was counted between two readings of the same histogram's buckets
+    /// ([`buckets`]); `None` if nothing was, or the readings do not match.
+    fn between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<FromCommit> {
+        if before.len() != after.len() || before.iter().zip(after).any(|(b, a)| b.0 != a.0) {
+            return None;
+        }
+        let counted: Vec<(f64, f64)> = before.iter().zip(after).map(|(b, a)| (a.0, a.1 - b.1)).collect();
+        let events = counted.last().filter(|(le, _)| le.is_infinite())?.1;
+        if events <= 0.0 {
+            return None;
+        }
+        let within = |bound: f64| counted.iter().find(|(le, _)| *le == bound).map(|(_, n)| n / events);
+        Some(FromCommit {
+            events,
+            within_target: within(DELIVERY_TARGET_SECS)?,
+            p99_at_most_secs: counted.iter().find(|(le, n)| le.is_finite() && *n >= 0.99 * events).map(|(le, _)| *le),
+        })
+    }
+}
+
+/// The cumulative buckets of histogram `family` in Prometheus text, summed over
+/// its label sets (gavel's cores): `(le, count)`, by bound.
+fn buckets(text: &str, family: &str) -> Vec<(f64, f64)> {
+    let mut sums: Vec<(f64, f64)> = Vec::new();
+    let head = format!("{family}_bucket{{");
+    for line in text.lines().filter(|l| l.starts_with(&head)) {
+        let Some(le) = line.split("le=\"").nth(1).and_then(|rest| rest.split('"').next()) else { continue };
+        let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
+        let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        if le.is_nan() {
+            continue;
+        }
+        match sums.iter_mut().find(|(b, _)| *b == le) {
+            Some((_, sum)) => *sum += count,
+            None => sums.push((le, count)),
+        }
+    }
+    sums.sort_by(|a, b| a.0.total_cmp(&b.0));
+    sums
 }
 
 /// What every stream-reading thread shares: when to record and when to stop.
@@ -211,12 +294,14 @@ pub fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
 
     eprintln!("watch: {} bids/s for {:?} with every stream read", args.bid_rate, args.duration);
     let coalesced_before = scrape(args, "gavel_events_coalesced_total");
+    let delivered_before = scrape_buckets(args, DELIVERY_FAMILY);
     control.recording.store(true, Ordering::Release);
     let bids = storm(&target, &work, args.bid_connections, args.duration, Some(args.bid_rate), threads)?;
     // Late events of the last bids still count.
     std::thread::sleep(Duration::from_millis(500));
     control.recording.store(false, Ordering::Release);
     let coalesced_after = scrape(args, "gavel_events_coalesced_total");
+    let delivered_after = scrape_buckets(args, DELIVERY_FAMILY);
 
     eprintln!("watch: bid storm with the streams open ({:?})", args.storm);
     let with = Storm::of(&storm(&target, &work, args.storm_connections, args.storm, None, threads)?);
@@ -259,6 +344,7 @@ pub fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
             max: delivery.max() as f64,
         },
         coalesced: coalesced_before.zip(coalesced_after).map(|(b, a)| a - b),
+        from_commit: delivered_before.zip(delivered_after).and_then(|(b, a)| FromCommit::between(&b, &a)),
         streams_with_final_state: with_final,
         streams_lost: lost,
     })
@@ -274,6 +360,7 @@ impl WatchReport {
              bids while read: {:.0} requests/s, {:.0} accepted/s, answered in p50 {:.0}, p99 {:.0} us\n\
              events: {:.0}/s received, {} coalesced by the server\n\
              delivery from the bid's send (us): p50 {:.0}, p99 {:.0}, p99.9 {:.0}, max {:.0} ({} events)\n\
+             gavel's part, from the commit to the hand-off: {}\n\
              final state: {} of {} streams ({} lost)\n",
             self.streams,
             self.auctions,
@@ -295,6 +382,7 @@ impl WatchReport {
             self.delivery_us.p999,
             self.delivery_us.max,
             self.delivery_us.count,
+            self.from_commit.as_ref().map_or("- (no --metrics-url)".to_owned(), FromCommit::render),
             self.streams_with_final_state,
             self.streams,
             self.streams_lost,
@@ -350,6 +438,12 @@ fn storm(
     let outcome = engine::run(&plan, Arc::clone(work))?;
     let shape = crate::stats::Shape { scenario: "bid-storm".into(), rate, connections, threads: outcome.threads };
     Ok(Report::new(shape, &outcome.recorder, outcome.elapsed))
+}
+
+/// The buckets of histogram `family` at `--metrics-url`, if given and readable.
+fn scrape_buckets(args: &WatchArgs, family: &str) -> Option<Vec<(f64, f64)>> {
+    let url = args.metrics_url.as_deref()?;
+    Some(buckets(&crate::series::fetch_metrics(url).ok()?, family))
 }
 
 /// The sum of `family`'s samples at `--metrics-url`, if given and readable.
@@ -779,6 +873,33 @@ mod tests {
             assert_eq!(out, b"event: auction\nid: 7\ndata: {}\n\n", "split at {split}");
         }
         assert!(Dechunk::default().feed(b"0\r\n\r\n", &mut Vec::new()).is_err(), "the last chunk ends it");
+    }
+
+    #[test]
+    fn gavels_part_is_counted_between_two_scrapes_over_every_core() {
+        // Each core's cumulative counts within 25 ms, 50 ms, 100 ms and in all.
+        let scrape = |counts: [u64; 4]| {
+            let mut text = String::from("# TYPE gavel_event_delivery_seconds histogram\n");
+            for core in ["0", "1"] {
+                for (le, n) in ["0.025", "0.05", "0.1", "+Inf"].into_iter().zip(counts) {
+                    text += &format!("gavel_event_delivery_seconds_bucket{{core=\"{core}\",le=\"{le}\"}} {n}\n");
+                }
+                text += &format!("gavel_event_delivery_seconds_count{{core=\"{core}\"}} {}\n", counts[3]);
+            }
+            text += "gavel_events_sent_total{kind=\"auction\"} 7\n";
+            buckets(&text, DELIVERY_FAMILY)
+        };
+        let before = scrape([100, 110, 120, 120]);
+        assert_eq!(before, [(0.025, 200.0), (0.05, 220.0), (0.1, 240.0), (f64::INFINITY, 240.0)]);
+        // Between the scrapes, on each core: 1000 events, 985 within 25 ms, 995 within 50.
+        let part = FromCommit::between(&before, &scrape([1085, 1105, 1120, 1120])).unwrap();
+        assert_eq!(part.events, 2000.0);
+        assert_eq!(part.within_target, 0.995);
+        assert_eq!(part.p99_at_most_secs, Some(0.05), "98.5 % within 25 ms, 99.5 % within 50");
+        let late = FromCommit::between(&before, &scrape([1085, 1085, 1085, 1120])).unwrap();
+        assert_eq!(late.p99_at_most_secs, None, "3.5 % past the last finite bound");
+        assert_eq!(FromCommit::between(&before, &before), None, "nothing counted");
+        assert_eq!(FromCommit::between(&before, &before[1..]), None, "buckets that do not match");
     }
 
     #[test]

@@ -166,12 +166,15 @@ fn a_run_against_an_unseeded_server_says_to_seed_first() {
 
 /// `watch` opens its streams, delivers every auction's changes to them, and ends
 /// with each stream on its auction's final state: each stream on a connection of
-/// its own, and several to an HTTP/2 connection.
+/// its own, and several to an HTTP/2 connection; gavel's part of the delivery,
+/// from the commit, is read from its metrics.
 #[test]
 fn watch_holds_streams_that_follow_the_bids_to_the_final_state() {
     let gavel = start_gavel();
     gavel.seed(6);
     let url = gavel.url();
+    let admin = gavel.server.as_ref().and_then(|s| s.admin_addr()).expect("an admin listener");
+    let metrics = format!("http://{admin}/metrics");
     for per_connection in ["0", "8"] {
         let argv = [
             "gavel-loadtest",
@@ -200,12 +203,16 @@ fn watch_holds_streams_that_follow_the_bids_to_the_final_state() {
             per_connection,
             "--secret",
             SECRET,
+            "--metrics-url",
+            &metrics,
         ];
         let Command::Watch(args) = <Cli as clap::Parser>::parse_from(argv).command else { unreachable!() };
         let report = gavel_loadtest::watch::watch(&args).expect("the watch run succeeds");
         assert_eq!((report.streams, report.auctions), (30, 3));
         assert!(report.bids.accepted_per_sec > 0.0 && report.storm_without_streams.accepted_per_sec > 0.0);
         assert!(report.delivery_us.count > 0, "bids reached the streams ({per_connection}): {report:?}");
+        let from_commit = report.from_commit.as_ref().expect("gavel's part, read from its metrics");
+        assert!(from_commit.events > 0.0 && (0.0..=1.0).contains(&from_commit.within_target), "{from_commit:?}");
         assert_eq!(report.streams_lost, 0, "{per_connection}");
         assert_eq!(report.streams_with_final_state, 30, "every stream ends on its auction's final state");
     }
