@@ -18,7 +18,7 @@ use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
 use super::extract::{Caller, CallerProblems, Id, Params, QueryProblems};
 use crate::core::Core;
 use crate::db;
-use crate::events::{EventStream, Refused};
+use crate::events::{Connection, EventStream, Refused};
 
 /// Auctions one stream may watch.
 pub const MAX_STREAM_AUCTIONS: usize = 100;
@@ -51,8 +51,13 @@ pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
         (status = 404, description = "No such auction", body = Problem, content_type = PROBLEM_JSON),
     )
 )]
-async fn auction_events(State(core): State<Arc<Core>>, Id(id): Id, headers: HeaderMap) -> Result<Response> {
-    open(&core, &[id], last_event_id(&headers)).await.map(stream_response)
+async fn auction_events(
+    State(core): State<Arc<Core>>,
+    connection: Connection,
+    Id(id): Id,
+    headers: HeaderMap,
+) -> Result<Response> {
+    open(&core, &[id], last_event_id(&headers), connection).await.map(stream_response)
 }
 
 /// The version a reconnecting client says it has (`Last-Event-ID`). Anything but
@@ -84,9 +89,13 @@ struct Watch {
         (status = 404, description = "One of the auctions does not exist", body = Problem, content_type = PROBLEM_JSON),
     )
 )]
-async fn events(State(core): State<Arc<Core>>, Params(watch): Params<Watch>) -> Result<Response> {
+async fn events(
+    State(core): State<Arc<Core>>,
+    connection: Connection,
+    Params(watch): Params<Watch>,
+) -> Result<Response> {
     let ids = parse_ids(watch.auctions.as_deref().unwrap_or(""))?;
-    open(&core, &ids, None).await.map(stream_response)
+    open(&core, &ids, None, connection).await.map(stream_response)
 }
 
 /// The events that concern the caller alone.
@@ -143,7 +152,7 @@ fn parse_ids(list: &str) -> Result<Vec<i64>> {
 
 /// Opens a stream of `ids`, reading the states the hub does not hold from the
 /// cache, or else from the database.
-async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream> {
+async fn open(core: &Core, ids: &[i64], last: Option<i64>, connection: Connection) -> Result<EventStream> {
     let slot = reserve(core)?;
     let now = Utc::now();
     let mut wanted = core.events.unknown(ids, now);
@@ -180,7 +189,7 @@ async fn open(core: &Core, ids: &[i64], last: Option<i64>) -> Result<EventStream
         // auction may well exist, so not a 404.
         return Err(Error::Overloaded);
     }
-    core.events.subscribe(slot, ids, last).map_err(|_| Error::NotFound("no such auction"))
+    core.events.subscribe(slot, ids, last, connection).map_err(|_| Error::NotFound("no such auction"))
 }
 
 fn stream_response(stream: EventStream) -> Response {

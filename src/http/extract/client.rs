@@ -1,4 +1,5 @@
-//! The client's address, for the per-address log-in limit.
+//! The client's address, for the per-address log-in limit, and the connection
+//! a request came on.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -9,6 +10,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName};
 
 use crate::core::Core;
+use crate::events::Connection;
 
 /// The client's address: the last one in `--client-address-header` when that
 /// is set and the request carries it (the address the proxy in front saw),
@@ -23,6 +25,16 @@ impl FromRequestParts<Arc<Core>> for ClientAddr {
         let named = core.web.client_address_header.as_ref().and_then(|name| named_address(&parts.headers, name));
         let peer = || parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
         Ok(ClientAddr(named.or_else(peer)))
+    }
+}
+
+/// The connection a request came on, for the event streams it opens: its
+/// streams are woken together ([`Connection`]).
+impl<S: Sync> FromRequestParts<S> for Connection {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Connection::of(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)))
     }
 }
 
