@@ -493,7 +493,7 @@ impl Hub {
     /// Hands the newest state of queued topics to their watchers, topic by topic,
     /// until about `budget` events have gone out; returns how many did. The
     /// streams to wake are added to `to_wake`.
-    pub fn deliver(&self, budget: usize, to_wake: &mut ToWake) -> usize {
+    fn deliver(&self, budget: usize, to_wake: &mut ToWake) -> usize {
         let mut inner = self.lock();
         let mut delivered = 0;
         while delivered < budget {
@@ -511,7 +511,7 @@ impl Hub {
                     self.metrics.coalesced.increment(1);
                 }
                 if let Some(waker) = left.waker {
-                    to_wake.0.push((mailbox.connection, waker));
+                    to_wake.wakers.push((mailbox.connection, waker));
                 }
             }
             delivered += topic.watchers.len();
@@ -783,25 +783,45 @@ impl Connection {
 }
 
 /// The streams a delivery pass left events with, to wake once the pass has let
-/// go of the hub.
+/// go of the hub. A stream's waker is taken when an event is left with it, so
+/// whatever is not woken yet is woken on drop: no stream is left asleep.
 #[derive(Default)]
-pub struct ToWake(Vec<(Connection, Waker)>);
+struct ToWake {
+    wakers: Vec<(Connection, Waker)>,
+    /// Passes woken so far: each orders the connections differently, so that
+    /// none is always the last.
+    passes: u64,
+}
 
 impl ToWake {
+    /// Most streams of one connection woken without letting other tasks run.
+    const CONNECTION_SLICE: usize = 4 * WAKE_SLICE;
+
     /// Wakes them a connection at a time, letting the core's other tasks run
-    /// after each [`WAKE_SLICE`] or so.
+    /// after each [`WAKE_SLICE`] or so, and within a connection of more than
+    /// [`Self::CONNECTION_SLICE`] streams after each of those.
     async fn wake(&mut self) {
-        self.0.sort_unstable_by_key(|(connection, _)| *connection);
+        self.passes = self.passes.wrapping_add(1);
+        let order = self.passes.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.wakers.sort_unstable_by_key(|(connection, _)| connection.0 ^ order);
         let mut woken = 0;
         let mut last = None;
-        for (connection, waker) in self.0.drain(..) {
-            if woken >= WAKE_SLICE && last != Some(connection) {
+        while let Some((connection, waker)) = self.wakers.pop() {
+            if woken >= WAKE_SLICE && (last != Some(connection) || woken >= Self::CONNECTION_SLICE) {
                 tokio::task::yield_now().await;
                 woken = 0;
             }
             last = Some(connection);
             waker.wake();
             woken += 1;
+        }
+    }
+}
+
+impl Drop for ToWake {
+    fn drop(&mut self) {
+        for (_, waker) in self.wakers.drain(..) {
+            waker.wake();
         }
     }
 }
@@ -1346,7 +1366,8 @@ mod tests {
     }
 
     /// A pass's streams are woken a connection at a time, and the core's other
-    /// tasks run once a slice's worth has been woken, before the next connection.
+    /// tasks run once a slice's worth has been woken, before the next connection;
+    /// one connection's crowd is cut into slices too; a dropped pass wakes the rest.
     #[tokio::test]
     async fn a_pass_wakes_a_connection_at_a_time_and_lets_other_tasks_run_between_slices() {
         struct Record(Arc<Mutex<Vec<u64>>>, u64);
@@ -1356,23 +1377,51 @@ mod tests {
             }
         }
         let log = Arc::new(Mutex::new(Vec::new()));
+        let record = |c: u64| Waker::from(Arc::new(Record(log.clone(), c)));
+        // Whether another task runs while `to_wake` wakes, and where in the log.
+        let wake = |mut to_wake: ToWake| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().clear();
+                let other = tokio::spawn({
+                    let log = log.clone();
+                    async move { log.lock().unwrap().push(0) }
+                });
+                to_wake.wake().await;
+                other.await.unwrap();
+                assert!(to_wake.wakers.is_empty());
+                log.lock().unwrap().clone()
+            }
+        };
         // Three connections of just over half a slice each, arriving interleaved.
         let per = WAKE_SLICE / 2 + 1;
         let mut to_wake = ToWake::default();
         for _ in 0..per {
             for c in [3, 1, 2] {
-                to_wake.0.push((Connection(c), Waker::from(Arc::new(Record(log.clone(), c)))));
+                to_wake.wakers.push((Connection(c), record(c)));
             }
         }
-        let other = tokio::spawn({
-            let log = log.clone();
-            async move { log.lock().unwrap().push(0) }
-        });
-        to_wake.wake().await;
-        other.await.unwrap();
-        let expected: Vec<u64> = [vec![1; per], vec![2; per], vec![0], vec![3; per]].into_iter().flatten().collect();
-        assert_eq!(*log.lock().unwrap(), expected, "connections 1 and 2 fill a slice; the other task runs next");
-        assert!(to_wake.0.is_empty());
+        let woken = wake(to_wake).await;
+        assert_eq!(woken.len(), 3 * per + 1);
+        assert_eq!(woken[2 * per], 0, "two connections fill a slice, then the other task runs: {woken:?}");
+        let groups = [&woken[..per], &woken[per..2 * per], &woken[2 * per + 1..]];
+        assert!(groups.iter().all(|g| g.iter().all(|c| *c == g[0])), "a connection at a time: {woken:?}");
+        let mut connections: Vec<u64> = groups.iter().map(|g| g[0]).collect();
+        connections.sort();
+        assert_eq!(connections, [1, 2, 3]);
+
+        // One connection of more than a connection's slice.
+        let mut crowd = ToWake::default();
+        crowd.wakers.extend((0..ToWake::CONNECTION_SLICE + 1).map(|_| (Connection(5), record(5))));
+        let woken = wake(crowd).await;
+        assert_eq!(woken.iter().position(|c| *c == 0), Some(ToWake::CONNECTION_SLICE), "{woken:?}");
+
+        // Not woken by a pass: woken when dropped.
+        let mut dropped = ToWake::default();
+        dropped.wakers.push((Connection(7), record(7)));
+        log.lock().unwrap().clear();
+        drop(dropped);
+        assert_eq!(*log.lock().unwrap(), [7]);
     }
 
     #[test]
