@@ -82,12 +82,13 @@ const DELIVERY_PACE: Duration = Duration::from_millis(5);
 /// streams, each waited behind all of them. The pass wakes its streams a
 /// connection at a time, so that a connection's streams still share its write,
 /// and yields once at least this many are woken. 10,000 HTTP/2 streams over 100
-/// auctions at 2,000 bids/s (`gavel-loadtest watch --http2-streams 100`, three
+/// auctions at 2,000 bids/s (`gavel-loadtest watch --http2-streams 100`, five
 /// runs each, alternating, 2026-12-01, on a busy machine), against waking a
-/// whole pass at once: the bids answered in p50 7.5–9.7 ms against 10.8–12.0
-/// (p99 21–30 against 32–38), 139–158K events a second received against
-/// 112–136K, delivery p99 from the bid's send 72–90 ms against 90–110. A slice
-/// of 16 was no better (p50 7.4–8.8 ms, 101–139K events a second).
+/// whole pass at once: the bids answered in p50 7.5–9.8 ms against 10.7–12.0
+/// (p99 21–30 against 32–38); 137–158K events a second received against
+/// 112–142K and delivery p99 from the bid's send 72–91 ms against 83–115,
+/// ranges that overlap. A slice of 16 was no better (p50 7.4–8.8 ms, 101–139K
+/// events a second).
 const WAKE_SLICE: usize = 64;
 
 /// How a core renders an auction as JSON (the body of `GET /api/auctions/{id}`).
