@@ -570,10 +570,10 @@ impl Hub {
                 }
                 let started = tokio::time::Instant::now();
                 let delivered = self.deliver(tokens as usize, &mut to_wake);
-                to_wake.wake().await;
                 if delivered == 0 {
                     break;
                 }
+                to_wake.wake().await;
                 tokens = tokens.saturating_sub(delivered as i64);
                 if delivered >= PACED_PASS {
                     // The changes of the next few milliseconds go out together.

@@ -220,11 +220,22 @@ fn vm_rss(status: &str) -> Option<u64> {
 
 /// `process_resident_memory_bytes` from a Prometheus text exposition.
 fn resident_bytes(text: &str) -> Option<u64> {
-    let line = text
-        .lines()
-        .find(|l| l.strip_prefix("process_resident_memory_bytes").is_some_and(|rest| rest.starts_with([' ', '{'])))?;
-    let value = line.rsplit(' ').next()?.parse::<f64>().ok()?;
-    Some(value as u64)
+    samples(text, "process_resident_memory_bytes").next().map(|(_, value)| value as u64)
+}
+
+/// The samples of series `name` in a Prometheus text exposition: each one's
+/// labels (inside the braces; empty without) and value. A timestamp after the
+/// value is ignored, and so is a line whose value does not parse.
+pub fn samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    text.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(name)?;
+        let (labels, rest) = match rest.strip_prefix('{') {
+            Some(inner) => inner.rsplit_once('}')?,
+            None if rest.starts_with(' ') => ("", rest),
+            None => return None,
+        };
+        Some((labels, rest.split_whitespace().next()?.parse().ok()?))
+    })
 }
 
 /// A blocking `GET` with `connection: close`, once a second off the load threads:
@@ -366,6 +377,8 @@ mod tests {
         assert_eq!(resident_bytes(text), Some(35_651_584));
         assert_eq!(resident_bytes("process_resident_memory_bytes{job=\"g\"} 1.5e6\n"), Some(1_500_000));
         assert_eq!(resident_bytes("http_requests_total 5\n"), None);
+        assert_eq!(resident_bytes("process_resident_memory_bytes_total 5\n"), None, "another series");
+        assert_eq!(resident_bytes("process_resident_memory_bytes 2048 1700000000000\n"), Some(2048), "a timestamp");
         // Our own process is a server whose memory we can read.
         assert!(Rss::Pid(std::process::id()).read().unwrap() > 0);
     }

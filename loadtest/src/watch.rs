@@ -47,6 +47,7 @@ use tokio::task::LocalSet;
 
 use crate::http::{Target, parse_fields, write_request};
 use crate::scenario::{Lot, Workload};
+use crate::series::samples;
 use crate::stats::{Latency, Report};
 use crate::{Cli, Command, RunArgs, block_on_local, engine, setup};
 
@@ -168,24 +169,6 @@ pub struct FromCommit {
 }
 
 impl FromCommit {
-    fn render(&self) -> String {
-        let p99 = self.p99_at_most_secs.map_or("past the last bucket".to_owned(), |s| format!("within {} ms", s * 1e3));
-        format!(
-            "{:.2} % within {} ms, p99 {p99} ({:.0} events)",
-            self.within_target * 100.0,
-            DELIVERY_TARGET_SECS * 1e3,
-            self.events
-        )
-    }
-}
-
-/// The delivery time the watch scenario is held to: 50 ms from the commit.
-pub const DELIVERY_TARGET_SECS: f64 = 0.05;
-
-/// gavel's histogram of delivery from the commit.
-const DELIVERY_FAMILY: &str = "gavel_event_delivery_seconds";
-
-impl FromCommit {
     /// What was counted between two readings of the same histogram's buckets
     /// ([`buckets`]); `None` if nothing was, or the readings do not match.
     fn between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<FromCommit> {
@@ -204,18 +187,35 @@ impl FromCommit {
             p99_at_most_secs: counted.iter().find(|(le, n)| le.is_finite() && *n >= 0.99 * events).map(|(le, _)| *le),
         })
     }
+
+    fn render(&self) -> String {
+        let p99 = self.p99_at_most_secs.map_or("past the last bucket".to_owned(), |s| format!("within {} ms", s * 1e3));
+        format!(
+            "{:.2} % within {} ms, p99 {p99} ({:.0} events)",
+            self.within_target * 100.0,
+            DELIVERY_TARGET_SECS * 1e3,
+            self.events
+        )
+    }
 }
+
+/// The delivery time the watch scenario is held to: 50 ms from the commit.
+pub const DELIVERY_TARGET_SECS: f64 = 0.05;
+
+/// gavel's histogram of delivery from the commit.
+const DELIVERY_FAMILY: &str = "gavel_event_delivery_seconds";
+/// gavel's count of events replaced by newer ones for slow streams.
+const COALESCED: &str = "gavel_events_coalesced_total";
+/// The server's resident memory.
+const RSS: &str = "process_resident_memory_bytes";
 
 /// The cumulative buckets of histogram `family` in Prometheus text, summed over
 /// its label sets (gavel's cores): `(le, count)`, by bound.
 fn buckets(text: &str, family: &str) -> Vec<(f64, f64)> {
     let mut sums: Vec<(f64, f64)> = Vec::new();
-    let head = format!("{family}_bucket{{");
-    for line in text.lines().filter(|l| l.starts_with(&head)) {
-        let label = line.find("{le=\"").or_else(|| line.find(",le=\"")).map(|at| &line[at + 5..]);
-        let Some(le) = label.and_then(|rest| rest.split('"').next()) else { continue };
+    for (labels, count) in samples(text, &format!("{family}_bucket")) {
+        let Some(le) = labels.split(',').find_map(|l| l.strip_prefix("le=\"")?.strip_suffix('"')) else { continue };
         let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::NAN) };
-        let Some(count) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) else { continue };
         if le.is_nan() {
             continue;
         }
@@ -268,7 +268,7 @@ pub fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
     eprintln!("watch: bid storm without streams ({:?})", args.storm);
     let without = Storm::of(&storm(&target, &work, args.storm_connections, args.storm, None, threads)?);
 
-    let rss_before = scrape(args, "process_resident_memory_bytes");
+    let rss_before = scrape(args).and_then(|m| sum(&m, RSS));
     eprintln!("watch: opening {} streams on {} auctions", args.streams, lots.len());
     let control = Arc::new(Control {
         recording: AtomicBool::new(false),
@@ -291,18 +291,16 @@ pub fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
     }
     let streams_open_secs = opening.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_secs(1));
-    let rss_with = scrape(args, "process_resident_memory_bytes");
+    let rss_with = scrape(args).and_then(|m| sum(&m, RSS));
 
     eprintln!("watch: {} bids/s for {:?} with every stream read", args.bid_rate, args.duration);
-    let coalesced_before = scrape(args, "gavel_events_coalesced_total");
-    let delivered_before = scrape_buckets(args, DELIVERY_FAMILY);
+    let before = scrape(args);
     control.recording.store(true, Ordering::Release);
     let bids = storm(&target, &work, args.bid_connections, args.duration, Some(args.bid_rate), threads)?;
     // Late events of the last bids still count.
     std::thread::sleep(Duration::from_millis(500));
     control.recording.store(false, Ordering::Release);
-    let coalesced_after = scrape(args, "gavel_events_coalesced_total");
-    let delivered_after = scrape_buckets(args, DELIVERY_FAMILY);
+    let after = scrape(args);
 
     eprintln!("watch: bid storm with the streams open ({:?})", args.storm);
     let with = Storm::of(&storm(&target, &work, args.storm_connections, args.storm, None, threads)?);
@@ -344,8 +342,14 @@ pub fn watch(args: &WatchArgs) -> anyhow::Result<WatchReport> {
             p999: quantile(0.999),
             max: delivery.max() as f64,
         },
-        coalesced: coalesced_before.zip(coalesced_after).map(|(b, a)| a - b),
-        from_commit: delivered_before.zip(delivered_after).and_then(|(b, a)| FromCommit::between(&b, &a)),
+        coalesced: before
+            .as_deref()
+            .zip(after.as_deref())
+            .and_then(|(b, a)| Some(sum(a, COALESCED)? - sum(b, COALESCED)?)),
+        from_commit: before
+            .as_deref()
+            .zip(after.as_deref())
+            .and_then(|(b, a)| FromCommit::between(&buckets(b, DELIVERY_FAMILY), &buckets(a, DELIVERY_FAMILY))),
         streams_with_final_state: with_final,
         streams_lost: lost,
     })
@@ -444,26 +448,14 @@ fn storm(
     Ok(Report::new(shape, &outcome.recorder, outcome.elapsed))
 }
 
-/// The buckets of histogram `family` at `--metrics-url`, if given and readable.
-fn scrape_buckets(args: &WatchArgs, family: &str) -> Option<Vec<(f64, f64)>> {
-    let url = args.metrics_url.as_deref()?;
-    Some(buckets(&crate::series::fetch_metrics(url).ok()?, family))
+/// gavel's metrics at `--metrics-url`, if given and readable.
+fn scrape(args: &WatchArgs) -> Option<String> {
+    crate::series::fetch_metrics(args.metrics_url.as_deref()?).ok()
 }
 
-/// The sum of `family`'s samples at `--metrics-url`, if given and readable.
-fn scrape(args: &WatchArgs, family: &str) -> Option<f64> {
-    let url = args.metrics_url.as_deref()?;
-    let text = crate::series::fetch_metrics(url).ok()?;
-    let mut sum = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(family) else { continue };
-        if !(rest.starts_with(' ') || rest.starts_with('{')) {
-            continue;
-        }
-        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
-        *sum.get_or_insert(0.0) += value;
-    }
-    sum
+/// The sum of series `name`'s samples (over gavel's cores), if it has any.
+fn sum(text: &str, name: &str) -> Option<f64> {
+    samples(text, name).map(|(_, value)| value).reduce(|a, b| a + b)
 }
 
 async fn final_versions(target: &Target, lots: &[Lot]) -> anyhow::Result<BTreeMap<i64, i64>> {
@@ -893,6 +885,9 @@ mod tests {
                 text += &format!("gavel_event_delivery_seconds_count{{core=\"{core}\"}} {}\n", counts[3]);
             }
             text += "gavel_events_sent_total{kind=\"auction\"} 7\n";
+            // Bad lines: a bound that is no number, a value that is none.
+            text += "gavel_event_delivery_seconds_bucket{core=\"0\",le=\"soon\"} 5\n";
+            text += "gavel_event_delivery_seconds_bucket{core=\"0\",le=\"0.05\"} many\n";
             buckets(&text, DELIVERY_FAMILY)
         };
         let before = scrape([100, 110, 120, 120]);

@@ -23,8 +23,7 @@ impl FromRequestParts<Arc<Core>> for ClientAddr {
 
     async fn from_request_parts(parts: &mut Parts, core: &Arc<Core>) -> Result<Self, Infallible> {
         let named = core.web.client_address_header.as_ref().and_then(|name| named_address(&parts.headers, name));
-        let peer = || parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-        Ok(ClientAddr(named.or_else(peer)))
+        Ok(ClientAddr(named.or_else(|| peer(parts).map(|p| p.ip()))))
     }
 }
 
@@ -34,8 +33,14 @@ impl<S: Sync> FromRequestParts<S> for Connection {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        Ok(Connection::of(parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)))
+        Ok(Connection::of(peer(parts)))
     }
+}
+
+/// The connection's peer, as the server recorded it (none for a request that
+/// came on no connection).
+fn peer(parts: &Parts) -> Option<SocketAddr> {
+    parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 
 /// The last address in header `name` (of one or more, comma-separated, as in
