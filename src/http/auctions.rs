@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -154,7 +155,12 @@ async fn create_auction(
 
 /// `GET /api/auctions/{id}` when the core's live cache holds the auction (also
 /// answered before routing, by [`super::hot`]).
-pub(crate) fn cached_read(core: &Core, id: i64, now: DateTime<Utc>, tags: Option<&HeaderValue>) -> Option<Response> {
+pub(crate) fn cached_read<B: From<Bytes> + Default>(
+    core: &Core,
+    id: i64,
+    now: DateTime<Utc>,
+    tags: Option<&HeaderValue>,
+) -> Option<axum::http::Response<B>> {
     core.caches.auction_view(id, now, auction_view).map(|view| respond::cached(view, tags))
 }
 

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
@@ -14,6 +13,7 @@ use utoipa::IntoParams;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::body::Handoff;
 use super::error::{Error, PROBLEM_JSON, Problem, Result, ServerProblems};
 use super::extract::{Caller, CallerProblems, Id, Params, QueryProblems};
 use crate::core::Core;
@@ -192,8 +192,10 @@ async fn open(core: &Core, ids: &[i64], last: Option<i64>, connection: Connectio
     core.events.subscribe(slot, ids, last, connection).map_err(|_| Error::NotFound("no such auction"))
 }
 
+/// The stream goes out as the response's body: handed over past the router's
+/// layers, so that it is polled without a box around it (see [`super::body`]).
 fn stream_response(stream: EventStream) -> Response {
-    let mut response = Response::new(Body::new(stream));
+    let mut response = Handoff::response(stream);
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

@@ -30,11 +30,11 @@ use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use bytes::Bytes;
 use chrono::Utc;
-use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 use tower::Service;
 
 use super::activity::{Activity, OpenStream};
+use super::body::{AppBody, Handoff};
 use super::per_request::Outgoing;
 use super::{auctions, inventory, request_id};
 use crate::core::Core;
@@ -97,7 +97,7 @@ impl App {
     }
 
     /// The cache's answer to `request`, if it is a hot read of a cached row.
-    fn answer<B>(&self, request: &Request<B>) -> Option<Response> {
+    fn answer<B>(&self, request: &Request<B>) -> Option<Response<AppBody>> {
         // A browser's cross-origin read needs the CORS layer's headers.
         if !self.core.web.cors_origins.is_empty() && request.headers().contains_key(header::ORIGIN) {
             return None;
@@ -121,7 +121,7 @@ where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
 {
-    type Response = Response;
+    type Response = Response<AppBody>;
     type Error = Infallible;
     type Future = Answer;
 
@@ -144,7 +144,7 @@ where
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<axum::BoxError>,
 {
-    type Response = Response;
+    type Response = Response<AppBody>;
     type Error = Infallible;
     type Future = Answer;
 
@@ -188,25 +188,27 @@ pin_project! {
 pin_project! {
     #[project = WayProj]
     enum Way {
-        Hot { response: Option<Response> },
+        Hot { response: Option<Response<AppBody>> },
         Routed { #[pin] inner: RouteFuture<Infallible> },
     }
 }
 
 impl Future for Answer {
-    type Output = Result<Response, Infallible>;
+    type Output = Result<Response<AppBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = match this.way.project() {
             WayProj::Hot { response } => response.take().unwrap_or_default(),
-            WayProj::Routed { inner } => std::task::ready!(inner.poll(cx))?,
+            WayProj::Routed { inner } => {
+                let mut response = std::task::ready!(inner.poll(cx))?;
+                let handoff = response.extensions_mut().remove::<Handoff>();
+                response.map(|body| AppBody::routed(body, handoff))
+            }
         };
-        Poll::Ready(Ok(match this.open.take() {
-            // The stream stays open as long as its body: the guard goes with it.
-            Some(open) => response.map(|body| Body::new(body.map_frame(move |frame| (&open, frame).1))),
-            None => response,
-        }))
+        // The stream stays open as long as its body: the guard goes with it.
+        let open = this.open.take();
+        Poll::Ready(Ok(response.map(|body| body.counted(open))))
     }
 }
 

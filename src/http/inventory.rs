@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -111,7 +112,12 @@ async fn put_item(
 
 /// `GET /api/inventory/{sku}` when the core's live cache holds the sku (also
 /// answered before routing, by [`super::hot`]).
-pub(crate) fn cached_read(core: &Core, sku: &str, now: DateTime<Utc>, tags: Option<&HeaderValue>) -> Option<Response> {
+pub(crate) fn cached_read<B: From<Bytes> + Default>(
+    core: &Core,
+    sku: &str,
+    now: DateTime<Utc>,
+    tags: Option<&HeaderValue>,
+) -> Option<axum::http::Response<B>> {
     core.caches.item_view(sku, now, item_view).map(|view| respond::cached(view, tags))
 }
 

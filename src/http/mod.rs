@@ -2,6 +2,7 @@
 //! document the same `#[utoipa::path]` attributes generate (see [`openapi`]).
 
 pub mod activity;
+pub mod body;
 pub mod error;
 pub mod extract;
 pub mod hot;

@@ -101,7 +101,7 @@ pub(super) struct Outgoing {
 
 impl Outgoing {
     /// Echoes the request id and records the request's metrics.
-    pub fn finish(self, response: &mut Response) {
+    pub fn finish<B>(self, response: &mut axum::http::Response<B>) {
         response.headers_mut().insert(request_id::HEADER, self.id);
         self.in_flight.answered(response.status().as_u16());
     }

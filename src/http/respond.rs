@@ -83,12 +83,12 @@ pub fn view<T: Serialize + ?Sized>(value: &T, version: i64, fresh_until: DateTim
 /// The answer to a read of `view`: 304 with no body when `If-None-Match` names
 /// its ETag, else 200 with the body. Either way with the ETag and
 /// [`CACHED_READ`].
-pub fn cached(view: View, if_none_match: Option<&HeaderValue>) -> Response {
+pub fn cached<B: From<Bytes> + Default>(view: View, if_none_match: Option<&HeaderValue>) -> axum::http::Response<B> {
     let (status, body) = match if_none_match {
-        Some(tags) if names(tags, &view.etag) => (StatusCode::NOT_MODIFIED, Body::empty()),
-        _ => (StatusCode::OK, Body::from(view.body)),
+        Some(tags) if names(tags, &view.etag) => (StatusCode::NOT_MODIFIED, B::default()),
+        _ => (StatusCode::OK, B::from(view.body)),
     };
-    let mut response = Response::new(body);
+    let mut response = axum::http::Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     if status == StatusCode::OK {
@@ -135,12 +135,12 @@ mod tests {
     #[test]
     fn a_matching_tag_gets_304_without_a_body() {
         let v = view(&serde_json::json!({"a": 1}), 3, DateTime::<Utc>::MAX_UTC);
-        let hit = cached(v.clone(), Some(&HeaderValue::from_static("\"3\"")));
+        let hit: Response = cached(v.clone(), Some(&HeaderValue::from_static("\"3\"")));
         assert_eq!(hit.status(), StatusCode::NOT_MODIFIED);
         assert_eq!(hit.headers()[header::ETAG], "\"3\"");
         assert_eq!(hit.headers()[header::CACHE_CONTROL], "no-cache");
         assert!(hit.headers().get(header::CONTENT_TYPE).is_none());
-        let miss = cached(v, Some(&HeaderValue::from_static("\"2\"")));
+        let miss: Response = cached(v, Some(&HeaderValue::from_static("\"2\"")));
         assert_eq!(miss.status(), StatusCode::OK);
         assert_eq!(miss.headers()[header::CONTENT_TYPE], APPLICATION_JSON);
     }
