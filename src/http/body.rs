@@ -135,6 +135,15 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+    use crate::events::{Hub, StreamLimits};
+
+    /// A hub with one personal stream open, and that stream's response.
+    fn handed_over() -> (Arc<Hub>, Response) {
+        let hub = Arc::new(Hub::new(StreamLimits::default(), |_, _| Vec::new(), crate::metrics::StreamMetrics::new(0)));
+        let session = crate::auth::Session { id: uuid::Uuid::new_v4(), epoch: 0, expires: u64::MAX };
+        let response = Handoff::response(hub.subscribe_account(hub.reserve().unwrap(), 1, session));
+        (hub, response)
+    }
 
     #[tokio::test]
     async fn a_whole_body_is_one_frame_of_its_exact_size() {
@@ -151,10 +160,7 @@ mod tests {
     /// The stream reaches the body past the layers, and they never see a length.
     #[test]
     fn a_handed_over_stream_is_the_body_and_its_placeholder_has_no_length() {
-        use crate::events::{Hub, StreamLimits};
-        let hub = Arc::new(Hub::new(StreamLimits::default(), |_, _| Vec::new(), crate::metrics::StreamMetrics::new(0)));
-        let session = crate::auth::Session { id: uuid::Uuid::new_v4(), epoch: 0, expires: u64::MAX };
-        let mut response = Handoff::response(hub.subscribe_account(hub.reserve().unwrap(), 1, session));
+        let (hub, mut response) = handed_over();
         assert_eq!(response.body().size_hint().exact(), None);
         let handoff = response.extensions_mut().remove::<Handoff>();
         let (_, placeholder) = response.into_parts();
@@ -163,6 +169,19 @@ mod tests {
         assert_eq!(hub.open_streams(), 1);
         drop(body);
         assert_eq!(hub.open_streams(), 0, "dropping the body leaves the hub");
+    }
+
+    /// A response that never reaches the connection's service (an error on
+    /// the way, the client gone) still lets its stream go.
+    #[test]
+    fn a_stream_never_taken_leaves_the_hub_with_its_response() {
+        let (hub, response) = handed_over();
+        let copy = response.extensions().get::<Handoff>().cloned();
+        assert_eq!(hub.open_streams(), 1);
+        drop(response);
+        assert_eq!(hub.open_streams(), 1, "a copy of the handoff still holds it");
+        drop(copy);
+        assert_eq!(hub.open_streams(), 0, "the last handoff dropped, the stream is gone");
     }
 
     #[tokio::test]
