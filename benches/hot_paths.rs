@@ -252,9 +252,9 @@ fn cache(c: &mut Criterion) {
     let render = |a: &gavel::domain::auction::Auction, _| View {
         body: a.title.clone().into(),
         etag: HeaderValue::from_static("\"2\""),
-        fresh_until: DateTime::<Utc>::MAX_UTC,
+        fresh_until: DateTime::<Utc>::MAX_UTC.into(),
     };
-    let now = Utc::now();
+    let now = std::time::SystemTime::now();
     assert!(caches.auction_view(id, now, render).is_some());
 
     let mut group = c.benchmark_group("cache");

@@ -2,6 +2,7 @@
 
 use sqlx::PgPool;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -158,7 +159,7 @@ async fn create_auction(
 pub(crate) fn cached_read<B: From<Bytes> + Default>(
     core: &Core,
     id: i64,
-    now: DateTime<Utc>,
+    now: SystemTime,
     tags: Option<&HeaderValue>,
 ) -> Option<axum::http::Response<B>> {
     core.caches.auction_view(id, now, auction_view).map(|view| respond::cached(view, tags))
@@ -190,7 +191,7 @@ async fn get_auction(
     Params(q): Params<ReadQuery>,
     IfNoneMatch(tags): IfNoneMatch,
 ) -> Result<Response> {
-    let now = Utc::now();
+    let now = SystemTime::now();
     if !q.consistent
         && let Some(response) = cached_read(&core, id, now, tags.as_ref())
     {
@@ -206,7 +207,7 @@ async fn get_auction(
         }
     };
     let auction = found.ok_or(Error::NotFound("no such auction"))?;
-    let view = auction_view(&auction, now);
+    let view = auction_view(&auction, now.into());
     // The caches hold what the primary says, never a replica's copy.
     if source == ReadSource::Primary {
         core.caches.apply_auction(auction);

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use axum::Router;
 use axum::body::{Body, HttpBody};
@@ -29,7 +29,6 @@ use axum::http::{Method, header};
 use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use bytes::Bytes;
-use chrono::Utc;
 use pin_project_lite::pin_project;
 use tower::Service;
 
@@ -105,7 +104,7 @@ impl App {
         let hot = classify(request)?;
         let started = Instant::now();
         let tags = request.headers().get(header::IF_NONE_MATCH);
-        let now = Utc::now();
+        let now = SystemTime::now();
         let (route, mut response) = match hot {
             Hot::Auction(id) => (AUCTION, auctions::cached_read(&self.core, id, now, tags)?),
             Hot::Item(sku) => (ITEM, inventory::cached_read(&self.core, sku, now, tags)?),

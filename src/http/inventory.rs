@@ -3,6 +3,7 @@
 
 use sqlx::PgPool;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
@@ -115,7 +116,7 @@ async fn put_item(
 pub(crate) fn cached_read<B: From<Bytes> + Default>(
     core: &Core,
     sku: &str,
-    now: DateTime<Utc>,
+    now: SystemTime,
     tags: Option<&HeaderValue>,
 ) -> Option<axum::http::Response<B>> {
     core.caches.item_view(sku, now, item_view).map(|view| respond::cached(view, tags))
@@ -149,7 +150,7 @@ async fn get_item(
     Params(q): Params<ReadQuery>,
     IfNoneMatch(tags): IfNoneMatch,
 ) -> Result<Response> {
-    let now = Utc::now();
+    let now = SystemTime::now();
     if !q.consistent
         && let Some(response) = cached_read(&core, &sku, now, tags.as_ref())
     {
@@ -159,7 +160,7 @@ async fn get_item(
         return Err(Error::NotFound("no such sku"));
     }
     let item = db::inventory::get(&core.pool(), &sku).await?.ok_or(Error::NotFound("no such sku"))?;
-    let view = item_view(&item, now);
+    let view = item_view(&item, now.into());
     core.caches.apply_item(item);
     Ok(respond::cached(view, tags.as_ref()))
 }

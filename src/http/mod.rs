@@ -103,14 +103,9 @@ fn cors(web: &crate::core::Web) -> Option<tower_http::cors::CorsLayer> {
                 header::IF_NONE_MATCH,
                 HeaderName::from_static("idempotency-key"),
                 HeaderName::from_static("last-event-id"),
-                HeaderName::from_static("x-request-id"),
+                request_id::HEADER,
             ])
-            .expose_headers([
-                header::ETAG,
-                header::RETRY_AFTER,
-                header::LOCATION,
-                HeaderName::from_static("x-request-id"),
-            ])
+            .expose_headers([header::ETAG, header::RETRY_AFTER, header::LOCATION, request_id::HEADER])
             .max_age(PREFLIGHT_MAX_AGE),
     )
 }

@@ -77,7 +77,7 @@ pub fn with_etag(mut response: Response, version: i64) -> Response {
 pub fn view<T: Serialize + ?Sized>(value: &T, version: i64, fresh_until: DateTime<Utc>) -> View {
     // Kept as long as the row is cached: trimmed to its length, since the
     // serialiser's buffer grows by doubling (a 300-byte auction sat in 512).
-    View { body: to_vec(value).into_boxed_slice().into(), etag: etag(version), fresh_until }
+    View { body: to_vec(value).into_boxed_slice().into(), etag: etag(version), fresh_until: fresh_until.into() }
 }
 
 /// The answer to a read of `view`: 304 with no body when `If-None-Match` names
