@@ -40,6 +40,7 @@ pub const EVENTS_COALESCED_TOTAL: &str = "gavel_events_coalesced_total";
 pub const EVENT_DELIVERY_SECONDS: &str = "gavel_event_delivery_seconds";
 pub const EVENT_BUDGET_SHARE: &str = "gavel_event_budget_share";
 pub const RATE_LIMITED_TOTAL: &str = "gavel_rate_limited_total";
+pub const HTTP1_HANDOFFS_TOTAL: &str = "gavel_http1_handoffs_total";
 pub const LIFECYCLE_LEADER: &str = "gavel_lifecycle_leader";
 pub const REPLICA_LAG_SECONDS: &str = "gavel_replica_lag_seconds";
 pub const REPLICA_USABLE: &str = "gavel_replica_usable";
@@ -340,6 +341,10 @@ fn describe() {
         "The part of --stream-events-per-sec a core may hand out, as of its last delivery: below 1 while bids back up on it"
     );
     describe_counter!(RATE_LIMITED_TOTAL, "Requests refused with 429, by the limit they hit");
+    describe_counter!(
+        HTTP1_HANDOFFS_TOTAL,
+        "HTTP/1.1 connections handed to hyper at their first request other than a cached read"
+    );
     describe_gauge!(
         LIFECYCLE_LEADER,
         "1 while this instance runs the auction lifecycle (of all instances sharing its database, one does)"
@@ -397,6 +402,7 @@ struct CoreMetrics {
     bids: Vec<Counter>,
     orders: Vec<Counter>,
     rate_limited: Vec<Counter>,
+    handoffs: Counter,
     queries: Vec<Histogram>,
     bid_batch: Histogram,
     bid_in_flight: Histogram,
@@ -419,6 +425,7 @@ pub fn init_core(core: usize) {
         bids: BidOutcome::ALL.iter().map(|o| per_core(BIDS_TOTAL, "outcome", o.label())).collect(),
         orders: OrderOutcome::ALL.iter().map(|o| per_core(ORDERS_TOTAL, "outcome", o.label())).collect(),
         rate_limited: RateLimit::ALL.iter().map(|l| per_core(RATE_LIMITED_TOTAL, "limit", l.label())).collect(),
+        handoffs: metrics::counter!(HTTP1_HANDOFFS_TOTAL, "core" => label.clone()),
         queries: Query::ALL
             .iter()
             .map(|q| metrics::histogram!(DB_QUERY_DURATION_SECONDS, "core" => label.clone(), "query" => q.label()))
@@ -547,6 +554,11 @@ fn new_route(c: &mut CoreMetrics, route: &str, method: &'static str) -> usize {
 
 pub fn bid(outcome: BidOutcome) {
     with_core(|c| c.bids[outcome as usize].increment(1));
+}
+
+/// An HTTP/1.1 connection went from gavel's own reader to hyper.
+pub fn handed_to_hyper() {
+    with_core(|c| c.handoffs.increment(1));
 }
 
 /// A request was refused by `limit`.

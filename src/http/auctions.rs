@@ -162,7 +162,12 @@ pub(crate) fn cached_read<B: From<Bytes> + Default>(
     now: SystemTime,
     tags: Option<&HeaderValue>,
 ) -> Option<axum::http::Response<B>> {
-    core.caches.auction_view(id, now, auction_view).map(|view| respond::cached(view, tags))
+    cached_view(core, id, now).map(|view| respond::cached(view, tags))
+}
+
+/// The cached auction's rendered read, if the core's live cache holds it.
+pub(crate) fn cached_view(core: &Core, id: i64, now: SystemTime) -> Option<View> {
+    core.caches.auction_view(id, now, auction_view)
 }
 
 /// An auction.

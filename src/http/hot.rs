@@ -5,6 +5,8 @@
 //! answers on a cache hit (the same function builds it), with the request id,
 //! the route's metrics and nothing else. Anything else — a query string, a miss,
 //! another method, a path that needs decoding — goes to the router untouched.
+//! [`App::answer_raw`] answers the same reads as bytes, for an HTTP/1.1
+//! connection gavel reads before hyper does (`runtime::fast`).
 //!
 //! Why: with the rendered views, what was left of a cached read's own cost was
 //! mostly axum's routing and extraction (perf, `loadtest/compare` reads: router
@@ -35,7 +37,8 @@ use tower::Service;
 use super::activity::{Activity, OpenStream};
 use super::body::{AppBody, Handoff};
 use super::per_request::Outgoing;
-use super::{auctions, inventory, request_id};
+use super::{auctions, inventory, request_id, respond};
+use crate::cache::View;
 use crate::core::Core;
 use crate::domain::stock::valid_sku;
 use crate::metrics::{InFlight, Route};
@@ -56,7 +59,11 @@ fn classify<B>(request: &Request<B>) -> Option<Hot<'_>> {
     if request.method() != Method::GET || request.uri().query().is_some() {
         return None;
     }
-    let path = request.uri().path();
+    classify_path(request.uri().path())
+}
+
+/// Which hot read a GET of `path` (no query) is.
+fn classify_path(path: &str) -> Option<Hot<'_>> {
     if let Some(id) = path.strip_prefix("/api/auctions/") {
         // Digits only: a sign, a space or an encoded byte goes to the router.
         if !id.is_empty() && id.len() <= 18 && id.bytes().all(|b| b.is_ascii_digit()) {
@@ -66,6 +73,40 @@ fn classify<B>(request: &Request<B>) -> Option<Hot<'_>> {
     }
     // A valid sku has nothing to decode (no '%').
     path.strip_prefix("/api/inventory/").filter(|sku| valid_sku(sku)).map(Hot::Item)
+}
+
+/// What [`App::answer_raw`] made of a request.
+pub enum Raw {
+    /// Its answer is written.
+    Answered,
+    /// A hot read the cache could not answer (a miss, a cache not live): for
+    /// the router, which reads the database, as [`App::call_whole`].
+    Routed(Box<Request<Body>>),
+    /// Anything else: for hyper.
+    Other,
+}
+
+/// A hot read for the router, as hyper would have made it of the same head.
+fn routed(path: &str, headers: &[httparse::Header<'_>]) -> Raw {
+    let mut request = Request::get(path);
+    for h in headers {
+        request = request.header(h.name, h.value);
+    }
+    request.body(Body::empty()).map_or(Raw::Other, |r| Raw::Routed(Box::new(r)))
+}
+
+/// Whether a header leaves a GET in the form [`App::answer_raw`] answers: no
+/// body, no connection management (a `close`, an upgrade), no expectation,
+/// and no cross-origin read when CORS is on (its layer adds headers).
+fn plain_header(name: &[u8], value: &[u8], cors: bool) -> bool {
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    if is("content-length") {
+        return value.trim_ascii() == b"0";
+    }
+    if is("connection") {
+        return value.trim_ascii().eq_ignore_ascii_case(b"keep-alive");
+    }
+    !(is("transfer-encoding") || is("upgrade") || is("expect") || (cors && is("origin")))
 }
 
 /// The whole public API of one core: the hot reads, then the router.
@@ -103,15 +144,58 @@ impl App {
         }
         let hot = classify(request)?;
         let started = Instant::now();
-        let tags = request.headers().get(header::IF_NONE_MATCH);
-        let now = SystemTime::now();
-        let (route, mut response) = match hot {
-            Hot::Auction(id) => (AUCTION, auctions::cached_read(&self.core, id, now, tags)?),
-            Hot::Item(sku) => (ITEM, inventory::cached_read(&self.core, sku, now, tags)?),
-        };
+        let (route, view) = self.view(hot, SystemTime::now())?;
+        let mut response = respond::cached(view, request.headers().get(header::IF_NONE_MATCH));
         let in_flight = InFlight::start(Route::Template(route), "GET", started);
         Outgoing { id: request_id::of(request.headers()), in_flight }.finish(&mut response);
         Some(response)
+    }
+
+    /// Answers `request`, as parsed off an HTTP/1.1 connection, into `out` if it
+    /// is a hot read of a cached row that nothing in its headers takes out of
+    /// the plainest form. The answer is byte for byte what hyper writes for
+    /// [`App::answer`]'s response, and it counts in the same metrics. A hot
+    /// read the cache cannot answer comes back as a request for the router; a
+    /// request of any other kind goes to hyper unread, with everything after
+    /// it: see `runtime::fast`.
+    pub fn answer_raw(&self, request: &httparse::Request<'_, '_>, out: &mut Vec<u8>) -> Raw {
+        if request.method != Some("GET") || request.version != Some(1) {
+            return Raw::Other;
+        }
+        let Some((path, hot)) = request.path.and_then(|p| Some((p, classify_path(p)?))) else { return Raw::Other };
+        let (mut tags, mut id) = (None, None);
+        for h in request.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"if-none-match") {
+                tags.get_or_insert(h.value);
+            } else if name.eq_ignore_ascii_case(request_id::HEADER.as_str().as_bytes()) {
+                id.get_or_insert(h.value);
+            } else if !plain_header(name, h.value, !self.core.web.cors_origins.is_empty()) {
+                return Raw::Other;
+            }
+        }
+        let started = Instant::now();
+        let now = SystemTime::now();
+        let Some((route, view)) = self.view(hot, now) else { return routed(path, request.headers) };
+        let in_flight = InFlight::start(Route::Template(route), "GET", started);
+        let not_modified = tags.is_some_and(|t| respond::names_raw(t, &view.etag));
+        respond::write_cached(out, &view, not_modified, now, |out| request_id::write_raw(id, out));
+        in_flight.answered(if not_modified { 304 } else { 200 });
+        Raw::Answered
+    }
+
+    /// Answers `request` as any request is answered (the hot reads, then the
+    /// router), as one whole response.
+    pub fn call_whole(&self, request: Request<Body>) -> Answer {
+        self.serve(request)
+    }
+
+    /// The cached view `hot` reads, and its route's label, if the cache holds it.
+    fn view(&self, hot: Hot<'_>, now: SystemTime) -> Option<(&'static str, View)> {
+        match hot {
+            Hot::Auction(id) => Some((AUCTION, auctions::cached_view(&self.core, id, now)?)),
+            Hot::Item(sku) => Some((ITEM, inventory::cached_view(&self.core, sku, now)?)),
+        }
     }
 }
 
@@ -242,6 +326,25 @@ mod tests {
         }
         let head = Request::head("/api/auctions/42").body(()).unwrap();
         assert_eq!(classify(&head), None, "HEAD goes to the router");
+    }
+
+    #[test]
+    fn only_plain_heads_stay_off_hyper() {
+        for (name, value) in [("content-length", "0"), ("Connection", "Keep-Alive"), ("accept", "*/*"), ("origin", "x")]
+        {
+            assert!(plain_header(name.as_bytes(), value.as_bytes(), false), "{name}: {value}");
+        }
+        for (name, value) in [
+            ("content-length", "2"),
+            ("connection", "close"),
+            ("connection", "upgrade"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("expect", "100-continue"),
+        ] {
+            assert!(!plain_header(name.as_bytes(), value.as_bytes(), false), "{name}: {value}");
+        }
+        assert!(!plain_header(b"Origin", b"https://shop.example", true), "CORS adds headers");
     }
 
     /// The labels the hot reads record are the router's own route templates, so a

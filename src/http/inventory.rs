@@ -119,7 +119,12 @@ pub(crate) fn cached_read<B: From<Bytes> + Default>(
     now: SystemTime,
     tags: Option<&HeaderValue>,
 ) -> Option<axum::http::Response<B>> {
-    core.caches.item_view(sku, now, item_view).map(|view| respond::cached(view, tags))
+    cached_view(core, sku, now).map(|view| respond::cached(view, tags))
+}
+
+/// The cached sku's rendered read, if the core's live cache holds it.
+pub(crate) fn cached_view(core: &Core, sku: &str, now: SystemTime) -> Option<View> {
+    core.caches.item_view(sku, now, item_view)
 }
 
 /// A sku's stock.

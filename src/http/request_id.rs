@@ -54,20 +54,33 @@ fn hex(n: u64, width: usize, out: &mut [u8]) -> usize {
 /// `<8 hex digits: boot and core>-<hex counter>`. Written by hand: `format!`
 /// was among the read path's visible costs (perf, `loadtest/compare` reads).
 fn generate() -> HeaderValue {
+    let mut buf = [0u8; MADE_LEN];
+    let len = generate_into(&mut buf);
+    // Hex digits and a dash only, so the value is always a valid header.
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Longest id this core makes.
+const MADE_LEN: usize = PREFIX + 16;
+
+/// Writes a new id at the start of `buf`; returns its length.
+fn generate_into(buf: &mut [u8; MADE_LEN]) -> usize {
     let (prefix, n) = NEXT.with(|c| {
         let (prefix, n) = c.get();
         c.set((prefix, n.wrapping_add(1)));
         (prefix, n)
     });
-    let mut buf = [0u8; PREFIX + 16];
     buf[..PREFIX].copy_from_slice(&prefix);
-    let len = PREFIX + hex(n, 1, &mut buf[PREFIX..]);
-    // Hex digits and a dash only, so the value is always a valid header.
-    HeaderValue::from_bytes(&buf[..len]).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    PREFIX + hex(n, 1, &mut buf[PREFIX..])
 }
 
 fn acceptable(value: &HeaderValue) -> bool {
-    let bytes = value.as_bytes();
+    sane(value.as_bytes())
+}
+
+/// Whether a client's id may be echoed: visible ASCII, 1 to [`MAX_LEN`] bytes
+/// (so it can never end or split a header line).
+fn sane(bytes: &[u8]) -> bool {
     !bytes.is_empty() && bytes.len() <= MAX_LEN && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
@@ -76,6 +89,19 @@ pub fn of(headers: &HeaderMap) -> HeaderValue {
     match headers.get(&HEADER) {
         Some(v) if acceptable(v) => v.clone(),
         _ => generate(),
+    }
+}
+
+/// Appends the request's id to `out`, for a request whose `x-request-id`
+/// (if any) is `sent`: the same choice as [`of`], without making a header value.
+pub fn write_raw(sent: Option<&[u8]>, out: &mut Vec<u8>) {
+    match sent {
+        Some(id) if sane(id) => out.extend_from_slice(id),
+        _ => {
+            let mut buf = [0u8; MADE_LEN];
+            let len = generate_into(&mut buf);
+            out.extend_from_slice(&buf[..len]);
+        }
     }
 }
 
@@ -119,6 +145,21 @@ mod tests {
             let mut buf = [0u8; 16];
             let len = hex(n, width, &mut buf);
             assert_eq!(std::str::from_utf8(&buf[..len]).unwrap(), format!("{n:0width$x}"));
+        }
+    }
+
+    #[test]
+    fn a_raw_id_is_the_clients_when_sane_else_a_new_one() {
+        init_core(4);
+        let mut out = Vec::new();
+        write_raw(Some(b"client-9"), &mut out);
+        assert_eq!(out, b"client-9");
+        for sent in [None, Some(&b"has space"[..]), Some(&b""[..])] {
+            out.clear();
+            write_raw(sent, &mut out);
+            let made = std::str::from_utf8(&out).unwrap();
+            let (prefix, _) = made.split_once('-').unwrap();
+            assert!(prefix.len() == 8 && prefix.ends_with("04"), "{made}");
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use sqlx::postgres::PgConnectOptions;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -29,7 +29,8 @@ use crate::metrics::{self, BidWait, CoreGauges, StreamMetrics};
 use crate::storage;
 use crate::throttle::Throttles;
 
-use super::deadlines::Deadlines;
+use super::deadlines::{ConnTimer, Deadlines};
+use super::fast::Ended;
 
 /// How long a core waits for its first database connection before giving up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -351,14 +352,14 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
             tracing::debug!(error = %e, "cannot set SO_SNDBUF");
         }
         let app = app.for_peer(peer);
+        let (http, timer) = (http.clone(), deadlines.timer());
+        let (within, watcher, closing) = (config.header_read_timeout, graceful.watcher(), shutdown.clone());
         let Some(http2) = &http2 else {
-            let connection = http.clone().timer(deadlines.timer()).serve_connection(TokioIo::new(stream), app);
-            spawn_connection(graceful.watch(connection), permit);
+            spawn_connection(serve_http1(stream, app, http, timer, watcher, within, closing), permit);
             continue;
         };
         // Told apart on the connection's own task, so that accepting goes on.
-        let (mut http, http2, timer) = (http.clone(), http2.clone(), deadlines.timer());
-        let (within, watcher, closing) = (config.header_read_timeout, graceful.watcher(), shutdown.clone());
+        let http2 = http2.clone();
         tokio::spawn(async move {
             match speaks_http2(&stream, within).await {
                 Some(true) => {
@@ -368,8 +369,7 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
                     spawn_connection(serve_http2(connection, activity, within, closing), permit)
                 }
                 Some(false) => {
-                    let connection = http.timer(timer).serve_connection(TokioIo::new(stream), app);
-                    spawn_connection(watcher.watch(connection), permit);
+                    spawn_connection(serve_http1(stream, app, http, timer, watcher, within, closing), permit)
                 }
                 None => drop(permit),
             }
@@ -390,6 +390,33 @@ async fn serve(listener: TcpListener, app: http::hot::App, config: &Serve, mut s
         }
     }
     sweep.abort();
+}
+
+/// Serves an HTTP/1.1 connection: its hot reads by `fast`, then, from its
+/// first other request, by hyper (which shuts it down gracefully with the
+/// others).
+async fn serve_http1(
+    stream: tokio::net::TcpStream,
+    app: http::hot::App,
+    mut http: hyper::server::conn::http1::Builder,
+    timer: ConnTimer,
+    watcher: Watcher,
+    within: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> hyper::Result<()> {
+    let ended = super::fast::serve(&app, stream, &timer, within, &mut shutdown).await;
+    if let Ended::Handoff(_) = ended {
+        metrics::handed_to_hyper();
+    }
+    match ended {
+        Ended::Closed => Ok(()),
+        // hyper told to shut down before it has read anything would close the
+        // connection unanswered: it answers the request under way and closes.
+        Ended::Handoff(io) if *shutdown.borrow() => {
+            http.keep_alive(false).timer(timer).serve_connection(TokioIo::new(io), app).await
+        }
+        Ended::Handoff(io) => watcher.watch(http.timer(timer).serve_connection(TokioIo::new(io), app)).await,
+    }
 }
 
 /// Serves an HTTP/2 connection until it ends, and ends it gracefully (GOAWAY,

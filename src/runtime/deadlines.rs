@@ -137,10 +137,7 @@ impl Timer for ConnTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
-        // 0 means "none", so a deadline at the clock's start is due at 1 ms.
-        let due = self.slot.shared.ms(deadline).max(1);
-        self.slot.due_ms.store(due, Ordering::Release);
-        Box::pin(Due { slot: self.slot.clone(), due })
+        Box::pin(self.due_at(deadline))
     }
 
     /// The coarse clock: no clock read per request.
@@ -150,8 +147,23 @@ impl Timer for ConnTimer {
     }
 }
 
+impl ConnTimer {
+    /// Arms the connection's deadline `within` from now (by the coarse clock),
+    /// for a reader of its own: see `runtime::fast`.
+    pub fn due_in(&self, within: Duration) -> Due {
+        self.due_at(self.now() + within)
+    }
+
+    fn due_at(&self, deadline: Instant) -> Due {
+        // 0 means "none", so a deadline at the clock's start is due at 1 ms.
+        let due = self.slot.shared.ms(deadline).max(1);
+        self.slot.due_ms.store(due, Ordering::Release);
+        Due { slot: self.slot.clone(), due }
+    }
+}
+
 /// A sleep until `due`; dropping it disarms its connection's deadline.
-struct Due {
+pub struct Due {
     slot: Arc<Slot>,
     due: u64,
 }

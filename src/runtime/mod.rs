@@ -5,6 +5,7 @@ mod admin;
 mod core_thread;
 pub use core_thread::LIFECYCLE_APPLICATION;
 mod deadlines;
+mod fast;
 pub mod socket;
 
 use std::net::SocketAddr;

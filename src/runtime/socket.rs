@@ -110,6 +110,71 @@ impl tokio::io::AsyncWrite for Unvectored {
     }
 }
 
+/// An accepted connection with what was already read from it in front: what
+/// `runtime::fast` read but left to hyper is read again first.
+#[derive(Debug)]
+pub struct Prefixed {
+    read: bytes::Bytes,
+    stream: tokio::net::TcpStream,
+}
+
+impl Prefixed {
+    pub fn new(read: bytes::Bytes, stream: tokio::net::TcpStream) -> Self {
+        Prefixed { read, stream }
+    }
+}
+
+impl tokio::io::AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if self.read.is_empty() {
+            return std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        }
+        let n = self.read.len().min(buf.remaining());
+        buf.put_slice(&self.read.split_to(n));
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +193,22 @@ mod tests {
         let all = bind_all("127.0.0.1:0".parse().unwrap(), 2).unwrap();
         steer_to_cpu(&all[1], 0).unwrap();
         assert_eq!(socket2::SockRef::from(&all[1]).cpu_affinity().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn prefixed_reads_what_was_read_before_the_socket() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let mut served = Prefixed::new(bytes::Bytes::from_static(b"GET / HT"), listener.accept().await.unwrap().0);
+        client.write_all(b"TP/1.1\r\n").await.unwrap();
+        let mut got = [0u8; 16];
+        served.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1\r\n");
+        served.write_all(b"ok").await.unwrap();
+        let mut back = [0u8; 2];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ok");
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ mod concurrency;
 mod dashboard;
 mod errors;
 mod failover;
+mod fast_reads;
 mod helpers;
 mod http2;
 mod idempotency;

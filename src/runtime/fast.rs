@@ -1,0 +1,201 @@
+//! HTTP/1.1 connections read by gavel itself while they only ask hot reads.
+//!
+//! A new HTTP/1.1 connection starts here, not in hyper: its requests are
+//! parsed with `httparse` and, while each is a plain GET of a cached auction or
+//! sku, answered from the core's cache with bytes written straight into one
+//! buffer (`http::hot::App::answer_raw`): no header maps, no request or
+//! response values, no service futures. A hot read the cache cannot answer (a
+//! row not cached yet, a cache not live) is answered by the router here too,
+//! its response written out whole, so a connection stays off hyper through
+//! the misses after a restart. The first request that is anything else —
+//! another route, a body, `Connection: close`, a malformed or oversized head —
+//! and everything read after it go to hyper, which serves the connection from
+//! then on exactly as it serves one that never came here. Pipelined reads are
+//! answered in one write.
+//!
+//! What it keeps of hyper's: the header-read timeout (the head of each request
+//! must arrive within `--header-read-timeout` of the previous answer, by the
+//! core's deadline sweep, so an idle or trickling client is closed), graceful
+//! shutdown (an idle connection closes at once; a request under way is
+//! answered by hyper, with `Connection: close`), the same answer byte for
+//! byte, and the same metrics.
+//!
+//! Why: a cached read through hyper cost about 11,500 instructions, of which
+//! hyper's request and response machinery was most; gavel-bare, hyper with
+//! nothing beside, 6,800 (callgrind, README "Where the time goes").
+
+use std::io;
+use std::time::Duration;
+
+use axum::http::{HeaderValue, Response, header};
+use bytes::{Buf, BytesMut};
+use http_body_util::{BodyExt, Limited};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::deadlines::ConnTimer;
+use super::socket::Prefixed;
+use crate::http::body::AppBody;
+use crate::http::hot::{App, Raw};
+
+/// The most headers a request answered here may have; more go to hyper.
+const MAX_HEADERS: usize = 32;
+/// The longest head read here; a longer one goes to hyper, which applies its
+/// own limit to it.
+const MAX_HEAD: usize = 8 * 1024;
+/// What the read buffer grows by.
+const READ_CHUNK: usize = 4 * 1024;
+/// The largest routed answer written out whole here (an auction or a sku is
+/// well under 1 KiB; a larger one ends the connection).
+const MAX_ROUTED_BODY: usize = 1024 * 1024;
+
+/// How a connection left this reader.
+pub enum Ended {
+    /// It is closed (by the client, an error, a timeout or shutdown).
+    Closed,
+    /// For hyper, with what was read but not answered in front.
+    Handoff(Prefixed),
+}
+
+/// Serves `stream` while its requests are hot reads; see the module's text.
+pub async fn serve(
+    app: &App,
+    mut stream: TcpStream,
+    timer: &ConnTimer,
+    within: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Ended {
+    let mut read = BytesMut::with_capacity(READ_CHUNK);
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    // The deadline of the head being awaited, armed when the wait starts.
+    let mut due = None;
+    loop {
+        // Shutting down: an idle connection closes; a request under way goes
+        // to hyper, which answers it with `Connection: close`.
+        if *shutdown.borrow() {
+            return match read.is_empty() {
+                true => Ended::Closed,
+                false => Ended::Handoff(Prefixed::new(read.freeze(), stream)),
+            };
+        }
+        let (hyper, again) = match answer_all(app, &mut read, &mut out) {
+            Next::Read => (false, false),
+            Next::Hyper => (true, false),
+            Next::Route(request) => {
+                let Ok(response) = app.call_whole(*request).await;
+                if !write_whole(response, &mut out).await {
+                    return Ended::Closed;
+                }
+                (false, true)
+            }
+        };
+        if !out.is_empty() {
+            due = None;
+            if stream.write_all(&out).await.is_err() {
+                return Ended::Closed;
+            }
+            out.clear();
+        }
+        if hyper {
+            return Ended::Handoff(Prefixed::new(read.freeze(), stream));
+        }
+        if again {
+            continue;
+        }
+        read.reserve(READ_CHUNK);
+        match stream.try_read_buf(&mut read) {
+            Ok(0) => return Ended::Closed,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Ended::Closed,
+        }
+        let deadline = due.get_or_insert_with(|| timer.due_in(within));
+        let idle = read.is_empty();
+        tokio::select! {
+            biased;
+            ready = stream.readable() => {
+                if ready.is_err() {
+                    return Ended::Closed;
+                }
+            }
+            () = deadline => return Ended::Closed,
+            // Seen at the top of the loop; with no sender left, no one is served.
+            changed = shutdown.changed(), if idle => {
+                if changed.is_err() {
+                    return Ended::Closed;
+                }
+            }
+        }
+    }
+}
+
+/// What comes after the answers [`answer_all`] wrote.
+enum Next {
+    /// More bytes.
+    Read,
+    /// A hot read for the router, already taken off the buffer.
+    Route(Box<axum::http::Request<axum::body::Body>>),
+    /// hyper, from the request at the front of the buffer.
+    Hyper,
+}
+
+/// Answers the complete requests at the front of `read` into `out`, consuming
+/// them, up to the first it cannot answer itself.
+fn answer_all(app: &App, read: &mut BytesMut, out: &mut Vec<u8>) -> Next {
+    while !read.is_empty() {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut request = httparse::Request::new(&mut headers);
+        let len = match request.parse(read) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if read.len() < MAX_HEAD => return Next::Read,
+            Ok(httparse::Status::Partial) | Err(_) => return Next::Hyper,
+        };
+        match app.answer_raw(&request, out) {
+            Raw::Answered => read.advance(len),
+            Raw::Routed(routed) => {
+                read.advance(len);
+                return Next::Route(routed);
+            }
+            Raw::Other => return Next::Hyper,
+        }
+    }
+    Next::Read
+}
+
+/// Appends `response` to `out` as HTTP/1.1 with its whole body, as hyper
+/// writes it: the status line, its headers in order, then `content-length`
+/// and `date` unless it has them. False if its body failed or was too large.
+async fn write_whole(response: Response<AppBody>, out: &mut Vec<u8>) -> bool {
+    let (mut parts, body) = response.into_parts();
+    let Ok(body) = Limited::new(body, MAX_ROUTED_BODY).collect().await else { return false };
+    let body = body.to_bytes();
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // Whole, so never chunked.
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    let bodiless = status.is_informational() || status == 204 || status == 304;
+    if !bodiless && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !bodiless {
+        out.extend_from_slice(&body);
+    }
+    true
+}
