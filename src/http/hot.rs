@@ -80,7 +80,7 @@ pub enum Raw {
     /// Its answer is written.
     Answered,
     /// A hot read the cache could not answer (a miss, a cache not live): for
-    /// the router, which reads the database, as [`App::call_whole`].
+    /// the router, which reads the database (through the app as hyper calls it).
     Routed(Box<Request<Body>>),
     /// Anything else: for hyper.
     Other,
@@ -182,12 +182,6 @@ impl App {
         respond::write_cached(out, &view, not_modified, now, |out| request_id::write_raw(id, out));
         in_flight.answered(if not_modified { 304 } else { 200 });
         Raw::Answered
-    }
-
-    /// Answers `request` as any request is answered (the hot reads, then the
-    /// router), as one whole response.
-    pub fn call_whole(&self, request: Request<Body>) -> Answer {
-        self.serve(request)
     }
 
     /// The cached view `hot` reads, and its route's label, if the cache holds it.

@@ -136,15 +136,7 @@ pub(crate) fn write_cached(
     if !not_modified {
         line(out, header::CONTENT_LENGTH.as_str(), itoa::Buffer::new().format(view.body.len()).as_bytes());
     }
-    DATE.with(|date| {
-        let (secs, mut text) = date.get();
-        let now_secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if now_secs != secs {
-            text.copy_from_slice(httpdate::fmt_http_date(now).as_bytes());
-            date.set((now_secs, text));
-        }
-        line(out, header::DATE.as_str(), &text);
-    });
+    date_line(out, now);
     out.extend_from_slice(b"\r\n");
     if !not_modified {
         out.extend_from_slice(&view.body);
@@ -157,7 +149,21 @@ thread_local! {
     static DATE: std::cell::Cell<(u64, [u8; 29])> = const { std::cell::Cell::new((0, [b' '; 29])) };
 }
 
-fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+/// Appends the `Date` header of `now`, formatted once a second per core.
+pub(crate) fn date_line(out: &mut Vec<u8>, now: std::time::SystemTime) {
+    DATE.with(|date| {
+        let (secs, mut text) = date.get();
+        let now_secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if now_secs != secs {
+            text.copy_from_slice(httpdate::fmt_http_date(now).as_bytes());
+            date.set((now_secs, text));
+        }
+        line(out, header::DATE.as_str(), &text);
+    });
+}
+
+/// Appends one HTTP/1.1 header line.
+pub(crate) fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

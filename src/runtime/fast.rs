@@ -38,6 +38,7 @@ use super::deadlines::ConnTimer;
 use super::socket::Prefixed;
 use crate::http::body::AppBody;
 use crate::http::hot::{App, Raw};
+use crate::http::respond;
 
 /// The most headers a request answered here may have; more go to hyper.
 const MAX_HEADERS: usize = 32;
@@ -83,7 +84,7 @@ pub async fn serve(
             Next::Read => (false, false),
             Next::Hyper => (true, false),
             Next::Route(request) => {
-                let Ok(response) = app.call_whole(*request).await;
+                let Ok(response) = hyper::service::Service::call(app, *request).await;
                 if !write_whole(response, &mut out).await {
                     return Ended::Closed;
                 }
@@ -183,15 +184,10 @@ async fn write_whole(response: Response<AppBody>, out: &mut Vec<u8>) -> bool {
         parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        respond::line(out, name.as_str(), value.as_bytes());
     }
     if !parts.headers.contains_key(header::DATE) {
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        respond::date_line(out, std::time::SystemTime::now());
     }
     out.extend_from_slice(b"\r\n");
     if !bodiless {

@@ -8,15 +8,7 @@ use reqwest::StatusCode;
 use reqwest::header::{CACHE_CONTROL, ETAG, IF_NONE_MATCH};
 use serde_json::json;
 
-use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_with};
-
-/// The sum of a metric's samples whose line contains every one of `labels`.
-fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_with, sum};
 
 async fn get_with(app: &TestApp, path: &str, if_none_match: &str) -> reqwest::Response {
     app.client.get(app.url(path)).header(IF_NONE_MATCH, if_none_match).send().await.unwrap()

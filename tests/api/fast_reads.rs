@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_with, sum};
 
 /// One answer read off `stream`: its head (status line and headers, without
 /// the blank line) and its body, framed by `content-length`.
@@ -220,11 +220,7 @@ async fn reads_in_other_forms_are_left_to_hyper() {
 
 /// Every core's count of HTTP/1.1 connections handed to hyper.
 async fn handoffs(app: &TestApp) -> f64 {
-    let text = app.scrape().await;
-    text.lines()
-        .filter(|l| l.starts_with("gavel_http1_handoffs_total{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sum(&app.scrape().await, "gavel_http1_handoffs_total", &[])
 }
 
 /// Cached reads on a connection stay with gavel's reader; the first other
@@ -289,22 +285,48 @@ async fn misses_are_answered_without_handing_the_connection_over() {
     assert_eq!(handoffs(&app).await, before, "misses are not handed over");
 }
 
+/// Heads the reader cannot take — malformed, with more headers than it
+/// parses, larger than it reads — go to hyper, which answers each as it
+/// answers any connection: 400, then the read (hyper allows more headers and
+/// a larger head) twice.
+#[tokio::test]
+async fn heads_the_reader_cannot_take_go_to_hyper() {
+    let app = spawn_app().await;
+    let (auction, _) = cached_rows(&app).await;
+    let before = handoffs(&app).await;
+    let addr = app.addr;
+    let many: String = (0..40).map(|n| format!("x-h{n}: {n}\r\n")).collect();
+    let large = format!("x-big: {}\r\n", "a".repeat(20 * 1024));
+    let heads = [
+        (format!("GET {auction} HTTP/1.1\r\nno colon here\r\n\r\n"), "HTTP/1.1 400"),
+        (format!("GET {auction} HTTP/1.1\r\nhost: gavel\r\n{many}\r\n"), "HTTP/1.1 200"),
+        (format!("GET {auction} HTTP/1.1\r\nhost: gavel\r\n{large}\r\n"), "HTTP/1.1 200"),
+    ];
+    tokio::task::spawn_blocking(move || {
+        for (head, status) in heads {
+            let mut stream = connect(addr);
+            let _ = stream.write_all(head.as_bytes());
+            let mut buf = [0u8; 256];
+            let n = stream.read(&mut buf).unwrap();
+            let answer = String::from_utf8_lossy(&buf[..n]);
+            assert!(answer.starts_with(status), "{status}: {answer}");
+        }
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "each went to hyper", || async {
+        (handoffs(&app).await == before + 3.0).then_some(())
+    })
+    .await;
+}
+
 /// Reads answered before hyper count in the route's metrics like any other,
 /// and leave nothing in flight.
 #[tokio::test]
 async fn reads_answered_before_hyper_are_counted() {
     let app = spawn_app().await;
     let (auction, _) = cached_rows(&app).await;
-    let count = |text: &str| -> f64 {
-        text.lines()
-            .filter(|l| {
-                l.starts_with("http_requests_total{")
-                    && l.contains("route=\"/api/auctions/{id}\"")
-                    && l.contains("status=\"200\"")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let count = |text: &str| sum(text, "http_requests_total", &["route=\"/api/auctions/{id}\"", "status=\"200\""]);
     let before = count(&app.scrape().await);
     let addr = app.addr;
     let path = auction.clone();
@@ -320,12 +342,7 @@ async fn reads_answered_before_hyper_are_counted() {
     .unwrap();
     eventually(Duration::from_secs(5), "three more reads counted, none in flight", || async {
         let text = app.scrape().await;
-        let in_flight: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("http_requests_in_flight{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        (count(&text) == before + 3.0 && in_flight == 0.0).then_some(())
+        (count(&text) == before + 3.0 && sum(&text, "http_requests_in_flight", &[]) == 0.0).then_some(())
     })
     .await;
 }

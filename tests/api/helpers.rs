@@ -266,6 +266,15 @@ impl Standby {
 
 /// A client that opens a new connection for every request, so requests spread
 /// over the cores as the kernel hashes new connections.
+/// The sum of a metric's samples (an exposition's lines) whose line contains
+/// every one of `labels`.
+pub fn sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn fresh_connection_client() -> reqwest::Client {
     reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap()
 }
