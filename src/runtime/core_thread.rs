@@ -402,9 +402,9 @@ async fn serve_http1(
     timer: ConnTimer,
     watcher: Watcher,
     within: Duration,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> hyper::Result<()> {
-    let ended = super::fast::serve(&app, stream, &timer, within, &mut shutdown).await;
+    let ended = super::fast::serve(&app, stream, &timer, within, &shutdown).await;
     if let Ended::Handoff(_) = ended {
         metrics::handed_to_hyper();
     }

@@ -67,12 +67,17 @@ pub async fn serve(
     mut stream: TcpStream,
     timer: &ConnTimer,
     within: Duration,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &watch::Receiver<bool>,
 ) -> Ended {
     let mut read = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(READ_CHUNK);
     // The deadline of the head being awaited, armed when the wait starts.
     let mut due = None;
+    // One wait for shutdown, kept across the waits for requests: made anew for
+    // each, it joined and left the channel's list of waiters (two lock round
+    // trips) per request.
+    let mut signal = shutdown.clone();
+    let mut stopping = std::pin::pin!(signal.wait_for(|stop| *stop));
     loop {
         // Shutting down: an idle connection closes; a request under way goes
         // to hyper, which answers it with `Connection: close`.
@@ -116,11 +121,9 @@ pub async fn serve(
                     biased;
                     got = stream.read_buf(&mut read) => got,
                     () = deadline => return Ended::Closed,
-                    // Seen at the top of the loop; with no sender left, no one is served.
-                    changed = shutdown.changed(), if idle => match changed {
-                        Ok(()) => continue,
-                        Err(_) => return Ended::Closed,
-                    },
+                    // Shutting down, or no sender left (no one is served): an
+                    // idle connection closes.
+                    _ = &mut stopping, if idle => return Ended::Closed,
                 }
             }
         };
