@@ -267,6 +267,13 @@ pub struct Serve {
     /// batch while the last one commits; fewer than the pool, so the announcer,
     /// cache misses, orders and history reads still find a connection (capped at
     /// the pool less one).
+    //
+    // One measured against two (gavel-loadtest run bid-storm, 64 connections,
+    // 5 s, four rounds alternating, 2026-12-02, AMD EPYC): over 1000 auctions
+    // 12.3-18.1K bids/s against 11.9-14.6K; on 10 hot auctions 9.7-16.7K
+    // accepted/s against 13.4-14.8K; open loop at 9,000/s p99 17.7-34.3 ms
+    // against 15.1-61.6. Better on one, worse on another, all within this
+    // machine's noise: two kept.
     #[arg(long, env = "GAVEL_BID_BATCHES_IN_FLIGHT", default_value_t = 2)]
     pub bid_batches_in_flight: usize,
 
