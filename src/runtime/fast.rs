@@ -24,9 +24,6 @@
 //! hyper's request and response machinery was most; gavel-bare, hyper with
 //! nothing beside, 6,800 (callgrind, README "Where the time goes").
 
-use std::future::Future;
-use std::io;
-use std::task::Poll;
 use std::time::Duration;
 
 use axum::http::{HeaderValue, Response, header};
@@ -113,43 +110,28 @@ pub async fn serve(
         }
         read.reserve(READ_CHUNK);
         let idle = read.is_empty();
-        let got = match read_ready(&mut stream, &mut read).await {
-            Some(got) => got,
-            None => {
-                let deadline = due.get_or_insert_with(|| timer.due_in(within));
-                tokio::select! {
-                    biased;
-                    got = stream.read_buf(&mut read) => got,
-                    () = deadline => return Ended::Closed,
-                    // Shutting down, or no sender left (no one is served): an
-                    // idle connection closes.
-                    _ = &mut stopping, if idle => return Ended::Closed,
-                }
-            }
+        let deadline = due.get_or_insert_with(|| timer.due_in(within));
+        // Through tokio's `poll_read`, not `try_read_buf` and `readable`: a read
+        // that leaves room in the buffer tells tokio the socket is drained, so
+        // the next read waits for readiness without asking the kernel first.
+        // With `try_read_buf` every request cost one more `recvfrom`, failing
+        // with `EAGAIN`, than through hyper (`strace -c -f` on the server during
+        // `gavel-loadtest run auction-read --rate 10000 --duration 3s`: 45,782
+        // `recvfrom` calls, 15,627 of them `EAGAIN`, for 30,000 reads;
+        // gavel-bare 30,064, none failing).
+        let got = tokio::select! {
+            biased;
+            got = stream.read_buf(&mut read) => got,
+            () = deadline => return Ended::Closed,
+            // Shutting down, or no sender left (no one is served): an idle
+            // connection closes.
+            _ = &mut stopping, if idle => return Ended::Closed,
         };
         match got {
             Ok(0) | Err(_) => return Ended::Closed,
             Ok(_) => {}
         }
     }
-}
-
-/// Reads what the socket holds now, without waiting; `None` if it holds nothing.
-///
-/// Through tokio's `poll_read`, not `try_read_buf`: a read that leaves room in
-/// the buffer tells tokio the socket is drained, so the next read waits for
-/// the socket's readiness without first asking the kernel. With `try_read_buf`
-/// every request cost one more `recvfrom`, failing with `EAGAIN`, than it does
-/// through hyper (`strace -c -f` on the server during `gavel-loadtest run
-/// auction-read --rate 10000 --duration 3s`: 45,782 `recvfrom` calls, 15,627
-/// of them `EAGAIN`, for 30,000 reads; gavel-bare 30,064, none failing).
-async fn read_ready(stream: &mut TcpStream, read: &mut BytesMut) -> Option<io::Result<usize>> {
-    let mut reading = std::pin::pin!(stream.read_buf(read));
-    std::future::poll_fn(|cx| match reading.as_mut().poll(cx) {
-        Poll::Ready(got) => Poll::Ready(Some(got)),
-        Poll::Pending => Poll::Ready(None),
-    })
-    .await
 }
 
 /// What comes after the answers [`answer_all`] wrote.
