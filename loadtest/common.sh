@@ -1,8 +1,9 @@
 # loadtest/common.sh — what loadtest/compare and loadtest/soak share: processes
 # stopped by PID, packages, a private PostgreSQL cluster run as the postgres user
 # when root, free ports, waiting for HTTP, reading gavel's memory and metrics.
-# Sourced, not run. The sourcing script sets script_name (for messages) and, before
-# start_postgres, tmp (its temporary directory), pg_bin and pg_max_connections.
+# Sourced, not run. The sourcing script sets script_name (for messages), here (the
+# loadtest directory) and, before start_postgres, tmp (its temporary directory),
+# pg_bin and pg_max_connections.
 # shellcheck shell=bash
 # shellcheck disable=SC2154,SC2034 # variables shared with the sourcing script
 
@@ -107,9 +108,16 @@ free_port() {
     die "no free TCP port found"
 }
 
-# A private cluster with PostgreSQL's defaults (fsync and synchronous_commit on, as
-# in gavel's own embedded cluster), reachable only through a Unix socket in the
-# temporary directory.
+# The embedded cluster's own server settings (src/db/embedded.conf), as -c
+# arguments for postgres: `name = value` lines, `#` comments.
+embedded_settings() {
+    sed -e 's/#.*//' -e 's/[[:space:]]//g' "$here/../src/db/embedded.conf" |
+        awk -F= 'NF == 2 {printf "-c %s=%s ", $1, $2}'
+}
+
+# A private cluster set up as gavel's own embedded cluster is (fsync and
+# synchronous_commit on, and the settings of src/db/embedded.conf), reachable only
+# through a Unix socket in the temporary directory.
 start_postgres() {
     pgdir=$tmp/pg
     pgdata=$pgdir/data
@@ -123,7 +131,7 @@ start_postgres() {
         { cat "$tmp/initdb.log" >&2; die "initdb failed"; }
     pg_started=1
     as_pg "$pg_bin/pg_ctl" -D "$pgdata" -l "$pgdir/postgres.log" -w -t 60 \
-        -o "-c listen_addresses= -c unix_socket_directories=$pgdir -c max_connections=$pg_max_connections" \
+        -o "$(embedded_settings)-c listen_addresses= -c unix_socket_directories=$pgdir -c max_connections=$pg_max_connections" \
         start >/dev/null || die "PostgreSQL did not start"
     # sqlx rejects an empty host ("postgres://gavel@/gavel?host=…", the form psql
     # takes); with a host named, its host= parameter still picks the socket directory.

@@ -31,6 +31,19 @@ const DEBIAN_PG_ROOT: &str = "/usr/lib/postgresql";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a fast shutdown may take before the server is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The cluster's own server settings (`name = value` lines; `#` starts a comment),
+/// which the load tests' clusters read too. [`Options::settings`] come after them,
+/// and so win.
+const SERVER_SETTINGS: &str = include_str!("embedded.conf");
+
+/// The `(name, value)` pairs of the cluster's own server settings.
+pub fn server_settings() -> impl Iterator<Item = (&'static str, &'static str)> {
+    SERVER_SETTINGS.lines().filter_map(|line| {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        let (name, value) = line.split_once('=')?;
+        Some((name.trim(), value.trim()))
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -163,6 +176,10 @@ impl Cluster {
             .arg(format!("unix_socket_directories={}", socket_dir.display()));
         if let Some(port) = options.port {
             postgres.arg("-c").arg(format!("port={port}"));
+        }
+        // The last of a name wins: the caller's settings after the cluster's own.
+        for (name, value) in server_settings() {
+            postgres.arg("-c").arg(format!("{name}={value}"));
         }
         for (name, value) in &options.settings {
             postgres.arg("-c").arg(format!("{name}={value}"));
@@ -394,5 +411,14 @@ mod tests {
         let err = Cluster::start(&Options { bin_dir: Some(empty.path().into()), ..Options::default() }).unwrap_err();
         assert!(matches!(err, Error::NotInstalled));
         assert!(err.to_string().contains("postgresql-15"), "{err}");
+    }
+
+    #[test]
+    fn every_line_of_the_server_settings_is_a_setting_or_a_comment() {
+        let settings: Vec<_> = server_settings().collect();
+        assert!(!settings.is_empty());
+        assert!(settings.iter().all(|(name, value)| !name.is_empty() && !value.is_empty()), "{settings:?}");
+        let written = SERVER_SETTINGS.lines().filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#'));
+        assert_eq!(written.count(), settings.len(), "a line that is neither a setting nor a comment");
     }
 }

@@ -316,3 +316,34 @@ async fn gavel_token_mints_a_token_the_server_accepts() {
         .unwrap();
     assert!(!refused.status.success());
 }
+
+/// The embedded cluster runs with its own server settings (`src/db/embedded.conf`),
+/// and a caller's settings come after them, so a caller may override one.
+#[tokio::test]
+async fn the_embedded_cluster_runs_with_its_settings_and_the_callers_win() {
+    use gavel::db::embedded::{Cluster, Options, server_settings};
+    use sqlx::Connection;
+    let (overridden, value) = server_settings().next().expect("the cluster has settings of its own");
+    let flipped = if value == "off" { "on" } else { "off" };
+    let settings = vec![("fsync".to_string(), "off".to_string()), (overridden.to_string(), flipped.to_string())];
+    let cluster = Cluster::start(&Options { settings, ..Options::default() }).expect("start a private PostgreSQL");
+    let mut db = sqlx::PgConnection::connect_with(&cluster.connect_options("postgres")).await.unwrap();
+    let show = async |db: &mut sqlx::PgConnection, name: &str| -> String {
+        sqlx::query_scalar("select current_setting($1)").bind(name).fetch_one(db).await.unwrap()
+    };
+    for (name, value) in server_settings().skip(1) {
+        assert_eq!(show(&mut db, name).await, value, "{name}");
+    }
+    assert_eq!(show(&mut db, overridden).await, flipped, "the caller's {overridden} wins");
+    assert_eq!(show(&mut db, "fsync").await, "off");
+    drop(db);
+    cluster.stop().unwrap();
+
+    let cluster = Cluster::start(&Options::default()).expect("start a private PostgreSQL");
+    let mut db = sqlx::PgConnection::connect_with(&cluster.connect_options("postgres")).await.unwrap();
+    for (name, value) in server_settings() {
+        assert_eq!(show(&mut db, name).await, value, "{name}");
+    }
+    drop(db);
+    cluster.stop().unwrap();
+}
