@@ -1,9 +1,10 @@
-# loadtest/common.sh — what loadtest/compare and loadtest/soak share: processes
-# stopped by PID, packages, a private PostgreSQL cluster run as the postgres user
-# when root, free ports, waiting for HTTP, reading gavel's memory and metrics.
+# loadtest/common.sh — what loadtest/compare, loadtest/soak and loadtest/ab share:
+# processes stopped by PID, packages, the build, a private PostgreSQL cluster run
+# as the postgres user when root, free ports, waiting for HTTP, seeding, reading
+# gavel's memory and metrics.
 # Sourced, not run. The sourcing script sets script_name (for messages), here (the
-# loadtest directory) and, before start_postgres, tmp (its temporary directory),
-# pg_bin and pg_max_connections.
+# loadtest directory), build (0 with --no-build), gavel_bin and loadtest_bin, and,
+# before start_postgres, tmp (its temporary directory) and pg_max_connections.
 # shellcheck shell=bash
 # shellcheck disable=SC2154,SC2034 # variables shared with the sourcing script
 
@@ -61,6 +62,56 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
+# What the scripts seed through gavel-loadtest seed, the sizes its scenarios
+# default to.
+seed_auctions=1000
+seed_skus=1000
+seed_bidders=16
+
+# install_tools [PACKAGE…]: PostgreSQL's server binaries, jq and curl, and the
+# Debian packages named, installed when missing; sets pg_bin. As root, PostgreSQL
+# refuses to run: it runs as the postgres system user, which Debian's package creates.
+install_tools() {
+    local packages=("$@")
+    [[ -n $(find_pg_bin) ]] || packages+=(postgresql-15)
+    command -v jq >/dev/null || packages+=(jq)
+    command -v curl >/dev/null || packages+=(curl)
+    if ((${#packages[@]})); then
+        apt_install "${packages[@]}"
+    fi
+    pg_bin=$(find_pg_bin)
+    [[ -n $pg_bin ]] || die "PostgreSQL server binaries not found (looked at pg_config --bindir and /usr/lib/postgresql/*/bin)"
+    if is_root && ! id postgres >/dev/null 2>&1; then
+        useradd --system --no-create-home --shell /usr/sbin/nologin postgres
+    fi
+}
+
+# build_binaries [BINARY…]: builds gavel and gavel-loadtest (unless --no-build, and
+# recording how long in build_secs), then checks that gavel_bin, loadtest_bin and
+# each BINARY named are there.
+build_binaries() {
+    if ((build)); then
+        log "cargo build --release --locked -p gavel -p gavel-loadtest"
+        local t0=$SECONDS
+        (cd "$here/.." && cargo build --release --locked -p gavel -p gavel-loadtest)
+        build_secs=$((SECONDS - t0))
+    else
+        build_secs=null
+    fi
+    local bin
+    for bin in "$gavel_bin" "$loadtest_bin" "$@"; do
+        [[ -x $bin ]] || die "$bin is missing (build it, or drop --no-build)"
+    done
+}
+
+# seed_data URL LOG: the seeded seller's auctions, the skus and the bidders, through
+# the gavel at URL; gavel-loadtest's output appended to LOG.
+seed_data() {
+    log "seed: $seed_auctions auctions, $seed_skus skus, $seed_bidders bidders"
+    timeout 300 "$loadtest_bin" seed --target "$1" --auctions "$seed_auctions" \
+        --skus "$seed_skus" --bidders "$seed_bidders" >>"$2" 2>&1 || die "gavel-loadtest seed failed"
+}
+
 # The newest directory holding PostgreSQL's server binaries: pg_config's, if it has
 # them, else the newest of Debian's /usr/lib/postgresql/*/bin.
 find_pg_bin() {
@@ -90,13 +141,19 @@ as_pg() {
     fi
 }
 
-# A TCP port nobody listens on or talks from, among the ones not handed out yet.
-# Reads /proc/net/tcp* (no extra tools); a port appearing anywhere there is skipped.
+# A TCP port nobody listens on or talks from, among the ones not handed out yet,
+# below the kernel's range of ephemeral ports: a port in that range may be taken
+# as the source of any new connection between the check and the server's bind
+# (it happened, to the second gavel of loadtest/ab). Reads /proc (no extra tools);
+# a port appearing anywhere in /proc/net/tcp* is skipped.
 taken_ports=" "
 free_port() {
-    local port hex
+    local port hex low=32768 span
+    read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
+    span=$((low - 20000))
+    ((span >= 1000)) || span=30000
     for _ in $(seq 200); do
-        port=$((20000 + RANDOM % 30000))
+        port=$((20000 + RANDOM % span))
         [[ $taken_ports == *" $port "* ]] && continue
         hex=$(printf ':%04X ' "$port")
         if ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -qF "$hex"; then
