@@ -260,32 +260,40 @@ pub struct Serve {
     /// 14.7K and 15.2K without; p99 0.5-2 ms lower with it; two lanes were below
     /// one (16.5K and 15.4K against 19.1K and 18.3K). Side by side on one new
     /// cluster (`loadtest/ab --b '--bid-lanes 0'`, ten 3 s rounds, 2026-12-03):
-    /// without a lane, 0.88x the bids/s and 1.33x the p99 over 1000 auctions,
-    /// 0.83x and 1.59x on 10 hot ones; on both, fewer bids in 9 rounds of 10 and
-    /// a higher p99 in all 10 (sign test p = 0.02 and 0.002).
+    /// without a lane, over 1000 auctions 0.98x the bids/s (more in 5 rounds of
+    /// 10) and 1.17x the p99 (lower in 2, sign test p = 0.11); on 10 hot ones
+    /// 0.81x and 1.73x (more in 1 round of 10, lower in none: p = 0.02, 0.002).
     #[arg(long, env = "GAVEL_BID_LANES", default_value_t = 1)]
     pub bid_lanes: usize,
 
     /// Bid batches a core may have in the database at once, each on its own pool
-    /// connection, a lane or not. More than one, so the database works on the next
-    /// batch while the last one commits; fewer than the pool, so the announcer,
-    /// cache misses, orders and history reads still find a connection (capped at
-    /// the pool less one).
+    /// connection, a lane or not. One by default: the core's next batch goes once
+    /// its last has committed, and gathers every bid that came meanwhile. More let
+    /// the database work on a further batch while one commits (see
+    /// --bid-overlap-at and --bid-overlap-after), at the price of more, smaller
+    /// batches, each with its fixed cost. Capped at the pool less one, so the
+    /// announcer, cache misses, orders and history reads still find a connection.
     //
-    // One measured against two (gavel-loadtest run bid-storm, 64 connections,
-    // 5 s, four rounds alternating, 2026-12-02, AMD EPYC): over 1000 auctions
-    // 12.3-18.1K bids/s against 11.9-14.6K; on 10 hot auctions 9.7-16.7K
-    // accepted/s against 13.4-14.8K; open loop at 9,000/s p99 17.7-34.3 ms
-    // against 15.1-61.6. Better on one, worse on another, all within this
-    // machine's noise: two kept.
-    #[arg(long, env = "GAVEL_BID_BATCHES_IN_FLIGHT", default_value_t = 2)]
+    // One against two, side by side (`loadtest/ab --b '--bid-batches-in-flight
+    // 1'`, ten 3 s rounds each on a new cluster, 2026-12-03, AMD EPYC): the bid
+    // p99 open loop at 7,000/s 0.78x (lower in 9 rounds of 10), again 0.75x (7 of
+    // 10), and at 5,000/s 0.78x (8 of 10): 24 rounds of 30 (sign test p = 0.001).
+    // Bids/s at 64 connections 0.98x (more in 5 of 10), on 10 hot auctions
+    // 1.07x (6 of 10). Two had been kept on 2026-12-02 from alternating runs
+    // (four rounds: over 1000 auctions 12.3-18.1K bids/s with one against
+    // 11.9-14.6K, open loop at 9,000/s p99 17.7-34.3 ms against 15.1-61.6),
+    // which this machine's noise could not tell apart.
+    #[arg(long, env = "GAVEL_BID_BATCHES_IN_FLIGHT", default_value_t = 1)]
     pub bid_batches_in_flight: usize,
 
-    /// Bids that must be waiting before a core sends a batch while another of its
-    /// batches is still in the database. A batch has a fixed cost in the database
+    /// With --bid-batches-in-flight above one: bids that must be waiting before a
+    /// core sends a batch while another of its batches is still in the database. A batch has a fixed cost in the database
     /// (about 0.3 ms of its CPU); overlapping tiny batches spends the CPU the
     /// database needs when it is the bottleneck, overlapping big ones hides its
     /// commit latency when the disk is. 1: overlap as soon as a bid waits.
+    /// With two in flight, 4 instead, side by side at 7,000 bids/s open loop
+    /// (`loadtest/ab`, ten rounds, 2026-12-03, on a machine then too busy for
+    /// that rate): p99 0.65x, lower in 7 rounds of 10, noise (p = 0.34).
     #[arg(long, env = "GAVEL_BID_OVERLAP_AT", default_value_t = 16)]
     pub bid_overlap_at: usize,
 
@@ -294,7 +302,10 @@ pub struct Serve {
     /// usually takes, so that it only catches the slow ones. Bid storm at 6000/s,
     /// open loop, alternating: p99 33.0 and 11.4 ms without, 25.0 and 10.0 ms with
     /// 2ms; closed loop within the noise (11.4/10.9K bids/s without, 11.0/10.6K).
-    /// 1ms made batches smaller without a better tail.
+    /// 1ms made batches smaller without a better tail. 6ms instead, side by side
+    /// at 7,000 bids/s open loop (`loadtest/ab`, ten rounds, 2026-12-03): p99
+    /// 0.69x, lower in 7 rounds of 10 (p = 0.34): less overlap, a shorter tail,
+    /// as with one batch in flight.
     #[arg(long, env = "GAVEL_BID_OVERLAP_AFTER", default_value = "2ms", value_parser = humantime::parse_duration)]
     pub bid_overlap_after: Duration,
 
