@@ -226,6 +226,23 @@ gavel_status_kb() {
     awk -v field="$1:" '$1 == field {print $2}' "/proc/$gavel_pid/status"
 }
 
+# remove_tmp STATUS LOG…: the temporary directory removed, after the last lines of
+# each LOG in it are shown when STATUS says the script failed, so that what
+# explains a failure stays on screen.
+remove_tmp() {
+    local status=$1 f
+    shift
+    [[ -n $tmp && -d $tmp ]] || return 0
+    if ((status != 0)); then
+        for f in "$@"; do
+            [[ -s $tmp/$f ]] || continue
+            echo "--- last lines of $f" >&2
+            tail -n 15 "$tmp/$f" >&2
+        done
+    fi
+    rm -rf "$tmp"
+}
+
 # Stops the private cluster, if start_postgres started one: fast, else at once.
 stop_postgres() {
     ((pg_started)) || return 0
