@@ -288,7 +288,14 @@ pub struct Serve {
     // gave 0.81x and 0.96x the reference there, below the target of 1.0 that
     // 32 of the 36 runs before met, and 1.24x and 1.43x at 256 connections,
     // below the 1.45-2.57 of those runs (their bid p99, 9.7 and 7.2 ms, was
-    // among the lowest). Until the refusals are understood, two stay.
+    // among the lowest). Why the refusals: with one in flight a core's batch
+    // gathers bids for a whole round trip, so the two cores' batches span more
+    // of the same time, and on a hot auction the one that commits second holds
+    // bids below the other's newest (the generator's amounts rise with the
+    // time they are sent). Sorting each auction's bids in a batch by amount
+    // does not reach those: again side by side with it (2026-12-03, 10 hot
+    // auctions), one in flight had 12.3 % refused against 6.2 % and 0.92x the
+    // accepted bids/s (more in 2 rounds of 10, p = 0.11). Two stay.
     #[arg(long, env = "GAVEL_BID_BATCHES_IN_FLIGHT", default_value_t = 2)]
     pub bid_batches_in_flight: usize,
 

@@ -6,8 +6,9 @@
 //! migrations/20261130000004, with proxy bids) does per batch what a
 //! single-bid statement does per bid: one lock of the batch's auctions, one
 //! write of the auctions and the bids, one commit, decided bid by bid under the
-//! row locks. A proxy's answers to a bid are decided there too. A batch is sent sorted by auction, the order the function visits
-//! it in. With a bid lane (`--bid-lanes`), the batch's statement runs in its own
+//! row locks. A proxy's answers to a bid are decided there too. A batch is sent
+//! sorted by auction, the order the function visits it in, and within one by
+//! rising amount (see [`place`]). With a bid lane (`--bid-lanes`), the batch's statement runs in its own
 //! transaction so that the lane goes back before the commit.
 //!
 //! What it cost, `pgbench -M prepared -c 1` on an idle machine, one call per
@@ -350,10 +351,18 @@ impl OutcomeRow {
 pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) -> Result<Vec<Placed>, DbError> {
     let _timer = metrics::time_query(Query::PlaceBids);
     let n = requests.len();
-    // Sent sorted by auction, arrival order kept within one (a stable sort), the
-    // order place_bids visits them in: it then has nothing to sort.
+    // Sent sorted by auction, the order place_bids visits them in (it then has
+    // nothing to sort), and within one auction by rising amount, arrival order
+    // kept among equal ones (a stable sort). A batch's bids were all waiting at
+    // once, so any order of them is one they could have arrived in; rising
+    // amounts refuse none that a higher bid of the same batch made too low.
+    // Side by side against arrival order (`loadtest/ab --load '--hot-auctions
+    // 10'`, 10 and 20 rounds, 2026-12-03): refused bids 0.95x (fewer in 21
+    // rounds of 30, sign test p = 0.04), accepted bids/s 0.99x and p99 0.98x
+    // (p = 1 and 0.82). Most refusals there are not in a batch but between
+    // batches: one that commits after another's bids on the same auction.
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| requests[i].bid.auction_id);
+    order.sort_by_key(|&i| (requests[i].bid.auction_id, requests[i].bid.amount.get()));
     let mut auctions = Vec::with_capacity(n);
     let mut bidders = Vec::with_capacity(n);
     let mut amounts = Vec::with_capacity(n);

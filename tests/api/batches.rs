@@ -111,6 +111,34 @@ async fn one_batch_of_good_and_bad_bids_gives_each_its_own_outcome() {
     );
 }
 
+/// A batch's bids were all waiting at once, so gavel decides each auction's in
+/// rising amounts: a bid is never refused for a higher one of its own batch
+/// that happened to arrive first. Equal amounts keep their arrival order.
+#[tokio::test]
+async fn a_batch_decides_one_auctions_bids_in_rising_amounts() {
+    let app = spawn_app().await;
+    let a = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+
+    let outcomes = place(
+        &app,
+        &[
+            request(a, 2, 300, None), // accepted last: it leads
+            request(a, 3, 200, None), // accepted second
+            request(a, 4, 150, None), // accepted first
+            request(a, 5, 200, None), // below 200 + 10: the earlier 200 went first
+        ],
+    )
+    .await;
+
+    assert_eq!(outcomes.iter().take(3).map(accepted_amount).collect::<Vec<_>>(), [300, 200, 150]);
+    assert_eq!(outcomes[3], Placed::TooLow { min_next_bid: 210 });
+    let Placed::Accepted { state: Some(last), .. } = outcomes[0] else { panic!("{:?}", outcomes[0]) };
+    assert_eq!((last.high_bid, last.high_bidder, last.bid_count), (300, 2, 3));
+    let rows: Vec<(i64, i64)> =
+        bid_rows(&app, a).await.into_iter().map(|(_, bidder, amount)| (bidder, amount)).collect();
+    assert_eq!(rows, [(4, 150), (3, 200), (2, 300)]);
+}
+
 /// gavel sends a batch sorted by auction; sent in any other order, place_bids
 /// sorts it itself and still decides each auction's bids in the order sent.
 #[tokio::test]
