@@ -165,13 +165,6 @@ free_port() {
     die "no free TCP port found"
 }
 
-# The embedded cluster's own server settings (src/db/embedded.conf), as -c
-# arguments for postgres: `name = value` lines, `#` comments.
-embedded_settings() {
-    sed -e 's/#.*//' -e 's/[[:space:]]//g' "$here/../src/db/embedded.conf" |
-        awk -F= 'NF == 2 {printf "-c %s=%s ", $1, $2}'
-}
-
 # A private cluster set up as gavel's own embedded cluster is (fsync and
 # synchronous_commit on, and the settings of src/db/embedded.conf), reachable only
 # through a Unix socket in the temporary directory.
@@ -186,9 +179,13 @@ start_postgres() {
     as_pg "$pg_bin/initdb" --pgdata "$pgdata" --username gavel --auth trust \
         --encoding UTF8 --locale C --no-sync >"$tmp/initdb.log" 2>&1 ||
         { cat "$tmp/initdb.log" >&2; die "initdb failed"; }
+    # The embedded cluster's own settings, in postgresql.conf's own form: the
+    # server reads them as it reads the rest of its configuration.
+    cat "$here/../src/db/embedded.conf" >>"$pgdata/postgresql.conf" ||
+        die "could not add src/db/embedded.conf to the cluster's configuration"
     pg_started=1
     as_pg "$pg_bin/pg_ctl" -D "$pgdata" -l "$pgdir/postgres.log" -w -t 60 \
-        -o "$(embedded_settings)-c listen_addresses= -c unix_socket_directories=$pgdir -c max_connections=$pg_max_connections" \
+        -o "-c listen_addresses= -c unix_socket_directories=$pgdir -c max_connections=$pg_max_connections" \
         start >/dev/null || die "PostgreSQL did not start"
     # sqlx rejects an empty host ("postgres://gavel@/gavel?host=…", the form psql
     # takes); with a host named, its host= parameter still picks the socket directory.
