@@ -223,11 +223,14 @@ fn lot_of(auction: &Value) -> anyhow::Result<Lot> {
     Ok(Lot { id, min_next_bid })
 }
 
-/// The given auctions, with the minimum bid each takes now.
+/// The given auctions, with the minimum bid each takes now: read from the
+/// database, not a cache. A bid written by anyone but gavel (the comparison's
+/// pgbench) is announced to no cache, and bids rising from a stale minimum
+/// would be refused until their amounts caught up.
 pub async fn lots(api: &mut Api, ids: &[i64]) -> anyhow::Result<Vec<Lot>> {
     let mut lots = Vec::with_capacity(ids.len());
     for id in ids {
-        let path = format!("/api/auctions/{id}");
+        let path = format!("/api/auctions/{id}?consistent=true");
         let (status, auction) = api.call("GET", &path, None, None).await?;
         if status != 200 {
             bail!("GET {path} got {status}: {auction}");
