@@ -8,8 +8,9 @@
 //! write of the auctions and the bids, one commit, decided bid by bid under the
 //! row locks. A proxy's answers to a bid are decided there too. A batch is sent
 //! sorted by auction, the order the function visits it in, and within one by
-//! rising amount (see [`place`]). With a bid lane (`--bid-lanes`), the batch's statement runs in its own
-//! transaction so that the lane goes back before the commit.
+//! rising amount (see [`place`]). With a bid lane (`--bid-lanes`), the batch's
+//! statement runs in its own transaction so that the lane goes back before the
+//! commit.
 //!
 //! What it cost, `pgbench -M prepared -c 1` on an idle machine, one call per
 //! transaction, `synchronous_commit` off to leave the disk out: the first
