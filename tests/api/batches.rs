@@ -323,7 +323,9 @@ async fn a_batch_announces_the_last_state_of_each_auction_once() {
     };
     let summary: Vec<(i64, i64, i64, i64)> =
         states.iter().map(|s| (s.auction_id, s.version, s.high_bid, s.high_bidder)).collect();
-    assert_eq!(summary, [(a, 3, 200, 4), (b, 2, 100, 3)]);
+    // Three bids accepted on `a` (decided in rising amount: 100, 150, 200), one
+    // state announced: the last.
+    assert_eq!(summary, [(a, 4, 200, 4), (b, 2, 100, 3)]);
 }
 
 /// PostgreSQL crashes (a backend killed, so the postmaster restarts every process
