@@ -223,6 +223,11 @@ gavel_status_kb() {
     awk -v field="$1:" '$1 == field {print $2}' "/proc/$gavel_pid/status"
 }
 
+# jq: answers with a 2xx status a second in a gavel-loadtest report (for bids,
+# the accepted ones: a 409 is an answer too, but not a bid placed).
+# shellcheck disable=SC2034 # used by the scripts that source this file
+jq_accepted_per_sec='def accepted_per_sec: ([.statuses | to_entries[] | select(.key | startswith("2")) | .value] | add // 0) / .duration_secs;'
+
 # remove_tmp STATUS LOG…: the temporary directory removed, after the last lines of
 # each LOG in it are shown when STATUS says the script failed, so that what
 # explains a failure stays on screen.
