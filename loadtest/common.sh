@@ -175,9 +175,12 @@ start_postgres() {
     chmod 700 "$pgdir"
     is_root && chown postgres: "$pgdir"
     log "initdb and start PostgreSQL ($pg_bin) in $pgdir"
-    # The same initdb options as gavel's embedded cluster (src/db/embedded.rs).
-    as_pg "$pg_bin/initdb" --pgdata "$pgdata" --username gavel --auth trust \
-        --encoding UTF8 --locale C --no-sync >"$tmp/initdb.log" 2>&1 ||
+    # The same initdb options as gavel's embedded cluster.
+    local args_file=$here/../src/db/initdb.args initdb_args
+    [[ -r $args_file ]] || die "cannot read $args_file"
+    mapfile -t initdb_args < <(grep -v -e '^#' -e '^[[:space:]]*$' "$args_file")
+    as_pg "$pg_bin/initdb" --pgdata "$pgdata" --username gavel "${initdb_args[@]}" \
+        --no-sync >"$tmp/initdb.log" 2>&1 ||
         { cat "$tmp/initdb.log" >&2; die "initdb failed"; }
     # The embedded cluster's own settings, in postgresql.conf's own form: the
     # server reads them as it reads the rest of its configuration.

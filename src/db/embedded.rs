@@ -35,6 +35,14 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// which the load tests' clusters read too. [`Options::settings`] come after them,
 /// and so win.
 const SERVER_SETTINGS: &str = include_str!("embedded.conf");
+/// initdb's options for the cluster (one a line; `#` starts a comment line), which
+/// the load tests' clusters take too.
+const INITDB_ARGS: &str = include_str!("initdb.args");
+
+/// initdb's options shared by every private cluster.
+fn initdb_args() -> impl Iterator<Item = &'static str> {
+    INITDB_ARGS.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#'))
+}
 
 /// The `(name, value)` pairs of the cluster's own server settings.
 pub fn server_settings() -> impl Iterator<Item = (&'static str, &'static str)> {
@@ -146,16 +154,7 @@ impl Cluster {
 
         if !data_dir.join("PG_VERSION").exists() {
             let mut initdb = Command::new(bin_dir.join("initdb"));
-            initdb.arg("--pgdata").arg(&data_dir).args([
-                "--username",
-                SUPERUSER,
-                "--auth",
-                "trust",
-                "--encoding",
-                "UTF8",
-                "--locale",
-                "C",
-            ]);
+            initdb.arg("--pgdata").arg(&data_dir).args(["--username", SUPERUSER]).args(initdb_args());
             // A throw-away cluster need not survive a power cut during its creation.
             if options.data_dir.is_none() {
                 initdb.arg("--no-sync");
@@ -420,5 +419,12 @@ mod tests {
         assert!(settings.iter().all(|(name, value)| !name.is_empty() && !value.is_empty()), "{settings:?}");
         let written = SERVER_SETTINGS.lines().filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#'));
         assert_eq!(written.count(), settings.len(), "a line that is neither a setting nor a comment");
+    }
+
+    #[test]
+    fn initdbs_options_are_whole_options_one_a_line() {
+        let args: Vec<_> = initdb_args().collect();
+        assert!(args.contains(&"--encoding=UTF8"), "{args:?}");
+        assert!(args.iter().all(|arg| arg.starts_with("--") && !arg.contains(char::is_whitespace)), "{args:?}");
     }
 }
