@@ -159,6 +159,12 @@ struct Topic {
     changed_at_us: i64,
     /// Its newest change waits in the hub's queue for delivery.
     queued: bool,
+    /// Streams being opened on it ([`Opening`]): while any is, the topic stays,
+    /// closed or unwatched.
+    opening: usize,
+    /// The notifications were interrupted while it had no state: a load begun
+    /// before may have missed a change nobody announced, and is read again.
+    interrupted: bool,
     watchers: Vec<(u64, Arc<Mailbox>)>,
 }
 
@@ -300,16 +306,23 @@ impl Hub {
         Ok(Slot { hub: Some(self.clone()) })
     }
 
-    /// Of `ids`, those whose state this hub does not hold yet, or holds open past
-    /// its end at `now` (its close may not have been heard here yet): the caller
-    /// reads them. Each gets a topic from now on, so a change announced while the
-    /// caller reads it is noticed.
-    pub fn unknown(&self, ids: &[i64], now: DateTime<Utc>) -> Vec<i64> {
+    /// Begins opening a stream of `ids`: returns the [`Opening`] to subscribe
+    /// with, and those of the ids whose state this hub does not hold yet, or holds
+    /// open past its end at `now` (its close may not have been heard here yet):
+    /// the caller reads them. Each has a topic from now on, kept until the
+    /// `Opening` is used or dropped, so a change announced while the caller reads
+    /// it is noticed.
+    pub fn opening(self: &Arc<Self>, ids: &[i64], now: DateTime<Utc>) -> (Opening, Vec<i64>) {
         let mut inner = self.lock();
-        ids.iter()
-            .copied()
-            .filter(|id| inner.topics.entry(*id).or_default().state.as_ref().is_none_or(|s| s.close_unheard(now)))
-            .collect()
+        let mut unknown = Vec::new();
+        for id in ids {
+            let topic = inner.topics.entry(*id).or_default();
+            topic.opening += 1;
+            if topic.state.as_ref().is_none_or(|s| s.close_unheard(now)) {
+                unknown.push(*id);
+            }
+        }
+        (Opening { hub: self.clone(), ids: ids.to_vec() }, unknown)
     }
 
     /// Of the `ids` a stream being opened has to read ([`Hub::unknown`], then a
@@ -343,16 +356,23 @@ impl Hub {
     pub fn install(&self, auctions: Vec<Auction>) -> Vec<i64> {
         let mut inner = self.lock();
         let mut again = Vec::new();
+        let now_us = Utc::now().timestamp_micros();
         for a in auctions {
             let Some(topic) = inner.topics.get_mut(&a.id) else { continue };
-            if a.version < topic.missed {
+            let interrupted = std::mem::take(&mut topic.interrupted);
+            if interrupted || a.version < topic.missed {
                 again.push(a.id);
                 continue;
             }
-            if topic.state.as_ref().is_none_or(|held| a.version > held.version) {
-                topic.state = Some(a);
-                topic.event = None;
-            }
+            // Newer than a held state (a close this core had not heard): a change
+            // for the stream's fellow watchers too.
+            self.update(&mut inner, a.id, now_us, |topic| match &topic.state {
+                Some(held) if a.version <= held.version => false,
+                _ => {
+                    topic.state = Some(a);
+                    true
+                }
+            });
         }
         again
     }
@@ -363,16 +383,24 @@ impl Hub {
     pub fn subscribe(
         self: &Arc<Self>,
         slot: Slot,
-        ids: &[i64],
+        mut opening: Opening,
         last_version: Option<i64>,
         connection: Connection,
     ) -> Result<EventStream, Vec<i64>> {
+        let ids = std::mem::take(&mut opening.ids);
+        drop(opening);
+        let ids = &ids[..];
         let mut inner = self.lock();
+        for id in ids {
+            if let Some(topic) = inner.topics.get_mut(id) {
+                topic.opening -= 1;
+            }
+        }
         let missing: Vec<i64> =
             ids.iter().copied().filter(|id| inner.topics.get(id).is_none_or(|t| t.state.is_none())).collect();
         if !missing.is_empty() {
             for id in ids {
-                forget_if_unwatched(&mut inner.topics, *id);
+                forget_if_idle(&mut inner.topics, *id);
             }
             return Err(missing);
         }
@@ -398,7 +426,7 @@ impl Hub {
                     pending.events.push((subject, event));
                 }
                 if closed {
-                    forget_if_unwatched(&mut inner.topics, *auction);
+                    forget_if_idle(&mut inner.topics, *auction);
                 } else {
                     topic.watchers.push((id, mailbox.clone()));
                     watching.push(*auction);
@@ -419,6 +447,11 @@ impl Hub {
         watching: Vec<i64>,
         account: Option<i64>,
     ) -> EventStream {
+        if inner.draining {
+            // Opened after the drain began (it waited for a read meanwhile): ends
+            // at once like the others.
+            mailbox.lock().draining = true;
+        }
         inner.streams.insert(id, mailbox.clone());
         slot.hub = None;
         self.metrics.open.increment(1.0);
@@ -519,7 +552,9 @@ impl Hub {
             delivered += topic.watchers.len();
             if closed {
                 // Its last event is with every watcher; nothing will change it again.
-                inner.topics.remove(&auction);
+                // A stream being opened on it still gets it.
+                topic.watchers.clear();
+                forget_if_idle(&mut inner.topics, auction);
             }
         }
         delivered
@@ -670,9 +705,18 @@ impl Hub {
     }
 
     /// Ids of the auctions watched, for a reload after the notifications were
-    /// interrupted.
+    /// interrupted. The loads of streams being opened meanwhile, which may have
+    /// missed a change nobody announced, will be read again.
     pub fn watched(&self) -> Vec<i64> {
-        self.lock().topics.iter().filter(|(_, t)| t.state.is_some()).map(|(id, _)| *id).collect()
+        let mut inner = self.lock();
+        let mut ids = Vec::new();
+        for (id, topic) in &mut inner.topics {
+            match topic.state {
+                Some(_) => ids.push(*id),
+                None => topic.interrupted = true,
+            }
+        }
+        ids
     }
 
     /// Applies states read after the notifications were interrupted, like
@@ -733,17 +777,42 @@ impl Hub {
         for auction in watching {
             if let Some(topic) = inner.topics.get_mut(auction) {
                 topic.watchers.retain(|(w, _)| *w != id);
-                forget_if_unwatched(&mut inner.topics, *auction);
+                forget_if_idle(&mut inner.topics, *auction);
             }
         }
         self.metrics.open.decrement(1.0);
     }
 }
 
-/// Drops a topic nobody watches any more: its state would only age.
-fn forget_if_unwatched(topics: &mut HashMap<i64, Topic>, auction: i64) {
-    if topics.get(&auction).is_some_and(|t| t.watchers.is_empty()) {
+/// Drops a topic nobody watches or is opening a stream on any more: its state
+/// would only age.
+fn forget_if_idle(topics: &mut HashMap<i64, Topic>, auction: i64) {
+    if topics.get(&auction).is_some_and(|t| t.watchers.is_empty() && t.opening == 0) {
         topics.remove(&auction);
+    }
+}
+
+/// A stream being opened on some auctions ([`Hub::opening`]), until it is
+/// subscribed ([`Hub::subscribe`]) or given up (dropped: the client left, a read
+/// failed). Meanwhile the hub keeps their topics: a change to them is noted, and
+/// neither a close delivered to other watchers nor their leaving forgets them.
+pub struct Opening {
+    hub: Arc<Hub>,
+    ids: Vec<i64>,
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let mut inner = self.hub.lock();
+        for id in &self.ids {
+            if let Some(topic) = inner.topics.get_mut(id) {
+                topic.opening -= 1;
+                forget_if_idle(&mut inner.topics, *id);
+            }
+        }
     }
 }
 
@@ -1132,7 +1201,7 @@ mod tests {
     }
 
     /// Whether the stream has ended (rather than waiting for more).
-    fn ended(stream: &mut EventStream) -> bool {
+    fn has_ended(stream: &mut EventStream) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
         matches!(Pin::new(&mut *stream).poll_frame(&mut cx), Poll::Ready(None))
     }
@@ -1147,10 +1216,10 @@ mod tests {
         let mut newer_epoch = hub.subscribe_account(hub.reserve().unwrap(), 42, session(1));
         hub.apply(&Notice::SessionEnd(SessionEnd::One { session_id: gone.id, expires_us: 0 }), 0);
         hub.end_session(&SessionEnd::AllBefore { account_id: 42, epoch: 1, ended_us: 0 });
-        assert!(ended(&mut logged_out), "the logged-out session's stream ends");
-        assert!(ended(&mut older_epoch), "a session older than the new epoch ends");
-        assert!(!ended(&mut same_account), "the account's other session goes on");
-        assert!(!ended(&mut newer_epoch), "a session of the new epoch goes on");
+        assert!(has_ended(&mut logged_out), "the logged-out session's stream ends");
+        assert!(has_ended(&mut older_epoch), "a session older than the new epoch ends");
+        assert!(!has_ended(&mut same_account), "the account's other session goes on");
+        assert!(!has_ended(&mut newer_epoch), "a session of the new epoch goes on");
     }
 
     #[test]
@@ -1234,9 +1303,9 @@ mod tests {
     }
 
     fn open(hub: &Arc<Hub>, ids: &[i64], last: Option<i64>) -> EventStream {
-        let unknown = hub.unknown(ids, Utc::now());
+        let (opening, unknown) = hub.opening(ids, Utc::now());
         assert!(hub.install(unknown.iter().map(|id| auction(*id, 1)).collect()).is_empty());
-        hub.subscribe(hub.reserve().unwrap(), ids, last, Connection::default())
+        hub.subscribe(hub.reserve().unwrap(), opening, last, Connection::default())
             .unwrap_or_else(|m| panic!("unknown {m:?}"))
     }
 
@@ -1314,7 +1383,8 @@ mod tests {
     #[test]
     fn a_change_announced_during_the_first_read_makes_it_read_again() {
         let hub = hub(10);
-        assert_eq!(hub.unknown(&[7], Utc::now()), [7]);
+        let (_opening, unknown) = hub.opening(&[7], Utc::now());
+        assert_eq!(unknown, [7]);
         change(&hub, &bid(7, 3, 150));
         assert_eq!(hub.install(vec![auction(7, 2)]), [7], "the read missed version 3");
         assert!(hub.install(vec![auction(7, 3)]).is_empty());
@@ -1323,28 +1393,127 @@ mod tests {
     #[test]
     fn a_held_state_open_past_its_end_is_read_again_and_a_closed_one_is_not() {
         let hub = hub(10);
-        assert_eq!(hub.unknown(&[7, 8], Utc::now()), [7, 8]);
+        let unknown = |now| hub.opening(&[7, 8], now).1;
+        let (_opening, first) = hub.opening(&[7, 8], Utc::now());
+        assert_eq!(first, [7, 8]);
         let mut closed = auction(8, 2);
         closed.closed = true;
         assert!(hub.install(vec![auction(7, 1), closed]).is_empty());
-        assert!(hub.unknown(&[7, 8], Utc::now()).is_empty(), "both held, before their end");
+        assert!(unknown(Utc::now()).is_empty(), "both held, before their end");
         let after_the_end = auction(7, 1).ends_at;
-        assert_eq!(hub.unknown(&[7, 8], after_the_end), [7], "its close may not have been heard yet");
+        assert_eq!(unknown(after_the_end), [7], "its close may not have been heard yet");
         let mut heard = auction(7, 2);
         heard.closed = true;
         assert!(hub.install(vec![heard]).is_empty());
-        assert!(hub.unknown(&[7, 8], after_the_end).is_empty());
+        assert!(unknown(after_the_end).is_empty());
     }
 
     #[test]
     fn unknown_auctions_are_refused_and_forgotten() {
         let hub = hub(10);
-        assert_eq!(hub.unknown(&[7, 8], Utc::now()), [7, 8]);
+        let (opening, unknown) = hub.opening(&[7, 8], Utc::now());
+        assert_eq!(unknown, [7, 8]);
         hub.install(vec![auction(7, 1)]);
-        let refused = hub.subscribe(hub.reserve().unwrap(), &[7, 8], None, Connection::default());
+        let refused = hub.subscribe(hub.reserve().unwrap(), opening, None, Connection::default());
         assert_eq!(refused.err(), Some(vec![8]));
         assert!(hub.watched().is_empty());
         assert_eq!(hub.lock().reserved, 0, "the slot was given back");
+    }
+
+    fn closed(id: i64, version: i64) -> Auction {
+        let mut a = auction(id, version);
+        a.closed = true;
+        a
+    }
+
+    /// A stream opening on an auction held open past its end reads it again; when
+    /// that read finds it closed, the close goes to the auction's watchers too,
+    /// whose own notice of it, coming later, is then no news.
+    #[test]
+    fn a_close_read_by_a_stream_being_opened_reaches_the_other_watchers() {
+        let hub = hub(10);
+        let mut watcher = open(&hub, &[7], None);
+        ready(&mut watcher);
+        let (opening, unknown) = hub.opening(&[7], auction(7, 1).ends_at);
+        assert_eq!(unknown, [7], "held open past its end: read again");
+        assert!(hub.install(vec![closed(7, 2)]).is_empty());
+        let mut newcomer = hub.subscribe(hub.reserve().unwrap(), opening, None, Connection::default()).unwrap();
+        assert!(ready(&mut newcomer)[0].starts_with("event: closed\nid: 2\n"));
+        assert!(has_ended(&mut newcomer));
+        hub.deliver(usize::MAX, &mut ToWake::default());
+        let frames = ready(&mut watcher);
+        assert_eq!(frames.len(), 1, "{frames:?}");
+        assert!(frames[0].starts_with("event: closed\nid: 2\n"), "{frames:?}");
+        assert!(has_ended(&mut watcher));
+        change(&hub, &Notice::Auction(closed(7, 2)));
+        assert!(hub.lock().topics.is_empty(), "nothing watches a closed auction");
+    }
+
+    /// While a stream is being opened on an auction, neither the auction's close
+    /// delivered to its watchers nor their leaving forgets it: the stream opens
+    /// (on the close, if closed), not a 404.
+    #[test]
+    fn an_auction_being_opened_on_is_kept_through_its_close_and_its_watchers_leaving() {
+        let hub = hub(10);
+        let mut watcher = open(&hub, &[7], None);
+        ready(&mut watcher);
+        let (closing, _) = hub.opening(&[7], auction(7, 1).ends_at);
+        change(&hub, &Notice::Auction(closed(7, 2)));
+        ready(&mut watcher);
+        assert!(has_ended(&mut watcher));
+        assert!(hub.install(vec![closed(7, 2)]).is_empty());
+        let mut late = hub.subscribe(hub.reserve().unwrap(), closing, None, Connection::default()).unwrap();
+        assert!(ready(&mut late)[0].starts_with("event: closed\nid: 2\n"));
+        assert!(has_ended(&mut late));
+
+        let only = open(&hub, &[8], None);
+        let (opening, unknown) = hub.opening(&[8, 9], Utc::now());
+        assert_eq!(unknown, [9]);
+        drop(only);
+        assert!(hub.install(vec![auction(9, 1)]).is_empty());
+        assert!(hub.subscribe(hub.reserve().unwrap(), opening, None, Connection::default()).is_ok());
+    }
+
+    /// A stream given up while it was being opened (its client left, its read
+    /// failed) leaves nothing behind.
+    #[test]
+    fn a_stream_given_up_while_opening_leaves_no_topics() {
+        let hub = hub(10);
+        let ids: Vec<i64> = (1..=100).collect();
+        let (opening, unknown) = hub.opening(&ids, Utc::now());
+        assert_eq!(unknown.len(), 100);
+        drop(hub.claim(unknown));
+        drop(opening);
+        assert!(hub.lock().topics.is_empty());
+        let kept = open(&hub, &[7], None);
+        drop(hub.opening(&[7, 8], Utc::now()));
+        assert_eq!(hub.lock().topics.keys().collect::<Vec<_>>(), [&7], "the watched one stays");
+        drop(kept);
+    }
+
+    /// A load begun before the notifications were interrupted may have missed a
+    /// change nobody announced: it is read again.
+    #[test]
+    fn a_load_across_an_interruption_of_the_notifications_is_read_again() {
+        let hub = hub(10);
+        let (_opening, unknown) = hub.opening(&[7], Utc::now());
+        assert_eq!(unknown, [7]);
+        assert!(hub.watched().is_empty(), "nothing to reload: it has no state yet");
+        assert_eq!(hub.install(vec![auction(7, 1)]), [7]);
+        assert!(hub.install(vec![auction(7, 1)]).is_empty(), "read after the interruption");
+    }
+
+    /// A stream that waited for a read while the drain began ends at once too.
+    #[test]
+    fn a_stream_opened_after_the_drain_began_ends_with_a_retry_hint() {
+        let hub = hub(10);
+        let slot = hub.reserve().unwrap();
+        let (opening, unknown) = hub.opening(&[7], Utc::now());
+        hub.drain();
+        assert!(hub.install(unknown.iter().map(|id| auction(*id, 1)).collect()).is_empty());
+        let mut s = hub.subscribe(slot, opening, None, Connection::default()).unwrap();
+        assert_eq!(ready(&mut s).last().map(String::as_str), Some("retry: 1000\n\n"));
+        assert!(has_ended(&mut s));
     }
 
     #[test]
@@ -1458,7 +1627,8 @@ mod tests {
     #[tokio::test]
     async fn a_crowd_opening_on_one_cold_auction_costs_one_read() {
         let hub = hub(10);
-        assert_eq!(hub.unknown(&[7, 8, 9], Utc::now()), [7, 8, 9]);
+        let (_opening, unknown) = hub.opening(&[7, 8, 9], Utc::now());
+        assert_eq!(unknown, [7, 8, 9]);
         let (first, none) = hub.claim(vec![7, 8]);
         assert_eq!(first.ids(), [7, 8]);
         assert!(none.is_empty());

@@ -23,8 +23,8 @@ use crate::events::{Connection, EventStream, Refused};
 /// Auctions one stream may watch.
 pub const MAX_STREAM_AUCTIONS: usize = 100;
 
-/// How many times a stream's first read is repeated when changes keep arriving
-/// during it; past that it is served as read (the next change corrects it).
+/// How many times a stream's first read is made when changes keep arriving
+/// during it; past that the stream is refused as overloaded (503).
 const MAX_FIRST_READS: usize = 3;
 
 pub(crate) fn router() -> OpenApiRouter<Arc<Core>> {
@@ -155,7 +155,7 @@ fn parse_ids(list: &str) -> Result<Vec<i64>> {
 async fn open(core: &Core, ids: &[i64], last: Option<i64>, connection: Connection) -> Result<EventStream> {
     let slot = reserve(core)?;
     let now = Utc::now();
-    let mut wanted = core.events.unknown(ids, now);
+    let (opening, mut wanted) = core.events.opening(ids, now);
     for _ in 0..MAX_FIRST_READS {
         if wanted.is_empty() {
             break;
@@ -189,7 +189,7 @@ async fn open(core: &Core, ids: &[i64], last: Option<i64>, connection: Connectio
         // auction may well exist, so not a 404.
         return Err(Error::Overloaded);
     }
-    core.events.subscribe(slot, ids, last, connection).map_err(|_| Error::NotFound("no such auction"))
+    core.events.subscribe(slot, opening, last, connection).map_err(|_| Error::NotFound("no such auction"))
 }
 
 /// The stream goes out as the response's body: handed over past the router's
