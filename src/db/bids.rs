@@ -3,12 +3,12 @@
 //! Bids that arrive on a core while its batches are in the database go together
 //! as one call of `place_bids` (see [`super::batch`]), and each bid gets its own
 //! outcome back. `place_bids` (its newest version is in
-//! migrations/20261130000004, with proxy bids) does per batch what a
-//! single-bid statement does per bid: one lock of the batch's auctions, one
-//! write of the auctions and the bids, one commit, decided bid by bid under the
-//! row locks. A proxy's answers to a bid are decided there too. A batch is sent
+//! migrations/20261203000001; proxy bids came in 20261130000004) does per
+//! batch what a single-bid statement does per bid: one lock of the batch's
+//! auctions, one write of the auctions and the bids, one commit, decided bid by
+//! bid under the row locks. A proxy's answers to a bid are decided there too. A batch is sent
 //! sorted by auction, the order the function visits it in, and within one by
-//! rising amount (see [`place`]). With a bid lane (`--bid-lanes`), the batch's
+//! rising maximum (see [`place`]). With a bid lane (`--bid-lanes`), the batch's
 //! statement runs in its own transaction so that the lane goes back before the
 //! commit.
 //!
@@ -351,19 +351,39 @@ impl OutcomeRow {
 /// Places `requests` in one statement; returns their outcomes in the same order.
 pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) -> Result<Vec<Placed>, DbError> {
     let _timer = metrics::time_query(Query::PlaceBids);
-    let n = requests.len();
+    // A bidder's key used again within the batch: its first request (the first
+    // to arrive) is still running, so the later one is answered as any retry
+    // made meanwhile is, 409 (DESIGN.md), and not sent. Sent, it might come
+    // first in the order below, and take the key from the request that came
+    // before it.
+    let mut keys_seen: Vec<(i64, &str)> = Vec::new();
+    let mut order: Vec<usize> = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        if let Some(key) = r.idempotency_key.as_deref() {
+            if keys_seen.contains(&(r.bid.bidder_id, key)) {
+                continue;
+            }
+            keys_seen.push((r.bid.bidder_id, key));
+        }
+        order.push(i);
+    }
     // Sent sorted by auction, the order place_bids visits them in (it then has
-    // nothing to sort), and within one auction by rising amount, arrival order
-    // kept among equal ones (a stable sort). A batch's bids were all waiting at
-    // once, so any order of them is one they could have arrived in; rising
-    // amounts refuse none that a higher bid of the same batch made too low.
-    // Side by side against arrival order (`loadtest/ab --load '--hot-auctions
-    // 10'`, 10 and 20 rounds, 2026-12-03): refused bids 0.95x (fewer in 21
-    // rounds of 30, sign test p = 0.04), accepted bids/s 0.99x and p99 0.98x
-    // (p = 1 and 0.82). Most refusals there are not in a batch but between
-    // batches: one that commits after another's bids on the same auction.
-    let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by_key(|&i| (requests[i].bid.auction_id, requests[i].bid.amount.get()));
+    // nothing to sort), and within one auction by rising maximum (a plain bid's
+    // is its amount), arrival order kept among equal ones (a stable sort), so
+    // that of equal maximums the earlier still wins. A batch's bids were all
+    // waiting at once, so any order of them is one they could have arrived in;
+    // rising amounts refuse none that a higher bid of the same batch made too
+    // low. Side by side against arrival order (`loadtest/ab --load
+    // '--hot-auctions 10'`, 10 and 20 rounds, 2026-12-03): refused bids 0.95x
+    // (fewer in 21 rounds of 30, sign test p = 0.04), accepted bids/s 0.99x and
+    // p99 0.98x (p = 1 and 0.82). Most refusals there are not in a batch but
+    // between batches: one that commits after another's bids on the same
+    // auction.
+    order.sort_by_key(|&i| {
+        let bid = &requests[i].bid;
+        (bid.auction_id, bid.max_amount.unwrap_or(bid.amount).get())
+    });
+    let n = order.len();
     let mut auctions = Vec::with_capacity(n);
     let mut bidders = Vec::with_capacity(n);
     let mut amounts = Vec::with_capacity(n);
@@ -401,7 +421,7 @@ pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) 
     }
     // Each row names its bid's position in what was sent; put it at the bid's
     // position in the batch.
-    let mut results: Vec<Option<Placed>> = vec![None; n];
+    let mut results: Vec<Option<Placed>> = vec![None; requests.len()];
     for row in rows {
         let sent = (row.ord as usize).wrapping_sub(1);
         let Some(&i) = order.get(sent).filter(|&&i| results[i].is_none()) else {
@@ -409,7 +429,7 @@ pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) 
         };
         results[i] = Some(row.decode(requests[i])?);
     }
-    Ok(results.into_iter().flatten().collect())
+    Ok(results.into_iter().map(|placed| placed.unwrap_or(Placed::KeyInUse)).collect())
 }
 
 /// One recorded bid, as the history lists it: never with its maximum.

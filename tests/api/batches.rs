@@ -14,13 +14,17 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 
-use crate::helpers::{TestApp, eventually, spawn_app};
+use crate::helpers::{TestApp, eventually, spawn_app, spawn_app_with};
 
 fn request(auction_id: i64, bidder: i64, amount: i64, key: Option<&str>) -> BidRequest {
     BidRequest {
         bid: NewBid::parse(auction_id, amount, None, bidder).unwrap(),
         idempotency_key: key.map(str::to_owned),
     }
+}
+
+fn proxy_request(auction_id: i64, bidder: i64, amount: i64, max_amount: i64) -> BidRequest {
+    BidRequest { bid: NewBid::parse(auction_id, amount, Some(max_amount), bidder).unwrap(), idempotency_key: None }
 }
 
 /// Places `requests` as one batch, as the batcher would.
@@ -70,7 +74,7 @@ async fn one_batch_of_good_and_bad_bids_gives_each_its_own_outcome() {
             request(a, 999_999, 1000, None), // no such account
             request(ended, 2, 1000, None),   // too late
             request(a, 5, 110, Some("k-1")), // accepted, keyed
-            request(a, 5, 110, Some("k-1")), // the same key again: the first's outcome
+            request(a, 5, 110, Some("k-1")), // the same key again: the first is still running
             request(b, 6, 504, None),        // below 500 + 5
             request(a, 6, 500, None),        // accepted: beats the keyed one
         ],
@@ -83,13 +87,8 @@ async fn one_batch_of_good_and_bad_bids_gives_each_its_own_outcome() {
     assert_eq!(outcomes[3], Placed::TooLow { min_next_bid: 110 });
     assert_eq!(outcomes[4], Placed::UnknownAccount);
     assert_eq!(outcomes[5], Placed::Closed);
-    let Placed::Accepted { bid_id: keyed_id, state: Some(keyed_state), .. } = outcomes[6] else {
-        panic!("keyed bid: {:?}", outcomes[6])
-    };
-    match &outcomes[7] {
-        Placed::Accepted { bid_id, amount: 110, min_next_bid: 120, state: None, .. } => assert_eq!(*bid_id, keyed_id),
-        other => panic!("a replay answers the first outcome and changes nothing: {other:?}"),
-    }
+    let Placed::Accepted { state: Some(keyed_state), .. } = outcomes[6] else { panic!("keyed bid: {:?}", outcomes[6]) };
+    assert_eq!(outcomes[7], Placed::KeyInUse);
     assert_eq!(outcomes[8], Placed::TooLow { min_next_bid: 505 });
     let Placed::Accepted { state: Some(last), min_next_bid, .. } = outcomes[9] else { panic!("{:?}", outcomes[9]) };
     assert_eq!(min_next_bid, 510);
@@ -137,6 +136,86 @@ async fn a_batch_decides_one_auctions_bids_in_rising_amounts() {
     let rows: Vec<(i64, i64)> =
         bid_rows(&app, a).await.into_iter().map(|(_, bidder, amount)| (bidder, amount)).collect();
     assert_eq!(rows, [(4, 150), (3, 200), (2, 300)]);
+}
+
+/// Equal maximums go to the earlier bid, in a batch too, whatever their
+/// amounts: a batch orders one auction's bids by maximum, not by amount.
+#[tokio::test]
+async fn of_equal_maximums_in_one_batch_the_earlier_leads() {
+    let app = spawn_app().await;
+    let a = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+
+    let outcomes = place(&app, &[proxy_request(a, 2, 300, 1000), proxy_request(a, 3, 200, 1000)]).await;
+
+    let Placed::Accepted { state: Some(state), .. } = outcomes[0] else { panic!("the earlier leads: {outcomes:?}") };
+    assert_eq!((state.high_bid, state.high_bidder), (300, 2));
+    assert_eq!(outcomes[1], Placed::TooLow { min_next_bid: 310 });
+}
+
+/// A bidder's key used twice in one batch: the first to arrive runs, and the
+/// other is answered as a retry made while the first still runs (409), whatever
+/// its body and wherever the batch's order would put it.
+#[tokio::test]
+async fn a_key_used_twice_in_one_batch_goes_to_the_first_to_arrive() {
+    let app = spawn_app().await;
+    let low = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let high = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+
+    let outcomes = place(
+        &app,
+        &[
+            request(high, 2, 300, Some("k")),
+            request(high, 2, 200, Some("k")), // lower: sorted before the first
+            request(low, 2, 100, Some("k")),  // on an auction sorted first
+            request(high, 3, 150, Some("k")), // another bidder's key: accepted, then outbid
+        ],
+    )
+    .await;
+
+    assert_eq!(accepted_amount(&outcomes[0]), 300);
+    assert_eq!(outcomes[1..3], [Placed::KeyInUse, Placed::KeyInUse]);
+    assert_eq!(accepted_amount(&outcomes[3]), 150);
+    assert!(bid_rows(&app, low).await.is_empty());
+    let again = place(&app, &[request(high, 2, 300, Some("k")), request(low, 2, 100, Some("k"))]).await;
+    assert!(matches!(again[0], Placed::Accepted { amount: 300, state: None, .. }), "a replay: {again:?}");
+    assert_eq!(again[1], Placed::KeyInUse);
+}
+
+/// place_bids judges a bid by the time its statement starts: with a bid lane, a
+/// batch's transaction begins before the batch is complete, and a bid that came
+/// after its auction's end must not pass as in time because its transaction
+/// began before it, nor push the end out.
+#[tokio::test]
+async fn a_bid_after_the_end_is_refused_in_a_transaction_begun_before_it() {
+    let app = spawn_app_with(&["--lifecycle-tick", "1h"]).await;
+    let plain = app.open_auction(100, 10, 1.0, 0).await["id"].as_i64().unwrap();
+    let sniped = app.open_auction(100, 10, 1.0, 30).await["id"].as_i64().unwrap();
+    let ends_at = |id: i64| {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("select ends_at from auctions where id = $1")
+            .bind(id)
+            .fetch_one(&app.db)
+    };
+    let (plain_end, sniped_end) = (ends_at(plain).await.unwrap(), ends_at(sniped).await.unwrap());
+
+    let mut tx = app.db.begin().await.unwrap();
+    sqlx::query("select 1").execute(&mut *tx).await.unwrap();
+    eventually(Duration::from_secs(10), "both auctions ended by the database's clock", || async {
+        sqlx::query_scalar::<_, bool>("select clock_timestamp() > greatest($1, $2)")
+            .bind(plain_end)
+            .bind(sniped_end)
+            .fetch_one(&app.db)
+            .await
+            .unwrap()
+            .then_some(())
+    })
+    .await;
+    let refs = [request(plain, 2, 100, None), request(sniped, 2, 100, None)];
+    let outcomes = bids::place(&mut *tx, &refs.iter().collect::<Vec<_>>()).await.unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(outcomes, [Placed::Closed, Placed::Closed]);
+    assert!(bid_rows(&app, plain).await.is_empty() && bid_rows(&app, sniped).await.is_empty());
+    assert_eq!(ends_at(sniped).await.unwrap(), sniped_end, "the end was not pushed out");
 }
 
 /// gavel sends a batch sorted by auction; sent in any other order, place_bids
