@@ -8,6 +8,13 @@
 -- when `place_bids` was called, after every bid of its batch had arrived: it
 -- decides open or closed, anti-sniping's window and a buy-now's end, and it is
 -- now each recorded bid's `created_at`, which was the transaction's start too.
+--
+-- And an auction a buy-now closed is announced whole (`auction`) inside the
+-- batch's transaction, before its `ended`: until now its closed state travelled
+-- only in the batch's announcement, sent after the commit and lost if gavel
+-- died in between, and the `ended` that did arrive carries no state, so the
+-- other cores' caches and event streams kept it open.
+--
 -- Nothing else changes from the previous version (20261130000004).
 
 create or replace function place_bids(
@@ -273,6 +280,12 @@ begin
 
     -- Rare: only an auction's first bid can meet its buy-now price.
     for k in 1 .. coalesce(array_length(sold, 1), 0) loop
+        -- The closed auction whole, as its row trigger sends any change but a
+        -- bid: the batch's announcement comes after the commit, and is lost if
+        -- gavel dies first, and a closed auction has no next change to catch up
+        -- on. This transaction notifies already (`ended`), so its commit costs
+        -- no more.
+        perform pg_notify('gavel_cache', auction_json(sold[k]));
         perform pg_notify('gavel_cache', json_build_object(
             'kind', 'ended',
             'at_us', (extract(epoch from clock_timestamp()) * 1000000)::bigint,

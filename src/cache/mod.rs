@@ -176,10 +176,22 @@ impl<K: Hash + Eq, V: Versioned> Map<K, V> {
     }
 }
 
+/// How many auctions' announced versions a core remembers while it does not hold
+/// them ([`Inner::unheld`]): a read in flight when its auction's bid was announced
+/// needs the version only until it lands, some milliseconds; 4,096 is the last
+/// 0.2 s at 20,000 bids a second on as many auctions.
+const UNHELD_MEMORY: usize = 4096;
+
 struct Inner {
     live: bool,
     limits: CacheLimits,
     auctions: Map<i64, Auction>,
+    /// The newest version announced by a bid state of an auction this cache did
+    /// not hold (which cannot create an entry). A read from the database that
+    /// began before that bid and lands after its announcement is older, and is
+    /// not kept: cached, it would be served as current until the auction's next
+    /// change.
+    unheld: LruCache<i64, i64>,
     inventory: Map<String, Item>,
     sessions: EndedSessions,
 }
@@ -226,6 +238,7 @@ impl Caches {
                 live: false,
                 limits,
                 auctions: Map::new(),
+                unheld: LruCache::new(UNHELD_MEMORY),
                 inventory: Map::new(),
                 sessions: EndedSessions::default(),
             }),
@@ -275,26 +288,44 @@ impl Caches {
         self.lock().auctions.entries.peek(&id).map(|e| f(&e.value))
     }
 
-    /// Stores `auction` unless a newer or equal version is held, or it closed
-    /// longer ago than the cache keeps closed auctions.
+    /// Stores `auction` unless a newer or equal version is held or was announced
+    /// while it was not held, or it closed longer ago than the cache keeps closed
+    /// auctions.
     pub fn apply_auction(&self, auction: Auction) -> Applied {
         let inner = &mut *self.lock();
         if outstayed(&auction, Utc::now(), &inner.limits) {
             return Applied::Stale;
         }
-        inner.auctions.apply(auction.id, auction, inner.limits.capacity)
+        let id = auction.id;
+        if inner.unheld.peek(&id).is_some_and(|announced| is_newer(auction.version, *announced)) {
+            return Applied::Stale;
+        }
+        let applied = inner.auctions.apply(id, auction, inner.limits.capacity);
+        inner.unheld.remove(&id);
+        applied
     }
 
     /// Applies what a bid changed to the cached auction, if it is held and older.
-    /// An auction that is not held stays so: its first read loads it whole.
+    /// An auction that is not held stays so: its first read loads it whole (and
+    /// a read older than this state is not kept).
     pub fn apply_bid(&self, state: &BidState) -> Applied {
-        match self.lock().auctions.entries.peek_mut(&state.auction_id) {
+        let inner = &mut *self.lock();
+        match inner.auctions.entries.peek_mut(&state.auction_id) {
             Some(held) if is_newer(held.value.version, state.version) => {
                 held.value.apply_bid(state);
                 held.view = None;
                 Applied::Newer
             }
-            _ => Applied::Stale,
+            Some(_) => Applied::Stale,
+            None => {
+                match inner.unheld.get_mut(&state.auction_id) {
+                    Some(announced) => *announced = (*announced).max(state.version),
+                    None => {
+                        inner.unheld.insert(state.auction_id, state.version);
+                    }
+                }
+                Applied::Stale
+            }
         }
     }
 
@@ -473,7 +504,7 @@ mod tests {
         let c = Caches::default();
         assert_eq!(c.apply_bid(&bid(2, 150)), Applied::Stale, "an auction not held stays so");
         assert_eq!(c.with_any_auction(7, |a| a.id), None);
-        c.apply_auction(auction(1, None));
+        assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Newer);
         assert_eq!(c.apply_bid(&bid(3, 170)), Applied::Newer);
         assert_eq!(c.apply_bid(&bid(2, 150)), Applied::Stale, "an older state is dropped");
         assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Stale);
@@ -481,6 +512,23 @@ mod tests {
             c.with_any_auction(7, |a| (a.version, a.high_bid, a.high_bidder, a.bid_count, a.ends_at.timestamp())),
             Some((3, Some(170), Some(4), 2, 4_000_000_030))
         );
+    }
+
+    /// A read from the database that began before a bid and lands after the
+    /// bid's announcement (which found the auction not held) is older than what
+    /// was announced: it is not kept, and the next read goes to the database.
+    #[test]
+    fn a_read_older_than_a_bid_announced_while_not_held_is_not_kept() {
+        let c = Caches::default();
+        c.set_live(true);
+        assert_eq!(c.apply_bid(&bid(3, 170)), Applied::Stale);
+        assert_eq!(c.apply_bid(&bid(2, 150)), Applied::Stale);
+        assert_eq!(c.apply_auction(auction(1, None)), Applied::Stale, "read before both bids");
+        assert_eq!(c.apply_auction(auction(2, Some(150))), Applied::Stale, "read between them");
+        assert!(c.auction(7).is_none(), "the next read goes to the database");
+        assert_eq!(c.apply_auction(auction(3, Some(170))), Applied::Newer);
+        assert_eq!(c.apply_bid(&bid(4, 180)), Applied::Newer);
+        assert_eq!(c.auction(7).map(|a| a.version), Some(4));
     }
 
     #[test]

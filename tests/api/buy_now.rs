@@ -96,3 +96,35 @@ async fn of_racing_buy_now_bids_exactly_one_wins() {
     assert_eq!(app.all_bids(id).await.len(), 1);
     assert_eq!(app.auction(id, true).await["status"], "closed");
 }
+
+/// A buy-now's closed state is announced whole by the batch's own transaction:
+/// the core's announcement of the batch comes after the commit and is lost if
+/// gavel dies first, and a closed auction has no next change to catch up on.
+#[tokio::test]
+async fn a_buy_now_close_is_announced_by_its_own_transaction() {
+    let app = spawn_app().await;
+    let id = auction_with_buy_now(&app, 1000, 5000).await;
+    let mut listener = sqlx::postgres::PgListener::connect_with(&app.db).await.unwrap();
+    listener.listen(gavel::db::CACHE_CHANNEL).await.unwrap();
+
+    // Placed as a batch, with no announcement after it: as if gavel died there.
+    let request = gavel::db::bids::BidRequest {
+        bid: gavel::domain::bid::NewBid::parse(id, 5000, None, 3).unwrap(),
+        idempotency_key: None,
+    };
+    let placed = gavel::db::bids::place(&app.db, &[&request]).await.unwrap();
+    assert!(matches!(placed[0], gavel::db::bids::Placed::Accepted { .. }), "{placed:?}");
+
+    let mut closed = None;
+    while let Ok(received) = tokio::time::timeout(Duration::from_secs(2), listener.recv()).await {
+        if let gavel::db::notice::Notice::Auction(a) =
+            gavel::db::notice::parse(received.unwrap().payload()).unwrap().notice
+            && a.id == id
+        {
+            closed = Some(a);
+        }
+    }
+    let closed = closed.expect("the closed auction was announced");
+    assert!(closed.closed, "{closed:?}");
+    assert_eq!((closed.winner_id, closed.high_bid, closed.version), (Some(3), Some(5000), 2));
+}
