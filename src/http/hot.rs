@@ -27,7 +27,7 @@ use std::time::{Instant, SystemTime};
 use axum::Router;
 use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Request};
-use axum::http::{Method, header};
+use axum::http::Method;
 use axum::response::Response;
 use axum::routing::future::RouteFuture;
 use bytes::Bytes;
@@ -96,9 +96,8 @@ fn routed(path: &str, headers: &[httparse::Header<'_>]) -> Raw {
 }
 
 /// Whether a header leaves a GET in the form [`App::answer_raw`] answers: no
-/// body, no connection management (a `close`, an upgrade), no expectation,
-/// and no cross-origin read when CORS is on (its layer adds headers).
-fn plain_header(name: &[u8], value: &[u8], cors: bool) -> bool {
+/// body, no connection management (a `close`, an upgrade), no expectation.
+fn plain_header(name: &[u8], value: &[u8]) -> bool {
     let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
     if is("content-length") {
         return value.trim_ascii() == b"0";
@@ -106,7 +105,7 @@ fn plain_header(name: &[u8], value: &[u8], cors: bool) -> bool {
     if is("connection") {
         return value.trim_ascii().eq_ignore_ascii_case(b"keep-alive");
     }
-    !(is("transfer-encoding") || is("upgrade") || is("expect") || (cors && is("origin")))
+    !(is("transfer-encoding") || is("upgrade") || is("expect"))
 }
 
 /// The whole public API of one core: the hot reads, then the router.
@@ -138,14 +137,15 @@ impl App {
 
     /// The cache's answer to `request`, if it is a hot read of a cached row.
     fn answer<B>(&self, request: &Request<B>) -> Option<Response<AppBody>> {
-        // A browser's cross-origin read needs the CORS layer's headers.
-        if !self.core.web.cors_origins.is_empty() && request.headers().contains_key(header::ORIGIN) {
+        // With CORS on, the layer adds headers to every answer (`Vary` among
+        // them, Origin or not): the router's read answers from the cache too.
+        if !self.core.web.cors_origins.is_empty() {
             return None;
         }
         let hot = classify(request)?;
         let started = Instant::now();
         let (route, view) = self.view(hot, SystemTime::now())?;
-        let mut response = respond::cached(view, request.headers().get(header::IF_NONE_MATCH));
+        let mut response = respond::cached(view, respond::if_none_match(request.headers()).as_ref());
         let in_flight = InFlight::start(Route::Template(route), "GET", started);
         Outgoing { id: request_id::of(request.headers()), in_flight }.finish(&mut response);
         Some(response)
@@ -159,18 +159,22 @@ impl App {
     /// request of any other kind goes to hyper unread, with everything after
     /// it: see `runtime::fast`.
     pub fn answer_raw(&self, request: &httparse::Request<'_, '_>, out: &mut Vec<u8>) -> Raw {
-        if request.method != Some("GET") || request.version != Some(1) {
+        if request.method != Some("GET") || request.version != Some(1) || !self.core.web.cors_origins.is_empty() {
             return Raw::Other;
         }
         let Some((path, hot)) = request.path.and_then(|p| Some((p, classify_path(p)?))) else { return Raw::Other };
         let (mut tags, mut id) = (None, None);
+        // `If-None-Match` in several lines, one list (RFC 9110 §5.3): rare, so
+        // looked through again only then.
+        let mut tag_lines = 0;
         for h in request.headers.iter() {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"if-none-match") {
                 tags.get_or_insert(h.value);
+                tag_lines += 1;
             } else if name.eq_ignore_ascii_case(request_id::HEADER.as_str().as_bytes()) {
                 id.get_or_insert(h.value);
-            } else if !plain_header(name, h.value, !self.core.web.cors_origins.is_empty()) {
+            } else if !plain_header(name, h.value) {
                 return Raw::Other;
             }
         }
@@ -178,7 +182,13 @@ impl App {
         let now = SystemTime::now();
         let Some((route, view)) = self.view(hot, now) else { return routed(path, request.headers) };
         let in_flight = InFlight::start(Route::Template(route), "GET", started);
-        let not_modified = tags.is_some_and(|t| respond::names_raw(t, &view.etag));
+        let not_modified = match tag_lines {
+            0 | 1 => tags.is_some_and(|t| respond::names_raw(t, &view.etag)),
+            _ => request
+                .headers
+                .iter()
+                .any(|h| h.name.eq_ignore_ascii_case("if-none-match") && respond::names_raw(h.value, &view.etag)),
+        };
         respond::write_cached(out, &view, not_modified, now, |out| request_id::write_raw(id, out));
         in_flight.answered(if not_modified { 304 } else { 200 });
         Raw::Answered
@@ -326,7 +336,7 @@ mod tests {
     fn only_plain_heads_stay_off_hyper() {
         for (name, value) in [("content-length", "0"), ("Connection", "Keep-Alive"), ("accept", "*/*"), ("origin", "x")]
         {
-            assert!(plain_header(name.as_bytes(), value.as_bytes(), false), "{name}: {value}");
+            assert!(plain_header(name.as_bytes(), value.as_bytes()), "{name}: {value}");
         }
         for (name, value) in [
             ("content-length", "2"),
@@ -336,9 +346,8 @@ mod tests {
             ("upgrade", "h2c"),
             ("expect", "100-continue"),
         ] {
-            assert!(!plain_header(name.as_bytes(), value.as_bytes(), false), "{name}: {value}");
+            assert!(!plain_header(name.as_bytes(), value.as_bytes()), "{name}: {value}");
         }
-        assert!(!plain_header(b"Origin", b"https://shop.example", true), "CORS adds headers");
     }
 
     /// The labels the hot reads record are the router's own route templates, so a

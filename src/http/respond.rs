@@ -10,7 +10,7 @@
 //! Cached reads no longer serialise per request at all (see [`cached`]).
 
 use axum::body::Body;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -97,6 +97,20 @@ pub fn cached<B: From<Bytes> + Default>(view: View, if_none_match: Option<&Heade
     headers.insert(header::ETAG, view.etag);
     headers.insert(header::CACHE_CONTROL, CACHED_READ);
     response
+}
+
+/// The request's `If-None-Match`, its lines made one list if it came in several,
+/// as RFC 9110 §5.3 combines a field's lines.
+pub fn if_none_match(headers: &HeaderMap) -> Option<HeaderValue> {
+    let mut lines = headers.get_all(header::IF_NONE_MATCH).iter();
+    let first = lines.next()?;
+    let Some(second) = lines.next() else { return Some(first.clone()) };
+    let mut list = first.as_bytes().to_vec();
+    for line in std::iter::once(second).chain(lines) {
+        list.extend_from_slice(b", ");
+        list.extend_from_slice(line.as_bytes());
+    }
+    HeaderValue::from_bytes(&list).ok()
 }
 
 /// Whether an `If-None-Match` value names `etag`: `*`, or a list of entity tags

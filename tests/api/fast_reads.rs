@@ -384,3 +384,40 @@ async fn an_idle_connection_after_a_fast_read_is_closed_by_the_drain() {
     // drain left open.
     assert_eq!(stream.read(&mut buf).expect("closed by the drain"), 0);
 }
+
+/// `If-None-Match` in several lines is one list (RFC 9110 §5.3): a 304 when any
+/// line names the current version, from gavel's reader, through hyper, and on
+/// a read the cache does not hold.
+#[tokio::test]
+async fn if_none_match_in_several_lines_is_one_list() {
+    let app = spawn_app().await;
+    let (auction, _) = cached_rows(&app).await;
+    let etag = app.get(&auction).await.headers()["etag"].to_str().unwrap().to_owned();
+    let addr = app.addr;
+    let conditional = move |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: gavel\r\nif-none-match: \"999\"\r\nif-none-match: \"998\", {etag}\r\n\r\n"
+        )
+    };
+    let consistent = format!("{auction}?consistent=true");
+    tokio::task::spawn_blocking(move || {
+        let mut fast = connect(addr);
+        let mut pending = Vec::new();
+        fast.write_all(conditional(&auction).as_bytes()).unwrap();
+        let (head, body) = read_answer(&mut fast, &mut pending);
+        assert!(head.starts_with("HTTP/1.1 304"), "gavel's reader: {head}");
+        assert!(body.is_empty());
+
+        let mut slow = connect(addr);
+        let mut pending = Vec::new();
+        slow.write_all(get("/health", "first").as_bytes()).unwrap();
+        read_answer(&mut slow, &mut pending);
+        for path in [&auction, &consistent] {
+            slow.write_all(conditional(path).as_bytes()).unwrap();
+            let (head, _) = read_answer(&mut slow, &mut pending);
+            assert!(head.starts_with("HTTP/1.1 304"), "hyper, {path}: {head}");
+        }
+    })
+    .await
+    .unwrap();
+}

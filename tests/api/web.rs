@@ -54,6 +54,25 @@ async fn a_cross_origin_read_carries_the_cors_headers_even_from_the_cache() {
     assert!(!other.headers().contains_key("access-control-allow-origin"));
 }
 
+/// With CORS on, its layer adds headers to every answer, `Vary: Origin` among
+/// them, whether the request names an origin or not: a read the cache answers
+/// carries them as a read from the database does.
+#[tokio::test]
+async fn with_cors_on_a_cached_read_carries_what_a_first_read_does() {
+    let app = spawn_app_with(&["--cors-origin", SHOP]).await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    let path = format!("/api/auctions/{id}");
+    let vary = |h: &HeaderMap| header(h, "vary").map(str::to_owned);
+    let first = app.get(&format!("{path}?consistent=true")).await;
+    let cached = app.get(&path).await;
+    assert_eq!(cached.status(), StatusCode::OK);
+    assert!(vary(first.headers()).is_some_and(|v| v.contains("origin")), "{:?}", first.headers());
+    assert_eq!(vary(cached.headers()), vary(first.headers()));
+    for name in ["access-control-allow-credentials", "access-control-expose-headers"] {
+        assert_eq!(header(cached.headers(), name), header(first.headers(), name), "{name}");
+    }
+}
+
 #[tokio::test]
 async fn without_listed_origins_there_is_no_cross_origin_access() {
     let app = spawn_app().await;

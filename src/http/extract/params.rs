@@ -71,7 +71,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IfNoneMatch {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(IfNoneMatch(parts.headers.get(header::IF_NONE_MATCH).cloned()))
+        Ok(IfNoneMatch(crate::http::respond::if_none_match(&parts.headers)))
     }
 }
 
