@@ -88,7 +88,9 @@ pub async fn serve(
             Next::Read => (false, false),
             Next::Hyper => (true, false),
             Next::Route(request) => {
-                let Ok(response) = hyper::service::Service::call(app, *request).await;
+                let Some(response) = route(app, *request, &mut stream, &mut read).await else {
+                    return Ended::Closed;
+                };
                 if !write_whole(response, &mut out).await {
                     return Ended::Closed;
                 }
@@ -132,6 +134,34 @@ pub async fn serve(
             Ok(_) => {}
         }
     }
+}
+
+/// The router's answer to `request`, or `None` if the client closed the
+/// connection meanwhile: then the call is dropped, its database read with it,
+/// and counted as hyper counts a request it drops for that (499). What the
+/// client sends meanwhile is kept in `read` for after the answer, up to
+/// [`MAX_HEAD`] more; past that the answer is awaited without watching.
+async fn route(
+    app: &App,
+    request: axum::http::Request<axum::body::Body>,
+    stream: &mut TcpStream,
+    read: &mut BytesMut,
+) -> Option<Response<AppBody>> {
+    let mut call = std::pin::pin!(hyper::service::Service::call(app, request));
+    let most = read.len() + MAX_HEAD;
+    while read.len() < most {
+        read.reserve(READ_CHUNK);
+        tokio::select! {
+            biased;
+            Ok(response) = &mut call => return Some(response),
+            got = stream.read_buf(read) => match got {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+        }
+    }
+    let Ok(response) = call.await;
+    Some(response)
 }
 
 /// What comes after the answers [`answer_all`] wrote.

@@ -421,3 +421,57 @@ async fn if_none_match_in_several_lines_is_one_list() {
     .await
     .unwrap();
 }
+
+/// A miss whose client closes the connection while the database is read is
+/// given up, as hyper gives up a request whose client left: counted 499, out
+/// of the in-flight gauge. Bytes a client pipelines behind a miss are still
+/// answered after it.
+#[tokio::test]
+async fn a_miss_whose_client_left_is_given_up_and_counted_499() {
+    let app = spawn_app_with(&["--cache-capacity", "1"]).await;
+    let first = app.open_auction(100, 10, 600.0, 0).await["id"].as_i64().unwrap();
+    let second = app.open_auction(200, 10, 600.0, 0).await["id"].as_i64().unwrap();
+    let route = ["route=\"/api/auctions/{id}\"", "status=\"499\""];
+    let before = sum(&app.scrape().await, "http_requests_total", &route);
+    // Every read of the auctions waits for this lock.
+    let mut lock = app.db.begin().await.unwrap();
+    sqlx::query("lock table auctions in access exclusive mode").execute(&mut *lock).await.unwrap();
+    let addr = app.addr;
+    let waiting = tokio::task::spawn_blocking(move || {
+        let mut left = connect(addr);
+        left.write_all(get(&format!("/api/auctions/{first}"), "gone").as_bytes()).unwrap();
+        let mut stays = connect(addr);
+        // A miss, then (while it waits) a cached read.
+        let both = [get(&format!("/api/auctions/{first}"), "s1"), get(&format!("/api/auctions/{second}"), "s2")];
+        stays.write_all(both[0].as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        stays.write_all(both[1].as_bytes()).unwrap();
+        drop(left);
+        stays
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(5), "the miss whose client left is counted 499", || async {
+        (sum(&app.scrape().await, "http_requests_total", &route) == before + 1.0).then_some(())
+    })
+    .await;
+    lock.rollback().await.unwrap();
+    tokio::task::spawn_blocking(move || {
+        let mut stays = waiting;
+        let mut pending = Vec::new();
+        for (rid, id) in [("s1", first), ("s2", second)] {
+            let (head, body) = read_answer(&mut stays, &mut pending);
+            assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+            assert_eq!(header(&head, "x-request-id"), Some(rid));
+            assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["id"], id);
+        }
+    })
+    .await
+    .unwrap();
+    let text = eventually(Duration::from_secs(5), "nothing in flight", || async {
+        let text = app.scrape().await;
+        (sum(&text, "http_requests_in_flight", &[]) == 0.0).then_some(text)
+    })
+    .await;
+    assert_eq!(sum(&text, "http_requests_total", &route), before + 1.0, "{text}");
+}
