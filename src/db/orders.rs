@@ -74,18 +74,33 @@ struct OutcomeRow {
 }
 
 /// Places `requests` in one statement; returns their outcomes in the same order.
-async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
+pub async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
     let _timer = metrics::time_query(Query::PlaceOrders);
-    let mut buyers = Vec::with_capacity(requests.len());
-    let mut keys: Vec<Option<&str>> = Vec::with_capacity(requests.len());
-    let mut fingerprints: Vec<Option<String>> = Vec::with_capacity(requests.len());
-    let (mut line_orders, mut skus, mut quantities) = (Vec::new(), Vec::new(), Vec::new());
+    // A buyer's key used again within the batch: its first request is still
+    // running, so the later one is answered as any retry made meanwhile is
+    // (409), and not sent: `place_orders` claims a batch's keys before it places
+    // any order, and both claims of one session would succeed.
+    let mut keys_seen: Vec<(i64, &str)> = Vec::new();
+    let mut sent: Vec<usize> = Vec::with_capacity(requests.len());
     for (i, r) in requests.iter().enumerate() {
+        if let Some(key) = r.idempotency_key.as_deref() {
+            if keys_seen.contains(&(r.buyer, key)) {
+                continue;
+            }
+            keys_seen.push((r.buyer, key));
+        }
+        sent.push(i);
+    }
+    let mut buyers = Vec::with_capacity(sent.len());
+    let mut keys: Vec<Option<&str>> = Vec::with_capacity(sent.len());
+    let mut fingerprints: Vec<Option<String>> = Vec::with_capacity(sent.len());
+    let (mut line_orders, mut skus, mut quantities) = (Vec::new(), Vec::new(), Vec::new());
+    for (position, r) in sent.iter().map(|&i| requests[i]).enumerate() {
         buyers.push(r.buyer);
         keys.push(r.idempotency_key.as_deref());
         fingerprints.push(r.idempotency_key.as_ref().map(|_| r.order.fingerprint()));
         for (sku, quantity) in r.order.skus.iter().zip(&r.order.quantities) {
-            line_orders.push(i as i32 + 1);
+            line_orders.push(position as i32 + 1);
             skus.push(sku.as_str());
             quantities.push(*quantity);
         }
@@ -105,33 +120,31 @@ async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>,
     )
     .fetch_all(pool)
     .await?;
-    if rows.len() != requests.len() {
-        return Err(protocol(format!("place_orders returned {} outcomes for {} orders", rows.len(), requests.len())));
+    if rows.len() != sent.len() {
+        return Err(protocol(format!("place_orders returned {} outcomes for {} orders", rows.len(), sent.len())));
     }
-    rows.into_iter()
-        .enumerate()
-        .map(|(i, row)| {
-            if row.ord as usize != i + 1 {
-                return Err(protocol(format!("place_orders answered out of order at {}", row.ord)));
+    let mut results: Vec<Option<Placed>> = vec![None; requests.len()];
+    for (position, row) in rows.into_iter().enumerate() {
+        if row.ord as usize != position + 1 {
+            return Err(protocol(format!("place_orders answered out of order at {}", row.ord)));
+        }
+        let missing = || protocol(format!("order outcome {} without its details", row.outcome));
+        results[sent[position]] = Some(match row.outcome.as_str() {
+            "reserved" => {
+                Placed::Reserved { id: row.order_id.ok_or_else(missing)?, body: row.body.clone().ok_or_else(missing)? }
             }
-            let missing = || protocol(format!("order outcome {} without its details", row.outcome));
-            Ok(match row.outcome.as_str() {
-                "reserved" => Placed::Reserved {
-                    id: row.order_id.ok_or_else(missing)?,
-                    body: row.body.clone().ok_or_else(missing)?,
-                },
-                "insufficient_stock" => Placed::InsufficientStock {
-                    sku: row.failed_sku.clone().ok_or_else(missing)?,
-                    available: row.available.ok_or_else(missing)?,
-                },
-                "unknown_sku" => Placed::UnknownSku(row.failed_sku.clone().ok_or_else(missing)?),
-                "unknown_account" => Placed::UnknownAccount,
-                "key_mismatch" => Placed::KeyMismatch,
-                "key_in_use" => Placed::KeyInUse,
-                other => return Err(protocol(format!("unexpected order outcome {other}"))),
-            })
-        })
-        .collect()
+            "insufficient_stock" => Placed::InsufficientStock {
+                sku: row.failed_sku.clone().ok_or_else(missing)?,
+                available: row.available.ok_or_else(missing)?,
+            },
+            "unknown_sku" => Placed::UnknownSku(row.failed_sku.clone().ok_or_else(missing)?),
+            "unknown_account" => Placed::UnknownAccount,
+            "key_mismatch" => Placed::KeyMismatch,
+            "key_in_use" => Placed::KeyInUse,
+            other => return Err(protocol(format!("unexpected order outcome {other}"))),
+        });
+    }
+    Ok(results.into_iter().map(|placed| placed.unwrap_or(Placed::KeyInUse)).collect())
 }
 
 /// An order's buyer and its body, as `order_json` builds it.

@@ -573,3 +573,112 @@ async fn racing_cancel_and_fulfil_let_exactly_one_win() {
     }
     assert_eq!(app.levels("contested").await, (100 - 2 * fulfilled, 0));
 }
+
+fn order_request(buyer: i64, lines: &[(&str, i64)], key: Option<&str>) -> gavel::db::orders::OrderRequest {
+    gavel::db::orders::OrderRequest {
+        buyer,
+        order: gavel::domain::stock::NewOrder::parse(lines.iter().copied()).unwrap(),
+        idempotency_key: key.map(str::to_owned),
+    }
+}
+
+/// Places `requests` as one batch, as the order batcher would.
+async fn place_batch(app: &TestApp, requests: &[gavel::db::orders::OrderRequest]) -> Vec<gavel::db::orders::Placed> {
+    let refs: Vec<_> = requests.iter().collect();
+    gavel::db::orders::place(&app.db, &refs).await.expect("the batch succeeds")
+}
+
+/// Waits until a `place_orders` call of another connection waits on a lock.
+async fn until_a_batch_waits(app: &TestApp) {
+    eventually(Duration::from_secs(10), "a batch waiting on a lock", || async {
+        let waiting: bool = sqlx::query_scalar(
+            "select exists (select 1 from pg_stat_activity where query like '%place_orders%' and wait_event_type = 'Lock')",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        waiting.then_some(())
+    })
+    .await;
+}
+
+/// A buyer's key used twice in one batch: the first order runs, the other is
+/// answered as a retry made while the first runs (409).
+#[tokio::test]
+async fn a_key_used_twice_in_one_batch_goes_to_the_first_order() {
+    use gavel::db::orders::Placed;
+    let app = spawn_app().await;
+    app.stock(1, "apple", 10).await;
+    let placed = place_batch(
+        &app,
+        &[
+            order_request(20, &[("apple", 1)], Some("k")),
+            order_request(20, &[("apple", 2)], Some("k")),
+            order_request(21, &[("apple", 3)], Some("k")),
+        ],
+    )
+    .await;
+    assert!(matches!(placed[0], Placed::Reserved { .. }), "{placed:?}");
+    assert_eq!(placed[1], Placed::KeyInUse);
+    assert!(matches!(placed[2], Placed::Reserved { .. }), "another buyer's key: {placed:?}");
+    assert_eq!(app.levels("apple").await, (6, 4));
+}
+
+/// A keyed order retried while the first is still in the database (its batch
+/// holding the stock's rows) is answered 409 at once, not after the first.
+#[tokio::test]
+async fn a_keyed_retry_while_the_first_is_in_the_database_is_answered_at_once() {
+    use gavel::db::orders::Placed;
+    let app = spawn_app().await;
+    app.stock(1, "apple", 10).await;
+    // The first order's batch waits here (its new order names the buyer) while
+    // it holds apple's row.
+    let mut hold = app.db.begin().await.unwrap();
+    sqlx::query("select 1 from accounts where id = 20 for update").execute(&mut *hold).await.unwrap();
+    let first = tokio::spawn({
+        let db = app.db.clone();
+        async move {
+            let request = order_request(20, &[("apple", 1)], Some("k"));
+            gavel::db::orders::place(&db, &[&request]).await.unwrap()
+        }
+    });
+    until_a_batch_waits(&app).await;
+    let retry = order_request(20, &[("apple", 1)], Some("k"));
+    let answered = tokio::time::timeout(Duration::from_secs(5), gavel::db::orders::place(&app.db, &[&retry]))
+        .await
+        .expect("answered while the first still waits")
+        .unwrap();
+    assert_eq!(answered, [Placed::KeyInUse]);
+    hold.commit().await.unwrap();
+    assert!(matches!(first.await.unwrap()[0], Placed::Reserved { .. }));
+    assert_eq!(app.levels("apple").await, (9, 1));
+}
+
+/// A batch uses the stock rows it locked when it began: a sku created by its
+/// seller while the batch runs is unknown to it, as it was when the batch
+/// began (before, the batch used the row unlocked, and a batch on another
+/// core could take its stock first and fail the whole batch's write).
+#[tokio::test]
+async fn a_sku_created_while_a_batch_runs_is_unknown_to_it() {
+    use gavel::db::orders::Placed;
+    let app = spawn_app().await;
+    app.stock(1, "apple", 10).await;
+    let mut hold = app.db.begin().await.unwrap();
+    sqlx::query("select 1 from accounts where id = 20 for update").execute(&mut *hold).await.unwrap();
+    let batch = tokio::spawn({
+        let db = app.db.clone();
+        async move {
+            let requests = [order_request(20, &[("apple", 1)], None), order_request(21, &[("fresh", 5)], None)];
+            gavel::db::orders::place(&db, &requests.iter().collect::<Vec<_>>()).await.unwrap()
+        }
+    });
+    until_a_batch_waits(&app).await;
+    app.stock(1, "fresh", 10).await;
+    hold.commit().await.unwrap();
+    let placed = batch.await.unwrap();
+    assert!(matches!(placed[0], Placed::Reserved { .. }), "{placed:?}");
+    assert_eq!(placed[1], Placed::UnknownSku("fresh".into()));
+    assert_eq!(app.levels("fresh").await, (10, 0));
+    let later = app.place_order(&app.bidder(21), &[("fresh", 5)], None).await;
+    assert_eq!(later.status(), StatusCode::CREATED, "the next batch has it");
+}
