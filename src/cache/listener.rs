@@ -62,6 +62,7 @@ pub async fn run(
                 listen_once(&caches, &events, target.attrs(), &listen_pool, &primary.pool(), &gauges).await
             } => {
                 caches.set_live(false);
+                db::set_listening(false);
                 gauges.cache_live.set(0.0);
                 match result {
                     Ok(()) => {
@@ -125,6 +126,7 @@ async fn listen_once(
     // version rule sorts out any overlap.
     reload(caches, events, pool).await?;
     caches.set_live(true);
+    db::set_listening(true);
     gauges.cache_live.set(1.0);
     gauges.reconnects.increment(1);
     let mut liveness = tokio::time::interval_at(tokio::time::Instant::now() + LIVENESS.0, LIVENESS.0);

@@ -70,20 +70,35 @@ fn names_missing_account(e: &sqlx::Error) -> bool {
 }
 
 /// Whether an error means the database cannot serve now (retry later), rather
-/// than that the request itself failed: it is busy ([`is_busy`]) or down. A pool
-/// reports a failed connect as the connect's own error, so server-side refusals
-/// count here too.
+/// than that the request itself failed: it is busy ([`is_busy`]) or down
+/// ([`is_down`]).
 fn is_unavailable(e: &sqlx::Error) -> bool {
     is_busy(e) || is_down(e)
 }
 
+thread_local! {
+    /// Whether this thread's core hears from the database: its LISTEN connection
+    /// is up. `true` on threads without one.
+    static LISTENING: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Records whether the calling core's LISTEN connection is up (the cache
+/// listener, on the core's thread). A pool that runs out of time waiting for a
+/// connection is busy while it is, and the database down while it is not: sqlx
+/// tries a refused connect (a server gone, or starting up) again until the
+/// acquire timeout, and then reports only the timeout.
+pub fn set_listening(up: bool) {
+    LISTENING.set(up);
+}
+
 /// The database is busy: every connection of the pool taken past the acquire
-/// timeout, insufficient resources (53: too many connections, out of memory or
+/// timeout (while the core's LISTEN connection is up: [`set_listening`]),
+/// insufficient resources (53: too many connections, out of memory or
 /// disk), a statement cancelled at its timeout (57014), or a batch past its
 /// time bound. A client is told the server is overloaded.
 pub fn is_busy(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::PoolTimedOut => true,
+        sqlx::Error::PoolTimedOut => LISTENING.get(),
         sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::TimedOut,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("53") || code == "57014"),
         _ => false,
@@ -94,7 +109,7 @@ pub fn is_busy(e: &sqlx::Error) -> bool {
 /// a client is told it is unavailable.
 fn is_down(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::PoolClosed | sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
             // 08: connection exception; 57: operator intervention (shutdown;
             // 57014, a cancelled statement, is busy); 55000: the database is not

@@ -263,7 +263,11 @@ async fn core_main(start: Start) {
     if let Some(task) = lifecycle_task {
         let _ = task.await;
     }
-    primary.pool().close().await;
+    // Bounded: while the database refuses connections, sqlx's upkeep of the
+    // pool's minimum keeps trying (for up to 5 minutes) and `close` waits for it.
+    if tokio::time::timeout(config.shutdown_grace, primary.pool().close()).await.is_err() {
+        tracing::warn!(core = index, "the database pool did not close within the shutdown grace; leaving it");
+    }
     tracing::debug!(core = index, "core stopped");
 }
 

@@ -350,3 +350,44 @@ async fn the_embedded_cluster_runs_with_its_settings_and_the_callers_win() {
     drop(db);
     cluster.stop().unwrap();
 }
+
+/// With the database's server gone, requests that need it are told the
+/// database is unavailable, not that it is busy: once the pool's broken
+/// connections are used up, sqlx reports a refused connect only as its wait
+/// for a connection running out. And the server still stops within its grace.
+#[tokio::test]
+async fn with_the_database_server_gone_requests_are_told_it_is_unavailable_and_shutdown_is_bounded() {
+    let mut app = spawn_app_with(&["--db-acquire-timeout", "100ms", "--shutdown-grace", "2s"]).await;
+    let id = app.open_auction(100, 10, 60.0, 0).await["id"].as_i64().unwrap();
+    assert_eq!(app.place_bid(&app.bidder(2), id, 100).await.status(), StatusCode::CREATED);
+    let postmaster = app.cluster_pid().expect("the cluster runs");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(postmaster as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let client = crate::helpers::fresh_connection_client();
+    crate::helpers::eventually(Duration::from_secs(10), "not ready without the database", || async {
+        (client.get(app.url("/ready")).send().await.unwrap().status() == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    let mut kinds = Vec::new();
+    for n in 0..12 {
+        let bid = client
+            .post(app.url("/api/bids"))
+            .bearer_auth(app.bidder(3))
+            .json(&serde_json::json!({"auction_id": id, "amount": 200 + n * 10}))
+            .send()
+            .await
+            .unwrap();
+        kinds.push((bid.status(), bid.json::<Value>().await.unwrap()["type"].as_str().unwrap_or_default().to_owned()));
+    }
+    let read = client.get(app.url(&format!("/api/auctions/{id}?consistent=true"))).send().await.unwrap();
+    kinds.push((read.status(), read.json::<Value>().await.unwrap()["type"].as_str().unwrap_or_default().to_owned()));
+    assert!(
+        kinds.iter().all(
+            |(status, kind)| *status == StatusCode::SERVICE_UNAVAILABLE && kind == "/problems/database-unavailable"
+        ),
+        "{kinds:?}"
+    );
+
+    let stopping = Instant::now();
+    tokio::task::spawn_blocking(move || app.stop_server()).await.unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(10), "stopped in {:?}", stopping.elapsed());
+}
