@@ -71,6 +71,8 @@ pub struct Principal {
     pub role: Role,
     /// The session the token belongs to.
     pub session: Session,
+    /// When the token was issued (its `iat`, seconds since the epoch).
+    pub issued: u64,
 }
 
 /// A session as its token names it: what decides whether it was ended early.
@@ -238,7 +240,7 @@ impl Keys {
             return Err(TokenError::Invalid);
         }
         let session = Session { id: data.claims.jti, epoch: data.claims.sep, expires: data.claims.exp };
-        Ok(Principal { account_id, role: data.claims.role, session })
+        Ok(Principal { account_id, role: data.claims.role, session, issued: data.claims.iat })
     }
 }
 
@@ -365,7 +367,9 @@ mod tests {
         let k = keys();
         let minted = k.open(Grant { account_id: 42, role: Role::Bidder, epoch: 3 }, Duration::from_secs(60));
         let session = minted.session;
-        assert_eq!(k.verify(&minted.token), Ok(Principal { account_id: 42, role: Role::Bidder, session }));
+        let principal = k.verify(&minted.token).unwrap();
+        assert_eq!(principal, Principal { account_id: 42, role: Role::Bidder, session, issued: principal.issued });
+        assert_eq!(principal.session.expires - principal.issued, 60);
         assert_eq!(session.epoch, 3);
         let again = k.open(Grant { account_id: 42, role: Role::Bidder, epoch: 3 }, Duration::from_secs(60));
         assert_ne!(again.session.id, session.id, "every log-in opens a session of its own");

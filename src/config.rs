@@ -349,7 +349,8 @@ pub struct Serve {
     #[arg(long = "cors-origin", env = "GAVEL_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
     pub cors_origins: Vec<axum::http::HeaderValue>,
 
-    /// Lifetime of the token and cookie a log-in returns.
+    /// Lifetime of the token and cookie a log-in returns, and the longest a token
+    /// may live: one made to live longer (`gavel token --ttl`) is refused.
     #[arg(long, env = "GAVEL_SESSION_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub session_ttl: Duration,
 
@@ -444,7 +445,9 @@ pub struct Token {
     #[arg(long, value_enum)]
     pub role: crate::auth::Role,
 
-    /// Lifetime of the token. A day suits load tests and scripts.
+    /// Lifetime of the token. A day suits load tests and scripts. At most the
+    /// server's --session-ttl: it refuses a token made to live longer, since it
+    /// remembers an ended session only that long.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
 

@@ -302,3 +302,22 @@ async fn a_sessions_event_streams_end_with_it() {
     let still = tokio::time::timeout(Duration::from_millis(300), going_on.next()).await;
     assert!(still.is_err(), "the other session's stream neither ended nor sent: {still:?}");
 }
+
+/// A core remembers an ended session for --session-ttl, so a token made to live
+/// longer than that (`gavel token --ttl`, or minted before the flag was
+/// lowered) could come back after a password change that ended it had been
+/// forgotten: it is refused outright.
+#[tokio::test]
+async fn a_token_made_to_live_longer_than_a_session_is_refused() {
+    let app = spawn_app_with(&["--session-ttl", "1h"]).await;
+    let within = app.keys.mint(2, gavel::auth::Role::Bidder, Duration::from_secs(3600)).0;
+    let beyond = app.keys.mint(2, gavel::auth::Role::Bidder, Duration::from_secs(2 * 3600)).0;
+    let me = |token: String| {
+        let request = app.client.get(app.url("/api/me/bids")).bearer_auth(token);
+        async move { request.send().await.unwrap() }
+    };
+    assert_eq!(me(within).await.status(), StatusCode::OK);
+    let refused = me(beyond).await;
+    let problem = assert_problem(refused, StatusCode::UNAUTHORIZED, "/problems/unauthorized").await;
+    assert!(problem["detail"].as_str().unwrap().contains("--session-ttl"), "{problem}");
+}

@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use utoipa::IntoResponses;
 use utoipa::openapi::{RefOr, Response};
 
-use crate::auth::{Principal, Role, TokenError};
+use crate::auth::{LEEWAY_SECS, Principal, Role, TokenError};
 use crate::core::Core;
 use crate::db;
 use crate::http::error::{Error, problem_responses};
@@ -41,6 +41,14 @@ impl FromRequestParts<Arc<Core>> for Caller {
             TokenError::Expired => Error::Unauthorized("the token has expired"),
             TokenError::Invalid => Error::Unauthorized("the token is not valid"),
         })?;
+        // A core remembers an ended session for --session-ttl (src/cache/sessions.rs):
+        // a token made to live longer (`gavel token --ttl`, or before the flag was
+        // lowered) would be taken again once a log-out or a password change that
+        // ended it was forgotten.
+        if principal.session.expires.saturating_sub(principal.issued) > core.limits.session_ttl.as_secs() + LEEWAY_SECS
+        {
+            return Err(Error::Unauthorized("the token lives longer than this server's sessions (--session-ttl)"));
+        }
         let ended = match core.caches.session_ended(principal.account_id, &principal.session) {
             Some(ended) => ended,
             // The core's cache is recovering: only the database knows.
