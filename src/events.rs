@@ -325,7 +325,7 @@ impl Hub {
         (Opening { hub: self.clone(), ids: ids.to_vec() }, unknown)
     }
 
-    /// Of the `ids` a stream being opened has to read ([`Hub::unknown`], then a
+    /// Of the `ids` a stream being opened has to read ([`Hub::opening`], then a
     /// cache miss): those it reads itself, claimed until the [`Reading`] drops,
     /// and, for those another stream of this core is reading already, that read
     /// to wait for instead ([`Waiting`]). A crowd of watchers opening on one
@@ -351,7 +351,7 @@ impl Hub {
         (Reading { hub: self.clone(), ids: mine, settle }, theirs)
     }
 
-    /// Installs states read by the caller of [`Hub::unknown`]. Returns the ids
+    /// Installs states read by the caller of [`Hub::opening`]. Returns the ids
     /// whose read missed a change announced meanwhile: read them again.
     pub fn install(&self, auctions: Vec<Auction>) -> Vec<i64> {
         let mut inner = self.lock();

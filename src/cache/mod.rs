@@ -318,12 +318,8 @@ impl Caches {
             }
             Some(_) => Applied::Stale,
             None => {
-                match inner.unheld.get_mut(&state.auction_id) {
-                    Some(announced) => *announced = (*announced).max(state.version),
-                    None => {
-                        inner.unheld.insert(state.auction_id, state.version);
-                    }
-                }
+                let announced = inner.unheld.get(&state.auction_id).map_or(state.version, |v| state.version.max(*v));
+                inner.unheld.insert(state.auction_id, announced);
                 Applied::Stale
             }
         }

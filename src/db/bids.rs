@@ -41,6 +41,12 @@ pub struct BidRequest {
     pub idempotency_key: Option<String>,
 }
 
+impl super::Keyed for BidRequest {
+    fn idempotency_key(&self) -> Option<(i64, &str)> {
+        self.idempotency_key.as_deref().map(|key| (self.bid.bidder_id, key))
+    }
+}
+
 /// The database's verdict on one bid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placed {
@@ -351,22 +357,10 @@ impl OutcomeRow {
 /// Places `requests` in one statement; returns their outcomes in the same order.
 pub async fn place<'c>(db: impl sqlx::PgExecutor<'c>, requests: &[&BidRequest]) -> Result<Vec<Placed>, DbError> {
     let _timer = metrics::time_query(Query::PlaceBids);
-    // A bidder's key used again within the batch: its first request (the first
-    // to arrive) is still running, so the later one is answered as any retry
-    // made meanwhile is, 409 (DESIGN.md), and not sent. Sent, it might come
-    // first in the order below, and take the key from the request that came
-    // before it.
-    let mut keys_seen: Vec<(i64, &str)> = Vec::new();
-    let mut order: Vec<usize> = Vec::with_capacity(requests.len());
-    for (i, r) in requests.iter().enumerate() {
-        if let Some(key) = r.idempotency_key.as_deref() {
-            if keys_seen.contains(&(r.bid.bidder_id, key)) {
-                continue;
-            }
-            keys_seen.push((r.bid.bidder_id, key));
-        }
-        order.push(i);
-    }
+    // A key repeated in the batch is not sent (answered 409 below): sent, it
+    // might come first in the order below and take the key from the request
+    // that came before it.
+    let mut order = super::first_of_each_key(requests);
     // Sent sorted by auction, the order place_bids visits them in (it then has
     // nothing to sort), and within one auction by rising maximum (a plain bid's
     // is its amount), arrival order kept among equal ones (a stable sort), so

@@ -53,6 +53,33 @@ impl From<sqlx::Error> for DbError {
     }
 }
 
+/// A batched write that may carry its account's `Idempotency-Key`.
+pub(crate) trait Keyed {
+    /// The account and the key, if the request was sent with one.
+    fn idempotency_key(&self) -> Option<(i64, &str)>;
+}
+
+/// The positions of `requests` to send to the database: all but those whose
+/// account's key an earlier request of the batch carries. That first request is
+/// still running, so a later one is answered as any retry made meanwhile is
+/// (409, DESIGN.md) and not sent: its statement claims keys within one session,
+/// where a second claim of the same key succeeds too, and the batch's order
+/// might put the later first.
+pub(crate) fn first_of_each_key<R: Keyed>(requests: &[&R]) -> Vec<usize> {
+    let mut keys_seen: Vec<(i64, &str)> = Vec::new();
+    let mut sent = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        if let Some(key) = r.idempotency_key() {
+            if keys_seen.contains(&key) {
+                continue;
+            }
+            keys_seen.push(key);
+        }
+        sent.push(i);
+    }
+    sent
+}
+
 /// A database answer that breaks the contract of the statement that gave it.
 #[cold]
 pub(crate) fn protocol(message: String) -> DbError {

@@ -28,6 +28,12 @@ pub struct OrderRequest {
     pub idempotency_key: Option<String>,
 }
 
+impl super::Keyed for OrderRequest {
+    fn idempotency_key(&self) -> Option<(i64, &str)> {
+        self.idempotency_key.as_deref().map(|key| (self.buyer, key))
+    }
+}
+
 /// The outcome of placing an order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placed {
@@ -76,21 +82,9 @@ struct OutcomeRow {
 /// Places `requests` in one statement; returns their outcomes in the same order.
 pub async fn place(pool: &PgPool, requests: &[&OrderRequest]) -> Result<Vec<Placed>, DbError> {
     let _timer = metrics::time_query(Query::PlaceOrders);
-    // A buyer's key used again within the batch: its first request is still
-    // running, so the later one is answered as any retry made meanwhile is
-    // (409), and not sent: `place_orders` claims a batch's keys before it places
-    // any order, and both claims of one session would succeed.
-    let mut keys_seen: Vec<(i64, &str)> = Vec::new();
-    let mut sent: Vec<usize> = Vec::with_capacity(requests.len());
-    for (i, r) in requests.iter().enumerate() {
-        if let Some(key) = r.idempotency_key.as_deref() {
-            if keys_seen.contains(&(r.buyer, key)) {
-                continue;
-            }
-            keys_seen.push((r.buyer, key));
-        }
-        sent.push(i);
-    }
+    // A key repeated in the batch is not sent (answered 409 below):
+    // `place_orders` claims a batch's keys before it places any order.
+    let sent = super::first_of_each_key(requests);
     let mut buyers = Vec::with_capacity(sent.len());
     let mut keys: Vec<Option<&str>> = Vec::with_capacity(sent.len());
     let mut fingerprints: Vec<Option<String>> = Vec::with_capacity(sent.len());

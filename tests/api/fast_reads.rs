@@ -399,6 +399,9 @@ async fn if_none_match_in_several_lines_is_one_list() {
             "GET {path} HTTP/1.1\r\nhost: gavel\r\nif-none-match: \"999\"\r\nif-none-match: \"998\", {etag}\r\n\r\n"
         )
     };
+    let none_current = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: gavel\r\nif-none-match: \"999\"\r\nif-none-match: \"998\"\r\n\r\n")
+    };
     let consistent = format!("{auction}?consistent=true");
     tokio::task::spawn_blocking(move || {
         let mut fast = connect(addr);
@@ -407,6 +410,10 @@ async fn if_none_match_in_several_lines_is_one_list() {
         let (head, body) = read_answer(&mut fast, &mut pending);
         assert!(head.starts_with("HTTP/1.1 304"), "gavel's reader: {head}");
         assert!(body.is_empty());
+        fast.write_all(none_current(&auction).as_bytes()).unwrap();
+        let (head, body) = read_answer(&mut fast, &mut pending);
+        assert!(head.starts_with("HTTP/1.1 200"), "no line names the version: {head}");
+        assert!(!body.is_empty());
 
         let mut slow = connect(addr);
         let mut pending = Vec::new();
@@ -416,6 +423,9 @@ async fn if_none_match_in_several_lines_is_one_list() {
             slow.write_all(conditional(path).as_bytes()).unwrap();
             let (head, _) = read_answer(&mut slow, &mut pending);
             assert!(head.starts_with("HTTP/1.1 304"), "hyper, {path}: {head}");
+            slow.write_all(none_current(path).as_bytes()).unwrap();
+            let (head, _) = read_answer(&mut slow, &mut pending);
+            assert!(head.starts_with("HTTP/1.1 200"), "hyper, {path}, no line names the version: {head}");
         }
     })
     .await

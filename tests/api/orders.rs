@@ -583,14 +583,27 @@ fn order_request(buyer: i64, lines: &[(&str, i64)], key: Option<&str>) -> gavel:
 }
 
 /// Places `requests` as one batch, as the order batcher would.
-async fn place_batch(app: &TestApp, requests: &[gavel::db::orders::OrderRequest]) -> Vec<gavel::db::orders::Placed> {
+async fn place_batch(
+    db: &sqlx::PgPool,
+    requests: &[gavel::db::orders::OrderRequest],
+) -> Vec<gavel::db::orders::Placed> {
     let refs: Vec<_> = requests.iter().collect();
-    gavel::db::orders::place(&app.db, &refs).await.expect("the batch succeeds")
+    gavel::db::orders::place(db, &refs).await.expect("the batch succeeds")
 }
 
-/// Waits until a `place_orders` call of another connection waits on a lock.
-async fn until_a_batch_waits(app: &TestApp) {
-    eventually(Duration::from_secs(10), "a batch waiting on a lock", || async {
+/// Starts `requests` as one batch and returns once it waits, holding the stock
+/// rows it locked, on account `held`'s row: locked by the transaction returned,
+/// and named by the batch's first new order.
+async fn batch_waiting_on(
+    app: &TestApp,
+    held: i64,
+    requests: Vec<gavel::db::orders::OrderRequest>,
+) -> (sqlx::Transaction<'static, sqlx::Postgres>, tokio::task::JoinHandle<Vec<gavel::db::orders::Placed>>) {
+    let mut hold = app.db.begin().await.unwrap();
+    sqlx::query("select 1 from accounts where id = $1 for update").bind(held).execute(&mut *hold).await.unwrap();
+    let db = app.db.clone();
+    let batch = tokio::spawn(async move { place_batch(&db, &requests).await });
+    eventually(Duration::from_secs(10), "the batch waiting on a lock", || async {
         let waiting: bool = sqlx::query_scalar(
             "select exists (select 1 from pg_stat_activity where query like '%place_orders%' and wait_event_type = 'Lock')",
         )
@@ -600,6 +613,7 @@ async fn until_a_batch_waits(app: &TestApp) {
         waiting.then_some(())
     })
     .await;
+    (hold, batch)
 }
 
 /// A buyer's key used twice in one batch: the first order runs, the other is
@@ -610,7 +624,7 @@ async fn a_key_used_twice_in_one_batch_goes_to_the_first_order() {
     let app = spawn_app().await;
     app.stock(1, "apple", 10).await;
     let placed = place_batch(
-        &app,
+        &app.db,
         &[
             order_request(20, &[("apple", 1)], Some("k")),
             order_request(20, &[("apple", 2)], Some("k")),
@@ -631,18 +645,7 @@ async fn a_keyed_retry_while_the_first_is_in_the_database_is_answered_at_once() 
     use gavel::db::orders::Placed;
     let app = spawn_app().await;
     app.stock(1, "apple", 10).await;
-    // The first order's batch waits here (its new order names the buyer) while
-    // it holds apple's row.
-    let mut hold = app.db.begin().await.unwrap();
-    sqlx::query("select 1 from accounts where id = 20 for update").execute(&mut *hold).await.unwrap();
-    let first = tokio::spawn({
-        let db = app.db.clone();
-        async move {
-            let request = order_request(20, &[("apple", 1)], Some("k"));
-            gavel::db::orders::place(&db, &[&request]).await.unwrap()
-        }
-    });
-    until_a_batch_waits(&app).await;
+    let (hold, first) = batch_waiting_on(&app, 20, vec![order_request(20, &[("apple", 1)], Some("k"))]).await;
     let retry = order_request(20, &[("apple", 1)], Some("k"));
     let answered = tokio::time::timeout(Duration::from_secs(5), gavel::db::orders::place(&app.db, &[&retry]))
         .await
@@ -663,16 +666,8 @@ async fn a_sku_created_while_a_batch_runs_is_unknown_to_it() {
     use gavel::db::orders::Placed;
     let app = spawn_app().await;
     app.stock(1, "apple", 10).await;
-    let mut hold = app.db.begin().await.unwrap();
-    sqlx::query("select 1 from accounts where id = 20 for update").execute(&mut *hold).await.unwrap();
-    let batch = tokio::spawn({
-        let db = app.db.clone();
-        async move {
-            let requests = [order_request(20, &[("apple", 1)], None), order_request(21, &[("fresh", 5)], None)];
-            gavel::db::orders::place(&db, &requests.iter().collect::<Vec<_>>()).await.unwrap()
-        }
-    });
-    until_a_batch_waits(&app).await;
+    let requests = vec![order_request(20, &[("apple", 1)], None), order_request(21, &[("fresh", 5)], None)];
+    let (hold, batch) = batch_waiting_on(&app, 20, requests).await;
     app.stock(1, "fresh", 10).await;
     hold.commit().await.unwrap();
     let placed = batch.await.unwrap();
